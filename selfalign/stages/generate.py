@@ -1,0 +1,69 @@
+"""`generate`: a model answers a prompt set; one row per (prompt, sample).
+
+The simplest stage, and the shape of every generation stage after it: read prompts, skip the
+ones whose rows are already in the store (a resumed run), generate the rest batch by batch, and
+append each batch's rows the moment it is done.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from selfalign.engines import Sampling
+from selfalign.progress import progress_bar
+from selfalign.prompts import load_prompts
+from selfalign.recipe import StageConfig
+from selfalign.store import RowStore, row_id
+
+
+class Config(StageConfig):
+    stage: str = "generate"
+    prompts: str = Field(..., description="prompt file (.txt or .jsonl) or builtin:NAME")
+    system: str | None = Field(None, description="system text shown above each dialogue")
+    chat: bool = Field(True, description="wrap each prompt as the user's turn of a dialogue (else: raw text)")
+    sampling: Sampling = Field(default_factory=lambda: Sampling(temperature=0.7, top_p=0.9, max_new_tokens=128))
+    max_prompts: int | None = Field(None, ge=1, description="use only the first N prompts")
+
+
+def run(ctx, config: Config, folder) -> dict:
+    model = ctx.model_for(config)
+    prompts = load_prompts(config.prompts)
+    if cap := ctx.max_prompts(config.max_prompts):
+        prompts = prompts[:cap]
+    sampling = config.sampling.model_copy(update={"seed": config.sampling.seed or ctx.recipe.seed})
+    store = RowStore(folder)
+    if store.repaired_tail is not None:
+        from selfalign.progress import console
+
+        console.print(f"[yellow]note:[/] {store.path} ended in a half-written row (the run was killed); it was set aside")
+
+    def sample_id(prompt, j: int) -> str:
+        return row_id("generate", model, prompt.id, config.system, config.chat, sampling.model_dump(), j)
+
+    done = store.done_ids()
+    pending = [p for p in prompts if not all(sample_id(p, j) in done for j in range(sampling.n))]
+    meta = {"stage": config.label, "model": model, "engine": ctx.recipe.engine.name,
+            "sampling": sampling.model_dump(), "system": config.system}
+    tokens = 0
+    if pending:
+        engine = ctx.engine(model)
+        requests = [p.as_request(config.system, config.chat) for p in pending]
+        with progress_bar(config.label, total=len(pending), already_done=len(prompts) - len(pending)) as advance:
+            for batch in engine.generate_iter(requests, sampling):
+                rows = []
+                for i, completions in batch:
+                    p = pending[i]
+                    for j, c in enumerate(completions):
+                        rows.append({
+                            "id": sample_id(p, j), "prompt_id": p.id, "prompt": p.text,
+                            "messages": list(p.messages) if p.messages else None, "sample": j,
+                            "completion": c.text, "finish_reason": c.finish_reason,
+                            "completion_tokens": c.completion_tokens, "meta": meta,
+                        })
+                store.append(rows)
+                batch_tokens = sum(c.completion_tokens for _, cs in batch for c in cs)
+                tokens += batch_tokens
+                advance(len(batch), batch_tokens)
+    summary = {"prompts": len(prompts), "rows": len(store), "generated_now": len(pending), "tokens_now": tokens}
+    store.mark_done(**summary)
+    return summary

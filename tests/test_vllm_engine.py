@@ -1,0 +1,217 @@
+"""The vllm engine, tested without vLLM (it needs a CUDA GPU): a fake `vllm` module in
+`sys.modules` implements the small API surface the engine uses (LLM.generate / get_tokenizer,
+SamplingParams, LoRARequest) on top of the real tiny model, through the hf engine."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from dataclasses import dataclass
+
+import pytest
+
+from selfalign.engines import make_engine
+from selfalign.engines.base import Sampling
+from selfalign.errors import SelfAlignError
+
+# -- the fake vllm ------------------------------------------------------------------------------
+
+
+@dataclass
+class FakeLogprob:
+    logprob: float
+
+
+@dataclass
+class FakeCompletionOutput:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+
+
+@dataclass
+class FakeRequestOutput:
+    prompt_token_ids: list[int]
+    outputs: list[FakeCompletionOutput]
+    prompt_logprobs: list | None = None
+
+
+class FakeSamplingParams:
+    """Only the keywords of vllm.SamplingParams the engine may use; anything else is a TypeError."""
+
+    def __init__(self, n=1, temperature=1.0, top_p=1.0, max_tokens=16, stop=None, seed=None,
+                 repetition_penalty=1.0, prompt_logprobs=None, logprobs=None):
+        self.__dict__.update(locals())
+        del self.__dict__["self"]
+
+
+@dataclass
+class FakeLoRARequest:
+    lora_name: str
+    lora_int_id: int
+    lora_path: str
+
+
+class FakeLLM:
+    """vllm.LLM on the tiny model: generation through an HFEngine, prompt logprobs by a forward."""
+
+    hf = None  # the HFEngine behind every fake, set by the fixture
+    last = None
+
+    def __init__(self, model, tokenizer=None, **kwargs):
+        self.model, self.tokenizer, self.kwargs, self.calls = model, tokenizer, kwargs, []
+        FakeLLM.last = self
+
+    def get_tokenizer(self):
+        return self.hf.tokenizer
+
+    def generate(self, prompts, sampling_params, use_tqdm=True, lora_request=None):
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
+        assert len(params) == len(prompts)
+        self.calls.append({"prompts": prompts, "params": params, "lora_request": lora_request})
+        return [self._one(p["prompt_token_ids"], sp) for p, sp in zip(prompts, params, strict=True)]
+
+    def _one(self, ids, sp):
+        import torch
+
+        if sp.prompt_logprobs is not None:
+            with torch.inference_mode():
+                logits = self.hf.model(input_ids=torch.tensor([ids])).logits[0].float()
+            lps = torch.log_softmax(logits, dim=-1)
+            prompt_lps = [None] + [{ids[p]: FakeLogprob(float(lps[p - 1, ids[p]]))} for p in range(1, len(ids))]
+            return FakeRequestOutput(ids, [FakeCompletionOutput("", [5], "length")], prompt_lps)
+        text = self.hf.tokenizer.decode(ids, skip_special_tokens=True)
+        sampling = Sampling(n=sp.n, temperature=sp.temperature, top_p=sp.top_p, max_new_tokens=sp.max_tokens,
+                            stop=list(sp.stop or []), seed=sp.seed, repetition_penalty=sp.repetition_penalty)
+        comps = self.hf.generate([text], sampling)[0]
+        return FakeRequestOutput(ids, [FakeCompletionOutput(c.text, [5] * c.completion_tokens, c.finish_reason) for c in comps])
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SELFALIGN_CACHE", str(tmp_path_factory.mktemp("cache")))
+        from selfalign.engines.hf import HFEngine
+
+        yield HFEngine("tiny:llama")
+
+
+@pytest.fixture
+def fake_vllm(hf, monkeypatch):
+    mod = types.ModuleType("vllm")
+    mod.LLM, mod.SamplingParams = FakeLLM, FakeSamplingParams
+    lora, lora_request = types.ModuleType("vllm.lora"), types.ModuleType("vllm.lora.request")
+    lora_request.LoRARequest = FakeLoRARequest
+    mod.lora, lora.request = lora, lora_request
+    for name, m in (("vllm", mod), ("vllm.lora", lora), ("vllm.lora.request", lora_request)):
+        monkeypatch.setitem(sys.modules, name, m)
+    monkeypatch.setattr(FakeLLM, "hf", hf)
+    return mod
+
+
+REQUESTS = [
+    "The capital of France is",
+    [{"role": "user", "content": "Say hello."}],
+    "A",
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Count to three, please."}],
+    "Once upon a time, in a land far away,",
+]
+
+# -- tests --------------------------------------------------------------------------------------
+
+
+def test_missing_vllm_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` raises ImportError
+    with pytest.raises(SelfAlignError) as err:
+        make_engine("vllm", "tiny:llama")
+    assert "selfalign[vllm]" in str(err.value)
+    assert "vllm package" in err.value.message
+
+
+def test_llm_built_from_resolved_model(fake_vllm, hf):
+    from selfalign.models import resolve
+
+    eng = make_engine("vllm", "tiny:llama", gpu_memory_utilization=0.5, max_model_len=512)
+    llm = FakeLLM.last
+    folder = resolve("tiny:llama").path
+    assert (llm.model, llm.tokenizer) == (folder, folder)
+    assert llm.kwargs["enable_prefix_caching"] is True
+    assert llm.kwargs["gpu_memory_utilization"] == 0.5 and llm.kwargs["max_model_len"] == 512
+    assert llm.kwargs["dtype"] == "bfloat16" and "enable_lora" not in llm.kwargs
+    assert eng.name == "vllm" and eng.lora is None and eng.max_model_len == 512
+
+
+def test_generate_maps_sampling_and_keeps_order(fake_vllm, hf):
+    eng = make_engine("vllm", "tiny:llama", batch_size=2)
+    sampling = Sampling(n=3, temperature=0.7, top_p=0.9, max_new_tokens=6, stop=["\n\n"], seed=11,
+                        repetition_penalty=1.1)
+    batches = list(eng.generate_iter(REQUESTS, sampling))
+    calls = FakeLLM.last.calls
+    assert [len(c["prompts"]) for c in calls] == [2, 2, 1]  # chunks of batch_size, in order
+    assert [i for b in batches for i, _ in b] == list(range(len(REQUESTS)))
+
+    params = [p for c in calls for p in c["params"]]
+    prompts = [p for c in calls for p in c["prompts"]]
+    for req, p, prompt in zip(REQUESTS, params, prompts, strict=True):
+        assert (p.n, p.temperature, p.top_p, p.max_tokens, p.repetition_penalty) == (3, 0.7, 0.9, 6, 1.1)
+        assert p.prompt_logprobs is None
+        is_chat = not isinstance(req, str)
+        assert ("\nHuman:" in p.stop) == is_chat and "\n\n" in p.stop
+        assert prompt["prompt_token_ids"] == eng._encode(eng.render(req))  # token ids, as hf tokenizes
+    seeds = [p.seed for p in params]
+    assert all(isinstance(s, int) for s in seeds) and len(set(seeds)) == len(seeds)
+
+    out = eng.generate(REQUESTS, sampling)
+    assert [p.seed for c in calls[3:] for p in c["params"]] == seeds  # reproducible
+    assert [len(cs) for cs in out] == [3] * len(REQUESTS)
+    for req, cs in zip(REQUESTS, out, strict=True):
+        for c in cs:
+            assert c.prompt_tokens == len(eng._encode(eng.render(req)))
+            assert c.finish_reason in ("stop", "length") and 0 < c.completion_tokens <= 6
+
+
+def test_greedy_matches_hf(fake_vllm, hf):
+    eng = make_engine("vllm", "tiny:llama")
+    greedy = Sampling(temperature=0, max_new_tokens=8, top_p=0.5, seed=3)
+    got = eng.generate(REQUESTS, greedy)
+    p = FakeLLM.last.calls[-1]["params"][0]
+    assert (p.temperature, p.top_p, p.n) == (0.0, 1.0, 1)
+    for req, cs in zip(REQUESTS, got, strict=True):
+        ref = hf.generate([req], greedy)[0][0]
+        assert (cs[0].text, cs[0].finish_reason, cs[0].completion_tokens) == (
+            ref.text, ref.finish_reason, ref.completion_tokens)
+
+
+def test_score_many_matches_hf(fake_vllm, hf):
+    eng = make_engine("vllm", "tiny:llama")
+    items = [
+        ("Question: is the sky blue?\nAnswer:", [" yes", " no", " it depends on the weather"]),
+        ("Answer: ", ["yes", "no"]),  # trailing space moves onto the continuation
+        ([{"role": "user", "content": "Pick a colour."}], [" Red.", " Blue, I think."]),
+    ]
+    got = eng.score_many(items)
+    want = hf.score_many(items)
+    assert [len(g) for g in got] == [3, 2, 2]
+    for g_row, w_row in zip(got, want, strict=True):
+        assert g_row == pytest.approx(w_row, abs=1e-4)
+    p = FakeLLM.last.calls[-1]["params"][0]
+    assert (p.max_tokens, p.prompt_logprobs) == (1, 1)
+    assert eng.score("The capital of France is", [" Paris"]) == pytest.approx(
+        hf.score("The capital of France is", [" Paris"]), abs=1e-4)
+
+
+def test_peft_adapter_served_with_lora_request(fake_vllm, hf, tmp_path):
+    from selfalign.models import resolve
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "tiny:llama", "r": 4}))
+    eng = make_engine("vllm", str(adapter))
+    llm = FakeLLM.last
+    assert llm.model == resolve("tiny:llama").path and llm.tokenizer == llm.model
+    assert llm.kwargs["enable_lora"] is True and llm.kwargs["max_lora_rank"] == 8
+    eng.generate(["Hi"], Sampling(max_new_tokens=2))
+    eng.score("Hi", [" there"])
+    for call in llm.calls:
+        assert call["lora_request"].lora_path == str(adapter)
