@@ -120,6 +120,52 @@ def generate(
     _print_run_summary(rec.run_dir(), record)
 
 
+def _slug(text: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text.strip()).strip("-")[:48] or "x"
+
+
+@app.command("eval")
+def eval_(
+    evals: Annotated[list[str], typer.Argument(help="hhh, truthfulqa and/or preference")],
+    model: ModelOpt = None,
+    system: Annotated[str | None, typer.Option(help="system prompt at inference: hhh, builtin:NAME, a .txt file, or the text")] = None,
+    scoring: Annotated[str, typer.Option(help="HHH scorings, comma-separated: likelihood, ab, rm (rm needs --judge)")] = "likelihood,ab",
+    judge: Annotated[str | None, typer.Option(help="reward model folder: HHH rm scoring and the preference eval")] = None,
+    comparisons: Annotated[str | None, typer.Option(help="JSONL of prompt/chosen/rejected, for the preference eval")] = None,
+    data_dir: Annotated[str | None, typer.Option(help="folder holding hhh_alignment/ and truthful_qa/ (default: fetched from the bigbench package once)")] = None,
+    limit: Annotated[int | None, typer.Option(help="at most N HHH items per category and N TruthfulQA questions (quick looks)")] = None,
+    out: Annotated[str | None, typer.Option("--out", "-o", help="folder for results (default: runs/eval-<model>)")] = None,
+    engine: EngineOpt = None,
+    batch_size: Annotated[int | None, typer.Option(help="hf engine batch size")] = None,
+    base_url: Annotated[str | None, typer.Option(help="openai engine: server URL")] = None,
+):
+    """Evaluate a model: BIG-bench HHH (likelihood and A/B scorings, per category), TruthfulQA MC1/MC2,
+    reward-model preference accuracy. Prints a table and writes results.json.
+
+    Per-item scores are saved as they are computed: an interrupted eval resumes, and a rerun with the
+    same model and system reuses them.
+
+    Example: selfalign eval hhh truthfulqa --model embedded:gemma-3-270m --system hhh
+    """
+    from selfalign.models import DEFAULT_MODEL
+    from selfalign.pipeline import run_recipe, stage_folder
+    from selfalign.recipe import parse_recipe
+
+    model = model or DEFAULT_MODEL
+    stage = {"stage": "eval", "name": "eval" + (f"-{_slug(system)}" if system else ""), "evals": evals,
+             "scoring": [s.strip() for s in scoring.split(",") if s.strip()], "system": system, "judge": judge,
+             "comparisons": comparisons, "data_dir": data_dir, "limit": limit}
+    data = {"name": f"eval-{_slug(model)}", "model": model, "out": out, "stages": [stage],
+            "engine": {k: v for k, v in {"name": engine or "hf", "batch_size": batch_size, "base_url": base_url}.items() if v is not None}}
+    rec = parse_recipe(data, "selfalign eval")
+    done = stage_folder(rec.run_dir(), 0, rec.stages[0]) / "_done.json"
+    done.unlink(missing_ok=True)  # always recompute the summary; the per-item rows are reused
+    run_recipe(rec)
+    console.print(f"results: {done.parent / 'results.json'}")
+
+
 @app.command()
 def serve(
     model: Annotated[str, typer.Argument(help="model reference to serve (any the resolver accepts, a PEFT adapter too)")],
@@ -138,6 +184,20 @@ def serve(
     if host not in ("127.0.0.1", "localhost", "::1"):
         console.print(f"[yellow]warning:[/] binding to {host}: anyone who can reach this address can use the model")
     run_server(model, host=host, port=port, engine_options={"device": device, "dtype": dtype})
+
+
+@app.command()
+def report(
+    run_dir: Annotated[str, typer.Argument(help="a run folder (runs/NAME)")],
+    out: Annotated[str | None, typer.Option("--out", "-o", help="HTML file to write (default: RUN/report.html)")] = None,
+):
+    """Write one self-contained HTML report of a run: what ran and how long, the human-written inputs
+    (the supervision budget), evaluations before/after with charts, reward distributions, training
+    curves, and base-vs-aligned samples side by side. Works on a run that is still going."""
+    from selfalign.report import build_report
+
+    path = build_report(run_dir, out)
+    console.print(f"report: {path}")
 
 
 @app.command()

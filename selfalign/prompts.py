@@ -55,6 +55,12 @@ def _resolve_path(ref: str) -> Path:
     return path
 
 
+def prompt_file_text(ref: str) -> str:
+    """The text of a prompt file without its comment lines (what a person wrote)."""
+    lines = _resolve_path(ref).read_text(encoding="utf-8").splitlines()
+    return "\n".join(x for x in lines if x.strip() and not x.lstrip().startswith("#"))
+
+
 def load_prompts(ref: str) -> list[Prompt]:
     """Read a prompt file; errors name the file and line. Duplicate prompts are kept once."""
     path = _resolve_path(ref)

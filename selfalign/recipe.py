@@ -65,6 +65,12 @@ class StageConfig(Strict):
     def label(self) -> str:
         return self.name or self.stage
 
+    def human_inputs(self) -> list[tuple[str, str]]:
+        """(source, text) of every human-written input this stage uses: prompt files, system
+        prompts, principles, exemplars. The run report counts their lines: the papers' point is
+        how little of it there is."""
+        return []
+
 
 class Recipe(Strict):
     name: str = Field(..., description="run name; the default run folder is runs/<name>")

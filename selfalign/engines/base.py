@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from selfalign.chat import PLAIN_STOPS, Request, is_chat
+from selfalign.chat import PLAIN_STOPS, Request, is_chat, render
 
 
 class Sampling(BaseModel):
@@ -38,15 +38,6 @@ class Completion:
     finish_reason: str  # "stop" (stop string or end of text) or "length"
     completion_tokens: int
     prompt_tokens: int = 0
-
-
-@dataclass
-class Progress:
-    """What an engine reports after each finished batch, for progress bars."""
-
-    requests_done: int = 0
-    tokens_generated: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 ProgressCallback = Callable[[int, int], None]  # (requests finished in this batch, tokens generated)
@@ -79,6 +70,12 @@ class Engine(ABC):
             if progress:
                 progress(len(batch), sum(c.completion_tokens for _, cs in batch for c in cs))
         return out  # type: ignore[return-value]
+
+    def render(self, request: Request) -> str:
+        """The text a request becomes: a prompt as it is, a chat in the engine's chat format."""
+        if not is_chat(request):
+            return request
+        return render(request, getattr(self, "tokenizer", None), self.chat_format)
 
     def stops_for(self, request: Request, sampling: Sampling) -> list[str]:
         """The sampling's stops, plus the user-turn marker for chats in the plain format."""

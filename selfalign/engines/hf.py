@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator, Sequence
 
-from selfalign.chat import Request, is_chat, render, truncate_at_stop
+from selfalign.chat import Request, truncate_at_stop
 from selfalign.engines.base import Completion, Engine, Sampling, split_context
 
 
@@ -55,9 +55,6 @@ class HFEngine(Engine):
             self.tokenizer.pad_token = self.tokenizer.eos_token
 
     # -- helpers -------------------------------------------------------------------------------
-    def render(self, request: Request) -> str:
-        return render(request, self.tokenizer, self.chat_format) if is_chat(request) else request
-
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=True)["input_ids"]
 
@@ -79,6 +76,9 @@ class HFEngine(Engine):
         self, requests: Sequence[Request], sampling: Sampling
     ) -> Iterator[list[tuple[int, list[Completion]]]]:
         import torch
+        from transformers import LogitsProcessorList
+
+        from selfalign.engines.sampling import TemperatureTopP
 
         prompts = [self.render(r) for r in requests]
         stops = [tuple(self.stops_for(r, sampling)) for r in requests]
@@ -104,7 +104,9 @@ class HFEngine(Engine):
                 repetition_penalty=sampling.repetition_penalty,
             )
             if sampling.temperature > 0:
-                kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+                # our warper does temperature and top-p; transformers' own would sort the whole vocabulary
+                warper = LogitsProcessorList([TemperatureTopP(sampling.temperature, sampling.top_p)])
+                kwargs.update(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, logits_processor=warper)
             else:
                 kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
             if batch_stops:

@@ -24,7 +24,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from selfalign.chat import Request, is_chat, render
+from selfalign.chat import Request
 from selfalign.engines.base import Completion, Engine, Sampling, split_context
 from selfalign.errors import SelfAlignError
 
@@ -100,9 +100,6 @@ class VLLMEngine(Engine):
             return None
 
     # -- helpers -------------------------------------------------------------------------------
-    def render(self, request: Request) -> str:
-        return render(request, self.tokenizer, self.chat_format) if is_chat(request) else request
-
     def _encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
 

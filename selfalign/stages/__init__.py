@@ -6,8 +6,10 @@ summary dict that the pipeline stores in the stage's done-marker.
 
 from __future__ import annotations
 
+from selfalign.stages import eval as eval_stage
 from selfalign.stages import generate
 
 STAGES = {
     "generate": generate,
+    "eval": eval_stage,
 }

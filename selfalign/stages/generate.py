@@ -11,7 +11,7 @@ from pydantic import Field
 
 from selfalign.engines import Sampling
 from selfalign.progress import progress_bar
-from selfalign.prompts import load_prompts
+from selfalign.prompts import load_prompts, prompt_file_text
 from selfalign.recipe import StageConfig
 from selfalign.store import RowStore, row_id
 
@@ -23,6 +23,10 @@ class Config(StageConfig):
     chat: bool = Field(True, description="wrap each prompt as the user's turn of a dialogue (else: raw text)")
     sampling: Sampling = Field(default_factory=lambda: Sampling(temperature=0.7, top_p=0.9, max_new_tokens=128))
     max_prompts: int | None = Field(None, ge=1, description="use only the first N prompts")
+
+    def human_inputs(self) -> list[tuple[str, str]]:
+        out = [(self.prompts, prompt_file_text(self.prompts))]
+        return out + ([(f"{self.label}.system", self.system)] if self.system else [])
 
 
 def run(ctx, config: Config, folder) -> dict:

@@ -1,0 +1,1 @@
+"""Evaluations of aligned models: each returns a result dict {"eval", "metrics", "counts", ...}."""

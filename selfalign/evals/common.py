@@ -1,0 +1,69 @@
+"""What every evaluation shares: system prompts, resumable per-item rows, the result shape.
+
+An evaluation writes one row per scored item into `rows.jsonl` of its folder (so a killed eval
+resumes where it stopped, like a generation stage) and returns a result dict:
+
+    {"eval": "hhh", "metrics": {group: {key: value}}, "counts": {key: n}, "wall_s": s, ...}
+
+which `results.json` collects and the report turns into tables and charts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from selfalign.errors import SelfAlignError
+from selfalign.progress import progress_bar
+from selfalign.store import RowStore
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+
+
+def builtin_systems() -> list[str]:
+    return sorted(p.stem for p in (ASSETS / "system").glob("*.txt"))
+
+
+def resolve_system(system: str | None) -> str | None:
+    """`None`, `builtin:NAME` (selfalign/assets/system/NAME.txt), `hhh` (the HHH prompt),
+    a path to a text file, or the system text itself."""
+    if not system:
+        return None
+    name = system.split(":", 1)[1] if system.startswith("builtin:") else system
+    if name == "hhh":
+        name = "hhh" if (ASSETS / "system" / "hhh.txt").exists() else "hhh_short"
+    if (ASSETS / "system" / f"{name}.txt").exists():
+        return (ASSETS / "system" / f"{name}.txt").read_text(encoding="utf-8").strip()
+    if system.startswith("builtin:"):
+        raise SelfAlignError(f"no built-in system prompt {name!r}", f"available: {', '.join(builtin_systems())}")
+    if len(system) < 512 and "\n" not in system:  # could be a path
+        path = Path(system).expanduser()
+        if path.is_file():
+            return path.read_text(encoding="utf-8").strip()
+        if path.suffix in (".txt", ".md"):
+            raise SelfAlignError(f"system prompt file {path} does not exist")
+    return system
+
+
+def score_rows_resumably(
+    store: RowStore,
+    work: Sequence[tuple[str, object]],
+    score_chunk: Callable[[list[object]], list[dict]],
+    label: str,
+    chunk_size: int = 16,
+) -> list[dict]:
+    """Score `work` = [(row id, item)] in chunks, appending each chunk's rows as it finishes and
+    skipping ids already in the store. Returns the rows of all of `work`, in order."""
+    done = store.done_ids()
+    todo = [(rid, item) for rid, item in work if rid not in done]
+    if todo:
+        with progress_bar(label, total=len(todo), already_done=len(work) - len(todo)) as advance:
+            for start in range(0, len(todo), chunk_size):
+                chunk = todo[start:start + chunk_size]
+                rows = score_chunk([item for _, item in chunk])
+                for (rid, _), row in zip(chunk, rows, strict=True):
+                    row["id"] = rid
+                store.append(rows)
+                advance(len(chunk))
+    by_id = {r["id"]: r for r in store.rows()}
+    return [by_id[rid] for rid, _ in work]
