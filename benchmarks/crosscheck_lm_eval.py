@@ -35,6 +35,11 @@ One known difference in convention: on an exact tie (good and bad equally likely
 half a point, lm-eval's `acc` (argmax, first index wins) counts the good reply as chosen. Ties are
 counted and reported; with real-valued log-probabilities they do not happen in practice.
 
+Cost. lm-eval asks the model for logits at every position of every sequence; with gemma's 262k
+vocabulary a batch of 8 long HHH items needs many GB (the 221-item gemma-3-270m run peaked at
+22.8 GB resident on a 23 GB, 2-core CPU machine, 25 minutes in all). Lower --batch-size if memory
+is short; the scores do not depend on it.
+
 Everything runs offline (HF_HUB_OFFLINE, HF_DATASETS_OFFLINE); lm-eval reads the JSONL through
 the `datasets` json builder, cached in the temporary folder.
 """
