@@ -69,10 +69,10 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--score-items", type=int, default=12)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--only", choices=["generate", "score"], help="run one half")
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args(argv)
 
-    from selfalign.engines import Sampling
     from selfalign.engines.hf import HFEngine
 
     if args.random_init:
@@ -100,6 +100,19 @@ def main(argv=None) -> int:
     results: dict = {"model": label, "device": str(engine.device), "generate": {}, "score": {}}
 
     # -- generation ------------------------------------------------------------------------------
+    if args.only != "score":
+        bench_generation(engine, args, results)
+    if args.only != "generate":
+        bench_scoring(engine, args, results)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+def bench_generation(engine, args, results) -> None:
+    from selfalign.engines import Sampling
+
     sampling = Sampling(temperature=0.7, top_p=0.9, max_new_tokens=args.new_tokens, seed=1)
     prompts = [f"Human: Write a short note about topic number {i}.\n\nAssistant:" for i in range(64)]
     engine.generate(prompts[:2], sampling.model_copy(update={"max_new_tokens": 4}))  # warm-up
@@ -121,23 +134,34 @@ def main(argv=None) -> int:
     print(f"  best batch size {best}: {results['generate'][best]:.1f} tok/s"
           + (f" = {results['generate'][best] / b1:.1f}x batch 1" if b1 else ""))
 
-    # -- scoring ---------------------------------------------------------------------------------
-    items = [(CONTEXT.replace("four", f"{4 + i % 3}"), REPLIES) for i in range(args.score_items)]
-    ours, ref = engine.score_many(items), naive_score(engine, items)
-    worst = max(abs(a - b) for x, y in zip(ours, ref, strict=True) for a, b in zip(x, y, strict=True))
-    t_ours = median_time(lambda: engine.score_many(items), args.repeats)
-    t_naive = median_time(lambda: naive_score(engine, items), args.repeats)
-    n = sum(len(c) for _, c in items)
-    results["score"] = {"choices": n, "ours_s": round(t_ours, 3), "naive_s": round(t_naive, 3),
-                        "speedup": round(t_naive / t_ours, 2), "max_abs_diff": worst}
-    print(f"\nscoring {n} choices ({args.score_items} two-choice items), median of {args.repeats}")
-    print(f"  naive full-logits loop : {t_naive:6.2f} s  ({n / t_naive:6.1f} choices/s)")
-    print(f"  hf engine score_many   : {t_ours:6.2f} s  ({n / t_ours:6.1f} choices/s)")
-    print(f"  speed-up {t_naive / t_ours:.1f}x; largest difference in log-probability {worst:.2e}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-    return 0
+
+
+def mc_items(n: int):
+    """TruthfulQA-shaped items: this project's few-shot QA block, a question, short answers."""
+    from selfalign.evals.truthfulqa import qa_prefix
+
+    answers = [" Yes.", " No, that is a myth.", " Only on Tuesdays.", " Nobody knows for sure.", " It depends on the weather."]
+    return [(f"{qa_prefix()}Q: Is claim number {i} about the Moon true?\nA:", answers) for i in range(n)]
+
+
+def bench_scoring(engine, args, results) -> None:
+    sets = {
+        "hhh-like (replies longer than contexts)": [(CONTEXT.replace("four", f"{4 + i % 3}"), REPLIES)
+                                                   for i in range(args.score_items)],
+        "truthfulqa-like (few-shot prefix, short answers)": mc_items(args.score_items),
+    }
+    for label, items in sets.items():
+        ours, ref = engine.score_many(items), naive_score(engine, items)
+        worst = max(abs(a - b) for x, y in zip(ours, ref, strict=True) for a, b in zip(x, y, strict=True))
+        t_ours = median_time(lambda items=items: engine.score_many(items), args.repeats)
+        t_naive = median_time(lambda items=items: naive_score(engine, items), args.repeats)
+        n = sum(len(c) for _, c in items)
+        results["score"][label] = {"choices": n, "ours_s": round(t_ours, 3), "naive_s": round(t_naive, 3),
+                                   "speedup": round(t_naive / t_ours, 2), "max_abs_diff": worst}
+        print(f"\nscoring {label}: {n} choices, median of {args.repeats}")
+        print(f"  naive full-logits loop : {t_naive:6.2f} s  ({n / t_naive:6.1f} choices/s)")
+        print(f"  hf engine score_many   : {t_ours:6.2f} s  ({n / t_ours:6.1f} choices/s)")
+        print(f"  speed-up {t_naive / t_ours:.1f}x; largest difference in log-probability {worst:.2e}", flush=True)
 
 
 if __name__ == "__main__":

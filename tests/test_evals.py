@@ -116,7 +116,9 @@ def test_truthfulqa_best_answer_is_not_counted_twice(tmp_path):
 
 def test_resolve_system(tmp_path):
     assert resolve_system(None) is None
-    assert "helpful" in resolve_system("hhh")
+    hhh = resolve_system("hhh")
+    assert hhh.count("Human:") >= 14 and len(hhh.split()) > 2000
+    assert "harmless" in resolve_system("builtin:hhh_short")
     f = tmp_path / "sys.txt"
     f.write_text("  From a file.\n")
     assert resolve_system(str(f)) == "From a file."

@@ -99,3 +99,42 @@ def test_render_plain_format():
     assert text == "Be kind.\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Bye\n\nAssistant:"
     with pytest.raises(ValueError):
         render_plain([{"role": "user", "content": "x"}, {"role": "system", "content": "late"}])
+
+
+@pytest.mark.parametrize("engine_name", ["tiny_engine", "tiny_gemma_engine"])
+def test_shared_prefix_is_computed_once_and_changes_nothing(engine_name, request):
+    engine = request.getfixturevalue(engine_name)
+    # a long shared prefix (longer than tiny gemma3's 64-token sliding window) then varied items
+    system = "You are a careful assistant. " * 6
+    items = [([{"role": "system", "content": system}, {"role": "user", "content": q}], [" Yes.", " No, not at all.", " Maybe"])
+             for q in ("Is water wet?", "Can fish fly?", "Is the sky blue today, in your view?")]
+    engine.min_cached_prefix = 10**9
+    plain = engine.score_many(items)
+    engine.min_cached_prefix = 48
+    assert engine._shared_prefix(engine._score_rows(items)) > 64
+    cached = engine.score_many(items)
+    flat = lambda xs: [v for x in xs for v in x]  # noqa: E731
+    assert flat(cached) == pytest.approx(flat(plain), abs=2e-3)
+    for (ctx, conts), scores in zip(items, cached, strict=True):
+        for cont, s in zip(conts, scores, strict=True):
+            assert s == pytest.approx(naive_score(engine, engine.render(ctx), cont), abs=2e-3)
+
+
+def test_shared_prefix_stops_before_scored_tokens():
+    from selfalign.engines.hf import HFEngine
+
+    rows = [([1, 5, 6, 7, 8], 2), ([1, 5, 6, 9], 1), ([1, 5, 6, 7, 8, 9], 1)]
+    assert HFEngine._shared_prefix(rows) == 2  # row 0 is scored from position 3: prefix may hold 0..1
+    assert HFEngine._shared_prefix([([1, 2, 3, 4], 1)]) == 2
+
+
+def test_full_logits_fallback_gives_the_same_scores(tiny_gemma_engine):
+    items = [("Some context here", [" a", " longer continuation"]), ("x", [" y"])]
+    split = tiny_gemma_engine.score_many(items)
+    saved = tiny_gemma_engine._head_fn
+    tiny_gemma_engine._head_fn = None  # as for an architecture whose output layer the split cannot reproduce
+    try:
+        full = tiny_gemma_engine.score_many(items)
+    finally:
+        tiny_gemma_engine._head_fn = saved
+    assert [v for x in full for v in x] == pytest.approx([v for x in split for v in x], abs=1e-3)

@@ -31,8 +31,9 @@ class HFEngine(Engine):
         device: str = "auto",
         dtype: str = "auto",
         batch_size: int | None = None,
-        score_batch_tokens: int = 4096,
+        score_batch_tokens: int = 8192,
         score_head_positions: int = 512,
+        min_cached_prefix: int = 48,
         max_length: int = 4096,
         chat_format: str = "plain",
         trust_remote_code: bool = False,
@@ -47,9 +48,11 @@ class HFEngine(Engine):
         self.model = model
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
-        self.batch_size = batch_size or (32 if self.device.type == "cuda" else 8)
+        self.batch_size = batch_size or (64 if self.device.type == "cuda" else 16)
         self.score_batch_tokens = score_batch_tokens
         self.score_head_positions = score_head_positions
+        self.min_cached_prefix = min_cached_prefix
+        self._head_fn = False  # not checked yet; see _head()
         self.max_length = max_length
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -153,41 +156,155 @@ class HFEngine(Engine):
         return rows
 
     def score_many(self, items: Sequence[tuple[Request, Sequence[str]]]) -> list[list[float]]:
-        import torch
-
         rows = self._score_rows(items)
-        scores = [0.0] * len(rows)
-        order = sorted(range(len(rows)), key=lambda r: (len(rows[r][0]), rows[r][1]))
+        prefix = self._shared_prefix(rows)
+        if prefix >= self.min_cached_prefix:
+            scores = self._score_with_prefix(rows, prefix)
+        else:
+            scores = self._score_rows_batched(rows)
+        out, at = [], 0
+        for _, continuations in items:
+            out.append(scores[at: at + len(continuations)])
+            at += len(continuations)
+        return out
+
+    @staticmethod
+    def _shared_prefix(rows: list[tuple[list[int], int]]) -> int:
+        """Tokens every row starts with, stopping before the first position any row is scored at."""
+        if not rows:
+            return 0
+        first = rows[0][0]
+        n = min(len(w) - c - 1 for w, c in rows)
+        for whole, _ in rows[1:]:
+            i = 0
+            while i < n and whole[i] == first[i]:
+                i += 1
+            n = i
+        return n
+
+    def _batches(self, order: list[int], width_of) -> list[list[int]]:
+        """Consecutive rows of `order` while the padded batch stays under `score_batch_tokens`."""
         batches: list[list[int]] = []
         for r in order:
-            if batches:
-                cur = batches[-1] + [r]
-                width = max(len(rows[x][0]) for x in cur)
-                head = max(rows[x][1] for x in cur)
-                if width * len(cur) <= self.score_batch_tokens and head * len(cur) <= self.score_head_positions:
-                    batches[-1].append(r)
-                    continue
-            batches.append([r])
-        for batch in batches:
+            if batches and max(map(width_of, batches[-1] + [r])) * (len(batches[-1]) + 1) <= self.score_batch_tokens:
+                batches[-1].append(r)
+            else:
+                batches.append([r])
+        return batches
+
+    def _head(self):
+        """The output layer as a function of the body's last hidden states, or None when this
+        architecture does something the split does not reproduce (checked once on a short input)."""
+        import torch
+
+        if self._head_fn is not False:
+            return self._head_fn
+        cfg = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else self.model.config
+        cap = getattr(cfg, "final_logit_softcapping", None)
+        head, body = self.model.get_output_embeddings(), self.model.get_decoder()
+
+        def head_fn(h):
+            logits = head(h).float()
+            return torch.tanh(logits / cap) * cap if cap else logits
+
+        probe = torch.tensor([[self.tokenizer.bos_token_id or 0, 5, 6, 7]], device=self.device) % cfg.vocab_size
+        with torch.inference_mode():
+            full = self.model(input_ids=probe, use_cache=False).logits.float()
+            split = head_fn(body(input_ids=probe, use_cache=False).last_hidden_state)
+        self._head_fn = head_fn if torch.allclose(full, split, atol=1e-3, rtol=1e-3) else None
+        return self._head_fn
+
+    def _logprob_sums(self, hidden, picks: list[tuple[int, int, list[int]]]) -> list[float]:
+        """For each (batch row, first position, target tokens): the summed log-probability of the
+        targets read at positions first .. first+len-1, computing the output layer only there, in
+        chunks of `score_head_positions` positions to bound memory."""
+        import torch
+
+        rows_idx, pos_idx, targets, owner = [], [], [], []
+        for k, (b, first, target) in enumerate(picks):
+            rows_idx += [b] * len(target)
+            pos_idx += range(first, first + len(target))
+            targets += target
+            owner += [k] * len(target)
+        h = hidden[torch.tensor(rows_idx), torch.tensor(pos_idx)]
+        tgt = torch.tensor(targets, device=h.device)
+        lp = torch.empty(len(targets), device=h.device)
+        head = self._head()
+        for at in range(0, len(targets), self.score_head_positions):
+            sl = slice(at, at + self.score_head_positions)
+            logits = head(h[sl])
+            lp[sl] = logits.gather(-1, tgt[sl, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+        sums = torch.zeros(len(picks), device=h.device).index_add_(0, torch.tensor(owner, device=h.device), lp)
+        return sums.tolist()
+
+    def _forward(self, ids, mask, pos, past=None):
+        """Last hidden states (the split path) or full logits over the needed tail (fallback)."""
+        import torch
+
+        with torch.inference_mode():
+            if self._head() is not None:
+                return self.model.get_decoder()(
+                    input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=past is not None
+                ).last_hidden_state
+            return self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=past,
+                              use_cache=past is not None).logits
+
+    def _sums(self, out, picks):
+        import torch
+
+        if self._head() is not None:
+            with torch.inference_mode():
+                return self._logprob_sums(out, picks)
+        logits = out.float()
+        lse = torch.logsumexp(logits, dim=-1)
+        return [float((logits[b, p: p + len(t)].gather(-1, torch.tensor(t)[:, None]).squeeze(-1) - lse[b, p: p + len(t)]).sum())
+                for b, p, t in picks]
+
+    def _score_rows_batched(self, rows: list[tuple[list[int], int]]) -> list[float]:
+        scores = [0.0] * len(rows)
+        order = sorted(range(len(rows)), key=lambda r: len(rows[r][0]))
+        for batch in self._batches(order, lambda r: len(rows[r][0])):
             inputs = [rows[r][0][:-1] for r in batch]
-            k = max(rows[r][1] for r in batch)
             ids, mask = self._left_pad(inputs)
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            with torch.inference_mode():
-                logits = self.model(
-                    input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=k, use_cache=False
-                ).logits.float()
-            lse = torch.logsumexp(logits, dim=-1)  # [B, k]
+            out = self._forward(ids, mask, pos)
+            width = ids.shape[1]
+            picks = [(b, width - rows[r][1], rows[r][0][-rows[r][1]:]) for b, r in enumerate(batch)]
+            for r, value in zip(batch, self._sums(out, picks), strict=True):
+                scores[r] = value
+        return scores
+
+    def _score_with_prefix(self, rows: list[tuple[list[int], int]], prefix: int) -> list[float]:
+        """Run the prefix all rows share once (a system prompt, few-shot examples, principles) and
+        reuse its KV cache for every batch; suffixes are right-padded so cache slots stay contiguous."""
+        import copy
+
+        import torch
+
+        with torch.inference_mode():
+            cache = self.model(
+                input_ids=torch.tensor([rows[0][0][:prefix]], device=self.device), use_cache=True
+            ).past_key_values
+        scores = [0.0] * len(rows)
+        suffix = [w[prefix:-1] for w, _ in rows]
+        order = sorted(range(len(rows)), key=lambda r: len(suffix[r]))
+        pad = self.tokenizer.pad_token_id
+        for batch in self._batches(order, lambda r: len(suffix[r])):
+            width = max(len(suffix[r]) for r in batch)
+            ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(batch), prefix + width), dtype=torch.long)
+            mask[:, :prefix] = 1
             for b, r in enumerate(batch):
-                whole, n = rows[r]
-                target = torch.tensor(whole[-n:], device=logits.device)
-                lp = logits[b, k - n:, :].gather(-1, target[:, None]).squeeze(-1) - lse[b, k - n:]
-                scores[r] = float(lp.sum())
-        out, pos_ = [], 0
-        for _, continuations in items:
-            out.append(scores[pos_: pos_ + len(continuations)])
-            pos_ += len(continuations)
-        return out
+                ids[b, : len(suffix[r])] = torch.tensor(suffix[r])
+                mask[b, prefix: prefix + len(suffix[r])] = 1
+            pos = torch.arange(prefix, prefix + width).expand(len(batch), -1)
+            past = copy.deepcopy(cache)
+            past.batch_repeat_interleave(len(batch))
+            out = self._forward(ids.to(self.device), mask.to(self.device), pos.to(self.device), past)
+            picks = [(b, len(suffix[r]) - rows[r][1], rows[r][0][-rows[r][1]:]) for b, r in enumerate(batch)]
+            for r, value in zip(batch, self._sums(out, picks), strict=True):
+                scores[r] = value
+        return scores
 
     def close(self) -> None:
         self.model = None

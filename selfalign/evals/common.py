@@ -21,17 +21,20 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
 
 def builtin_systems() -> list[str]:
-    return sorted(p.stem for p in (ASSETS / "system").glob("*.txt"))
+    return ["hhh"] + sorted(p.stem for p in (ASSETS / "system").glob("*.txt"))
 
 
 def resolve_system(system: str | None) -> str | None:
-    """`None`, `builtin:NAME` (selfalign/assets/system/NAME.txt), `hhh` (the HHH prompt),
-    a path to a text file, or the system text itself."""
+    """`None`, `hhh` (the full HHH prompt: preamble and 14 dialogues, ~5k tokens),
+    `builtin:NAME` (selfalign/assets/system/NAME.txt, e.g. hhh_short), a path to a text file, or
+    the system text itself."""
     if not system:
         return None
     name = system.split(":", 1)[1] if system.startswith("builtin:") else system
     if name == "hhh":
-        name = "hhh" if (ASSETS / "system" / "hhh.txt").exists() else "hhh_short"
+        from selfalign.hhh_prompt import render_hhh_prompt
+
+        return render_hhh_prompt()
     if (ASSETS / "system" / f"{name}.txt").exists():
         return (ASSETS / "system" / f"{name}.txt").read_text(encoding="utf-8").strip()
     if system.startswith("builtin:"):

@@ -1,0 +1,27 @@
+import pytest
+
+from selfalign.errors import SelfAlignError
+from selfalign.hhh_prompt import load_hhh_prompt, render_hhh_prompt
+
+
+def test_shipped_hhh_prompt_has_14_well_formed_dialogues():
+    data = load_hhh_prompt()
+    assert len(data["dialogues"]) == 14
+    assert sum(1 for d in data["dialogues"] if sum(t["role"] == "user" for t in d["turns"]) >= 2) >= 4  # multi-turn
+    text = render_hhh_prompt()
+    assert text.startswith(data["preamble"].strip()[:40])
+    assert text.count("\n\nAssistant: ") >= 14 and text.rstrip().endswith("-----")
+
+
+def test_render_can_shorten():
+    assert render_hhh_prompt(max_dialogues=2).count("-----") == 2
+
+
+def test_bad_hhh_prompt_file_names_the_problem(tmp_path):
+    bad = tmp_path / "p.yaml"
+    bad.write_text("preamble: hi\ndialogues:\n  - turns: [{role: wizard, content: x}]\n")
+    with pytest.raises(SelfAlignError, match=r"p.yaml: dialogues\[0\]: .*unknown role 'wizard'"):
+        load_hhh_prompt(bad)
+    (tmp_path / "q.yaml").write_text("just: text\n")
+    with pytest.raises(SelfAlignError, match="needs `preamble`"):
+        load_hhh_prompt(tmp_path / "q.yaml")
