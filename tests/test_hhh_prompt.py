@@ -14,7 +14,7 @@ def test_shipped_hhh_prompt_has_14_well_formed_dialogues():
 
 
 def test_render_can_shorten():
-    assert render_hhh_prompt(max_dialogues=2).count("-----") == 2
+    assert render_hhh_prompt(max_dialogues=2).count("-----") == 3  # after the preamble and each dialogue
 
 
 def test_bad_hhh_prompt_file_names_the_problem(tmp_path):
