@@ -102,6 +102,32 @@ class Engine(ABC):
         self.close()
 
 
+def score_token_rows(engine, items: Sequence[tuple[Request, Sequence[str]]], limit: int | None) -> list[tuple[list[int], int]]:
+    """Token ids of every (context + continuation) and the continuation's length, for engines that
+    tokenize locally (hf, vllm). The continuation is the tail of encode(context + continuation)
+    (lm-eval's rule), or encoded apart when the tokenizer merges across the boundary. Rows longer
+    than `limit` lose tokens from the left."""
+    tok = engine.tokenizer
+    rows = []
+    for context, continuations in items:
+        ctx_text = engine.render(context)
+        for cont in continuations:
+            ctx, cont = split_context(ctx_text, cont)
+            ctx_ids = list(tok(ctx, add_special_tokens=True)["input_ids"])
+            whole = list(tok(ctx + cont, add_special_tokens=True)["input_ids"])
+            if not ctx_ids:  # no BOS and no context: condition on EOS, as lm-eval does
+                ctx_ids = [tok.eos_token_id]
+                whole = ctx_ids + whole
+            n_cont = len(whole) - len(ctx_ids)
+            if n_cont <= 0 or whole[: len(ctx_ids)] != ctx_ids:
+                cont_ids = list(tok(cont, add_special_tokens=False)["input_ids"])
+                whole, n_cont = ctx_ids + cont_ids, len(cont_ids)
+            if limit:
+                whole = whole[-limit:]
+            rows.append((whole, min(n_cont, len(whole) - 1)))
+    return rows
+
+
 def split_context(context: str, continuation: str) -> tuple[str, str]:
     """Move trailing whitespace of the context onto the continuation (lm-eval's convention),
     so that "Answer:" + " yes" tokenizes the way the model saw such text in training."""

@@ -15,7 +15,7 @@ import hashlib
 from collections.abc import Iterator, Sequence
 
 from selfalign.chat import Request, truncate_at_stop
-from selfalign.engines.base import Completion, Engine, Sampling, split_context
+from selfalign.engines.base import Completion, Engine, Sampling, score_token_rows
 
 
 def _batch_seed(seed: int, key: str) -> int:
@@ -135,25 +135,7 @@ class HFEngine(Engine):
 
     # -- scoring -------------------------------------------------------------------------------
     def _score_rows(self, items: Sequence[tuple[Request, Sequence[str]]]) -> list[tuple[list[int], int]]:
-        """Token rows (context + continuation, last token dropped) and each continuation's length."""
-        rows = []
-        for context, continuations in items:
-            ctx_text = self.render(context)
-            for cont in continuations:
-                ctx, cont = split_context(ctx_text, cont)
-                ctx_ids = self._encode(ctx)
-                whole = self._encode(ctx + cont)
-                if not ctx_ids:  # no BOS and no context: condition on EOS, as lm-eval does
-                    ctx_ids = [self.tokenizer.eos_token_id]
-                    whole = ctx_ids + whole
-                n_cont = len(whole) - len(ctx_ids)
-                if n_cont <= 0 or whole[: len(ctx_ids)] != ctx_ids:
-                    # the tokenizer merged across the boundary: encode the two parts apart
-                    cont_ids = self.tokenizer(cont, add_special_tokens=False)["input_ids"]
-                    whole, n_cont = ctx_ids + cont_ids, len(cont_ids)
-                whole = whole[-(self.max_length + 1):]
-                rows.append((whole, n_cont))
-        return rows
+        return score_token_rows(self, items, self.max_length + 1)
 
     def score_many(self, items: Sequence[tuple[Request, Sequence[str]]]) -> list[list[float]]:
         rows = self._score_rows(items)

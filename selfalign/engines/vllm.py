@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from selfalign.chat import Request
-from selfalign.engines.base import Completion, Engine, Sampling, split_context
+from selfalign.engines.base import Completion, Engine, Sampling, score_token_rows
 from selfalign.errors import SelfAlignError
 
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # values vLLM accepts for max_lora_rank
@@ -141,27 +141,8 @@ class VLLMEngine(Engine):
 
     # -- scoring -------------------------------------------------------------------------------
     def _score_rows(self, items: Sequence[tuple[Request, Sequence[str]]]) -> list[tuple[list[int], int]]:
-        """Token rows (context + continuation) and each continuation's length: the hf engine's rule."""
-        limit = self.max_model_len - 1 if self.max_model_len else None  # room for the one sampled token
-        rows = []
-        for context, continuations in items:
-            ctx_text = self.render(context)
-            for cont in continuations:
-                ctx, cont = split_context(ctx_text, cont)
-                ctx_ids = self._encode(ctx)
-                whole = self._encode(ctx + cont)
-                if not ctx_ids:  # no BOS and no context: condition on EOS, as lm-eval does
-                    ctx_ids = [self.tokenizer.eos_token_id]
-                    whole = ctx_ids + whole
-                n_cont = len(whole) - len(ctx_ids)
-                if n_cont <= 0 or whole[: len(ctx_ids)] != ctx_ids:
-                    # the tokenizer merged across the boundary: encode the two parts apart
-                    cont_ids = list(self.tokenizer(cont, add_special_tokens=False)["input_ids"])
-                    whole, n_cont = ctx_ids + cont_ids, len(cont_ids)
-                if limit:
-                    whole = whole[-limit:]
-                rows.append((whole, min(n_cont, len(whole) - 1)))
-        return rows
+        # room for the one token vLLM must sample
+        return score_token_rows(self, items, self.max_model_len - 1 if self.max_model_len else None)
 
     def score_many(self, items: Sequence[tuple[Request, Sequence[str]]]) -> list[list[float]]:
         rows = self._score_rows(items)

@@ -7,9 +7,10 @@ summary dict that the pipeline stores in the stage's done-marker.
 from __future__ import annotations
 
 from selfalign.stages import eval as eval_stage
-from selfalign.stages import generate
+from selfalign.stages import generate, self_instruct
 
 STAGES = {
     "generate": generate,
     "eval": eval_stage,
+    "self_instruct": self_instruct,
 }

@@ -1,0 +1,104 @@
+import json
+import random
+
+import pytest
+
+from selfalign.engines.base import Completion, Engine
+from selfalign.errors import SelfAlignError
+from selfalign.pipeline import RunContext
+from selfalign.recipe import parse_recipe
+from selfalign.stages import self_instruct as si
+
+
+def test_parse_list_continuation():
+    text = " Write a haiku about rain.\n7. Explain recursion to a child.\n8) List three uses of vinegar\n\nUnrelated tail\n9."
+    assert si.parse_list_continuation(text) == [
+        "Write a haiku about rain.", "Explain recursion to a child.", "List three uses of vinegar"]
+
+
+@pytest.mark.parametrize("text, why", [
+    ("Hi", "too short"),
+    ("Describe the picture above in detail", "needs something a text model cannot see or make"),
+    ("3 ways to cook rice please", "does not start with a letter"),
+    ("Answer this. Human: what is love", "contains a role marker"),
+    ("Explain how tides work in simple words", None),
+])
+def test_instruction_filters(text, why):
+    assert si.instruction_ok(text, 3, 150) == why
+
+
+WORDS = ["otters", "violins", "glaciers", "tractors", "comets", "bakers", "lanterns", "parrots", "canals", "meteors",
+         "tulips", "robots", "pirates", "volcanoes", "kettles", "wizards", "harbors", "beetles", "mirrors", "dragons"]
+
+
+class ScriptedEngine(Engine):
+    """Answers each kind of self-instruct prompt with canned text, numbering what it writes."""
+
+    name = "hf"
+
+    def __init__(self):
+        super().__init__("scripted")
+        self.calls = 0
+        self.prompts: list[str] = []
+
+    def generate_iter(self, requests, sampling):
+        out = []
+        for i, prompt in enumerate(requests):
+            self.calls += 1
+            self.prompts.append(prompt)
+            rng = random.Random(self.calls)
+            a, b = rng.sample(WORDS, 2)
+            one, two = (" ".join(rng.sample(WORDS, 6)) for _ in range(2))
+            if prompt.startswith("Here is a varied list"):
+                # two new tasks, one repeated (a ROUGE-L duplicate), one a text model cannot do
+                text = f" Rank {one}.\n7. Sort {two}.\n8. Rank {one}.\n9. Draw a picture of a cat"
+            elif "topics" in prompt:
+                text = f" {a} tomorrow\n2. Stock prices\n3. Stock prices\n4. The {b}"
+            else:
+                text = f" Will {one} happen?\nExtra line"
+            out.append((i, [Completion(text, "stop", 10, 5)]))
+        yield out
+
+    def score_many(self, items):
+        raise NotImplementedError
+
+
+def make_ctx(tmp_path, **stage):
+    recipe = parse_recipe({"name": "t", "model": "scripted", "stages": [{"stage": "self_instruct", **stage}]})
+    ctx = RunContext(recipe=recipe, run_dir=tmp_path)
+    engine = ScriptedEngine()
+    ctx.engines[("scripted", "hf")] = engine
+    return ctx, recipe.stages[0], engine
+
+
+def test_stage_keeps_filtered_deduplicated_prompts_and_resumes(tmp_path):
+    ctx, config, engine = make_ctx(tmp_path, vanilla_target=6, max_rounds=3, requests_per_round=2, topic_rounds=1,
+                                   topics_per_type=2)
+    summary = si.run(ctx, config, tmp_path / "01-self_instruct")
+    rows = [json.loads(x) for x in (tmp_path / "01-self_instruct" / "rows.jsonl").read_text().splitlines()]
+    prompts = [r["prompt"] for r in rows]
+    assert len(prompts) == len(set(prompts))
+    vanilla = [r for r in rows if r["source"] == "self_instruct"]
+    assert len(vanilla) == summary["self_instruct"] == 6
+    assert not any("picture" in p.lower() for p in prompts)  # filtered
+    assert summary["dropped"]["needs something a text model cannot see or make"] >= 1
+    tgrt = [r for r in rows if r["source"] == "tgrt"]
+    assert tgrt and all(r["type"] and r["topic"] and "\n" not in r["prompt"] for r in tgrt)
+    assert {r["topic"] for r in tgrt} >= {"Stock prices"}  # exact-match topic dedup kept it once per type
+    # in-context examples come from the seeds (and later from kept instructions), 5 per request
+    first = engine.prompts[0]
+    assert first.count("\n") >= 6 and first.rstrip().endswith("6.")
+    # a rerun over the same folder generates nothing new
+    calls = engine.calls
+    (tmp_path / "01-self_instruct" / "_done.json").unlink()
+    (tmp_path / "01-self_instruct" / "rows.jsonl").unlink()
+    again = si.run(ctx, config, tmp_path / "01-self_instruct")
+    assert engine.calls == calls and again["prompts"] == summary["prompts"]
+
+
+def test_bad_asset_file_names_file_and_entry(tmp_path):
+    bad = tmp_path / "types.yaml"
+    bad.write_text("- id: x\n  type: T\n  description: d\n")
+    ctx, config, _ = make_ctx(tmp_path, redteam_types=str(bad), vanilla_target=0)
+    with pytest.raises(SelfAlignError, match=r"types.yaml: entry 0: missing seed_question"):
+        si.run(ctx, config, tmp_path / "s")
