@@ -40,3 +40,12 @@ def asset_text(ref: str) -> str:
     """The file's text without comment lines: what the report counts as human-written."""
     lines = asset_path(ref).read_text(encoding="utf-8").splitlines()
     return "\n".join(x for x in lines if x.strip() and not x.lstrip().startswith("#"))
+
+
+def yaml_key(ref: str, key: str) -> str:
+    """One text entry of a YAML mapping asset (e.g. the `engraved` system prompt)."""
+    path = asset_path(ref)
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if not isinstance(data, dict) or not str(data.get(key) or "").strip():
+        raise SelfAlignError(f"{path}: needs a non-empty `{key}` entry")
+    return str(data[key]).strip()

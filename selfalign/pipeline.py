@@ -32,7 +32,20 @@ class RunContext:
     stage_dirs: dict[str, Path] = field(default_factory=dict)
 
     def model_for(self, config: StageConfig) -> str:
-        return config.model or self.recipe.model
+        """The stage's model: its own `model`, else the recipe's. `@label` names the model an
+        earlier training stage wrote (its done-marker's `model`), e.g. `model: "@engrave"`."""
+        ref = config.model or self.recipe.model
+        if not ref.startswith("@"):
+            return ref
+        folder = self.stage_dirs.get(ref[1:])
+        done = folder / DONE_FILE if folder else None
+        if done is None or not done.exists():
+            raise SelfAlignError(f"model {ref!r}: no finished stage named {ref[1:]!r} before this one",
+                                 "put the training stage earlier in the recipe")
+        model = json.loads(done.read_text()).get("model")
+        if not model:
+            raise SelfAlignError(f"model {ref!r}: stage {ref[1:]!r} did not produce a model")
+        return model
 
     def engine(self, model: str) -> Engine:
         """One engine per model for the whole run, so a model is loaded once."""

@@ -7,10 +7,11 @@ summary dict that the pipeline stores in the stage's done-marker.
 from __future__ import annotations
 
 from selfalign.stages import eval as eval_stage
-from selfalign.stages import generate, self_instruct
+from selfalign.stages import generate, self_align, self_instruct
 
 STAGES = {
     "generate": generate,
     "eval": eval_stage,
     "self_instruct": self_instruct,
+    "self_align": self_align,
 }
