@@ -138,3 +138,25 @@ def test_full_logits_fallback_gives_the_same_scores(tiny_gemma_engine):
     finally:
         tiny_gemma_engine._head_fn = saved
     assert [v for x in full for v in x] == pytest.approx([v for x in split for v in x], abs=1e-3)
+
+
+@pytest.mark.parametrize("engine_name", ["tiny_engine", "tiny_gemma_engine"])
+def test_generation_reuses_a_shared_prefix_without_changing_greedy_output(engine_name, request):
+    engine = request.getfixturevalue(engine_name)
+    shared = "Principles: be kind, be honest, be careful. " * 3  # > 64 tokens: past tiny gemma3's sliding window
+    reqs = [shared + q for q in ("Q: one?", "Q: two?", "Q: six?")]  # same length: no pads between prefix and question
+    s = Sampling(temperature=0, max_new_tokens=12, n=2)
+    engine.min_cached_prefix = 10**9
+    plain = [[c.text for c in cs] for cs in engine.generate(reqs, s)]
+    engine.min_cached_prefix = 48
+    calls = []
+    real = engine._prefix_cache
+    engine._prefix_cache = lambda toks: calls.append(len(toks)) or real(toks)
+    try:
+        cached = [[c.text for c in cs] for cs in engine.generate(reqs, s)]
+    finally:
+        engine._prefix_cache = real
+    assert calls and calls[0] > 64 and len(calls) == 1  # computed once for all batches
+    assert cached == plain
+    sampled = engine.generate(reqs, Sampling(temperature=1.0, max_new_tokens=6, n=3))
+    assert [len(cs) for cs in sampled] == [3, 3, 3]

@@ -11,6 +11,7 @@ what makes scoring cheap; `benchmarks/bench_engine.py` measures it against full 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from collections.abc import Iterator, Sequence
 
@@ -97,15 +98,25 @@ class HFEngine(Engine):
         eos_ids = self.model.generation_config.eos_token_id
         eos_ids = set(eos_ids if isinstance(eos_ids, list) else [eos_ids]) | {self.tokenizer.eos_token_id}
         eos_ids.discard(None)
+        prefix = self._shared_prefix([(e, 0) for e in encoded]) if len(encoded) > 1 else 0
+        prefix_cache = self._prefix_cache(encoded[0][:prefix]) if prefix >= self.min_cached_prefix else None
         for batch in batches:
-            ids, mask = self._left_pad([encoded[i] for i in batch])
-            batch_stops = list(stops[batch[0]])
             kwargs = dict(
                 max_new_tokens=sampling.max_new_tokens,
-                num_return_sequences=sampling.n,
                 pad_token_id=self.tokenizer.pad_token_id,
                 repetition_penalty=sampling.repetition_penalty,
             )
+            rows = [encoded[i] for i in batch for _ in range(sampling.n)]  # n samples: n rows each
+            if prefix_cache is not None:
+                # the rows share a long prefix (the Self-Align principles, an HHH prompt): reuse its
+                # KV cache; each row is [prefix][pads][own tokens]
+                ids, mask = self._pad_after_prefix(rows, prefix)
+                past = copy.deepcopy(prefix_cache)
+                past.batch_repeat_interleave(len(rows))
+                kwargs.update(past_key_values=past)
+            else:
+                ids, mask = self._left_pad(rows)
+            batch_stops = list(stops[batch[0]])
             if sampling.temperature > 0:
                 # our warper does temperature and top-p; transformers' own would sort the whole vocabulary
                 warper = LogitsProcessorList([TemperatureTopP(sampling.temperature, sampling.top_p)])
@@ -132,6 +143,28 @@ class HFEngine(Engine):
                     comps.append(Completion(text, reason, len(toks), len(encoded[i])))
                 results.append((i, comps))
             yield results
+
+    def _prefix_cache(self, tokens: list[int]):
+        import torch
+
+        with torch.inference_mode():
+            return self.model(input_ids=torch.tensor([tokens], device=self.device), use_cache=True).past_key_values
+
+    def _pad_after_prefix(self, seqs: list[list[int]], prefix: int):
+        """[prefix][pads][rest]: every row ends at the last column, the prefix's cache slots stay
+        where they were computed. (For sliding-window attention the pads take window slots: rows
+        are sorted by length, so there are few.)"""
+        import torch
+
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for r, s in enumerate(seqs):
+            ids[r, :prefix] = torch.tensor(s[:prefix])
+            ids[r, width - len(s) + prefix:] = torch.tensor(s[prefix:])
+            mask[r, :prefix] = 1
+            mask[r, width - len(s) + prefix:] = 1
+        return ids.to(self.device), mask.to(self.device)
 
     # -- scoring -------------------------------------------------------------------------------
     def _score_rows(self, items: Sequence[tuple[Request, Sequence[str]]]) -> list[tuple[list[int], int]]:
@@ -259,14 +292,9 @@ class HFEngine(Engine):
     def _score_with_prefix(self, rows: list[tuple[list[int], int]], prefix: int) -> list[float]:
         """Run the prefix all rows share once (a system prompt, few-shot examples, principles) and
         reuse its KV cache for every batch; suffixes are right-padded so cache slots stay contiguous."""
-        import copy
-
         import torch
 
-        with torch.inference_mode():
-            cache = self.model(
-                input_ids=torch.tensor([rows[0][0][:prefix]], device=self.device), use_cache=True
-            ).past_key_values
+        cache = self._prefix_cache(rows[0][0][:prefix])
         scores = [0.0] * len(rows)
         suffix = [w[prefix:-1] for w, _ in rows]
         order = sorted(range(len(rows)), key=lambda r: len(suffix[r]))
