@@ -169,8 +169,8 @@ def sft_train(
 
     Returns `{"model": folder to load, "train_loss", "steps", "examples", "wall_s", ...}`.
     """
-    import torch
     import datasets
+    import torch
     from datasets import Dataset
     from transformers.trainer_callback import PrinterCallback
     from trl import SFTConfig, SFTTrainer
@@ -268,7 +268,7 @@ def sft_train(
 
     losses = [x["loss"] for x in trainer.state.log_history if "loss" in x]
     return {
-        "model": str(dest),
+        "model": str(dest.resolve()),
         "train_loss": round(float(result.training_loss), 4),
         "first_loss": round(losses[0], 4) if losses else None,
         "last_loss": round(losses[-1], 4) if losses else None,

@@ -160,3 +160,15 @@ def test_generation_reuses_a_shared_prefix_without_changing_greedy_output(engine
     assert cached == plain
     sampled = engine.generate(reqs, Sampling(temperature=1.0, max_new_tokens=6, n=3))
     assert [len(cs) for cs in sampled] == [3, 3, 3]
+
+
+def test_single_token_choices_share_one_forward(tiny_engine, monkeypatch):
+    forwards = []
+    real = tiny_engine._forward
+    monkeypatch.setattr(tiny_engine, "_forward", lambda ids, *a, **k: forwards.append(ids.shape[0]) or real(ids, *a, **k))
+    items = [("Which is better? Answer:", ["A", "B"]), ("Another question entirely. Answer:", ["A", "B"])]  # 1 byte token each
+    got = tiny_engine.score_many(items)
+    assert sum(forwards) == 2  # two distinct contexts, not four rows
+    for (ctx, conts), scores in zip(items, got, strict=True):
+        for cont, s in zip(conts, scores, strict=True):
+            assert s == pytest.approx(naive_score(tiny_engine, ctx, cont), abs=1e-3)

@@ -61,7 +61,9 @@ class ScriptedEngine(Engine):
         for i, req in enumerate(requests):  # one batch per request, like a slow engine
             self.seen.append(req)
             q = req.rsplit("Human: ", 1)[1].split("\n")[0]
-            yield [(i, [Completion(self.answers[q], "stop", 12, 100)])]
+            thoughts, answer = self.answers[q]
+            text = thoughts if req.endswith("(internal thoughts):") else answer
+            yield [(i, [Completion(text, "stop", 12, 100)])]
 
     def score_many(self, items):
         raise NotImplementedError
@@ -70,9 +72,9 @@ class ScriptedEngine(Engine):
 def test_stage_keeps_and_drops_with_reasons_and_resumes(tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("Good question?\nBad question?\nUgly question?\n")
-    answers = {"Good question?": " Helpful applies.\n\nAssistant: A fine answer.",
-               "Bad question?": " Ethical.\n\nAssistant: I'm sorry, I can't.",
-               "Ugly question?": " no answer section"}
+    answers = {"Good question?": (" Helpful applies.", " A fine answer."),  # (thoughts, answer)
+               "Bad question?": (" Ethical.", " I'm sorry, I can't."),
+               "Ugly question?": (" Some thoughts.", "  ")}
     recipe = parse_recipe({"name": "t", "model": "m", "stages": [{"stage": "self_align", "prompts": str(prompts)}]})
     ctx = RunContext(recipe=recipe, run_dir=tmp_path)
     engine = ScriptedEngine(answers)

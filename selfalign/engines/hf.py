@@ -276,16 +276,22 @@ class HFEngine(Engine):
                 for b, p, t in picks]
 
     def _score_rows_batched(self, rows: list[tuple[list[int], int]]) -> list[float]:
+        """Left-padded batches of distinct inputs. Single-token continuations of the same context
+        (" A" vs " B", " yes" vs " no") share one input row: one forward serves all of them."""
+        groups: dict[tuple, list[int]] = {}
+        for r, (whole, n) in enumerate(rows):
+            groups.setdefault(tuple(whole[:-1]) if n == 1 else (r,), []).append(r)
+        uniq = list(groups.values())  # each: rows sharing one input
         scores = [0.0] * len(rows)
-        order = sorted(range(len(rows)), key=lambda r: len(rows[r][0]))
-        for batch in self._batches(order, lambda r: len(rows[r][0])):
-            inputs = [rows[r][0][:-1] for r in batch]
-            ids, mask = self._left_pad(inputs)
+        order = sorted(range(len(uniq)), key=lambda u: len(rows[uniq[u][0]][0]))
+        for batch in self._batches(order, lambda u: len(rows[uniq[u][0]][0])):
+            ids, mask = self._left_pad([rows[uniq[u][0]][0][:-1] for u in batch])
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
             out = self._forward(ids, mask, pos)
             width = ids.shape[1]
-            picks = [(b, width - rows[r][1], rows[r][0][-rows[r][1]:]) for b, r in enumerate(batch)]
-            for r, value in zip(batch, self._sums(out, picks), strict=True):
+            members = [r for u in batch for r in uniq[u]]
+            picks = [(b, width - rows[r][1], rows[r][0][-rows[r][1]:]) for b, u in enumerate(batch) for r in uniq[u]]
+            for r, value in zip(members, self._sums(out, picks), strict=True):
                 scores[r] = value
         return scores
 

@@ -26,10 +26,15 @@ def builtin_systems() -> list[str]:
 
 def resolve_system(system: str | None) -> str | None:
     """`None`, `hhh` (the full HHH prompt: preamble and 14 dialogues, ~5k tokens),
-    `builtin:NAME` (selfalign/assets/system/NAME.txt, e.g. hhh_short), a path to a text file, or
-    the system text itself."""
+    `builtin:NAME` (selfalign/assets/system/NAME.txt, e.g. hhh_short), one entry of a YAML asset
+    (`builtin:self_align/system_prompts.yaml#engraved`), a path to a text file, or the text itself."""
     if not system:
         return None
+    if "#" in system and system.split("#", 1)[0].endswith((".yaml", ".yml")):  # builtin:self_align/system_prompts.yaml#engraved
+        from selfalign.assets_io import yaml_key
+
+        ref, key = system.split("#", 1)
+        return yaml_key(ref, key)
     name = system.split(":", 1)[1] if system.startswith("builtin:") else system
     if name == "hhh":
         from selfalign.hhh_prompt import render_hhh_prompt

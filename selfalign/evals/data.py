@@ -105,8 +105,9 @@ def _say(msg: str) -> None:
 
 # -- locating (and fetching) the data ------------------------------------------------------------
 def bigbench_dir(data_dir: str | Path | None = None) -> Path:
-    """The folder holding DATA_FILES: `data_dir` if given (never fetched), else the cache, fetched
-    into on first use."""
+    """The folder holding DATA_FILES: `data_dir` if given (never fetched), else `$SELFALIGN_DATA_DIR`
+    if set, else the cache, fetched into on first use."""
+    data_dir = data_dir if data_dir is not None else os.environ.get("SELFALIGN_DATA_DIR")
     if data_dir is not None:
         folder = Path(data_dir).expanduser()
         if not folder.is_dir():

@@ -6,12 +6,15 @@ summary dict that the pipeline stores in the stage's done-marker.
 
 from __future__ import annotations
 
+from selfalign.stages import engrave, generate, self_align, self_instruct, verbose_clone
 from selfalign.stages import eval as eval_stage
-from selfalign.stages import generate, self_align, self_instruct
 
 STAGES = {
     "generate": generate,
     "eval": eval_stage,
+    # Self-Align (Dromedary)
     "self_instruct": self_instruct,
     "self_align": self_align,
+    "engrave": engrave,
+    "verbose_clone": verbose_clone,
 }

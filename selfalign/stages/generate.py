@@ -10,6 +10,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from selfalign.engines import Sampling
+from selfalign.evals.common import resolve_system
 from selfalign.progress import progress_bar
 from selfalign.prompts import load_prompts, prompt_file_text
 from selfalign.recipe import StageConfig
@@ -19,14 +20,14 @@ from selfalign.store import RowStore, row_id
 class Config(StageConfig):
     stage: str = "generate"
     prompts: str = Field(..., description="prompt file (.txt or .jsonl) or builtin:NAME")
-    system: str | None = Field(None, description="system text shown above each dialogue")
+    system: str | None = Field(None, description="system prompt above each dialogue: text, a .txt file, hhh, builtin:NAME or builtin:FILE.yaml#KEY")
     chat: bool = Field(True, description="wrap each prompt as the user's turn of a dialogue (else: raw text)")
     sampling: Sampling = Field(default_factory=lambda: Sampling(temperature=0.7, top_p=0.9, max_new_tokens=128))
     max_prompts: int | None = Field(None, ge=1, description="use only the first N prompts")
 
     def human_inputs(self) -> list[tuple[str, str]]:
         out = [(self.prompts, prompt_file_text(self.prompts))]
-        return out + ([(f"{self.label}.system", self.system)] if self.system else [])
+        return out + ([(f"{self.label}.system", resolve_system(self.system))] if self.system else [])
 
 
 def run(ctx, config: Config, folder) -> dict:
@@ -35,6 +36,7 @@ def run(ctx, config: Config, folder) -> dict:
     if cap := ctx.max_prompts(config.max_prompts):
         prompts = prompts[:cap]
     sampling = config.sampling.model_copy(update={"seed": config.sampling.seed or ctx.recipe.seed})
+    system = resolve_system(config.system)
     store = RowStore(folder)
     if store.repaired_tail is not None:
         from selfalign.progress import console
@@ -42,16 +44,16 @@ def run(ctx, config: Config, folder) -> dict:
         console.print(f"[yellow]note:[/] {store.path} ended in a half-written row (the run was killed); it was set aside")
 
     def sample_id(prompt, j: int) -> str:
-        return row_id("generate", model, prompt.id, config.system, config.chat, sampling.model_dump(), j)
+        return row_id("generate", model, prompt.id, system, config.chat, sampling.model_dump(), j)
 
     done = store.done_ids()
     pending = [p for p in prompts if not all(sample_id(p, j) in done for j in range(sampling.n))]
     meta = {"stage": config.label, "model": model, "engine": ctx.recipe.engine.name,
-            "sampling": sampling.model_dump(), "system": config.system}
+            "sampling": sampling.model_dump(), "system": system}
     tokens = 0
     if pending:
         engine = ctx.engine(model)
-        requests = [p.as_request(config.system, config.chat) for p in pending]
+        requests = [p.as_request(system, config.chat) for p in pending]
         with progress_bar(config.label, total=len(pending), already_done=len(prompts) - len(pending)) as advance:
             for batch in engine.generate_iter(requests, sampling):
                 rows = []

@@ -16,8 +16,13 @@ and why) and then its answer. The model continues the same pattern for each new 
     Assistant (internal thoughts):
 
 Paper defaults: temperature 0.5, top-p 0.9, up to 256 new tokens. The context is identical for
-every prompt, so engines reuse its KV cache: the hf engine computes it once (see
-`HFEngine._generate_with_prefix`), vLLM's automatic prefix caching does the same on GPU.
+every prompt, so engines reuse its KV cache: the hf engine computes it once per call (its shared-
+prefix path), vLLM's automatic prefix caching does the same on GPU.
+
+One departure, for small base models: the structure is enforced rather than hoped for. The model
+first writes its thoughts (one line), then the stage appends the answer tag and the model writes
+the answer. A large model follows the exemplars' format unprompted; gemma-3-270m often does not,
+and the paper's "keep only well-formed outputs" filter would then keep almost nothing.
 
 Every answer is kept or dropped by pure, unit-tested filters, and a dropped row records why:
 malformed (no thoughts or no answer section), a repeated sentence, text leaked from an exemplar
@@ -57,6 +62,8 @@ class Config(StageConfig):
     exemplars: str = "builtin:self_align/exemplars.yaml"
     system_prompts: str = "builtin:self_align/system_prompts.yaml"
     sampling: Sampling = Field(default_factory=lambda: Sampling(temperature=0.5, top_p=0.9, max_new_tokens=256))
+    thoughts_tokens: int = Field(96, ge=1, description="most tokens of internal thoughts (one line)")
+    chunk: int = Field(64, ge=1, description="prompts answered (thoughts, then answers) before their rows are written")
     max_prompts: int | None = Field(None, ge=1)
 
     def human_inputs(self) -> list[tuple[str, str]]:
@@ -156,17 +163,25 @@ def run(ctx, config: Config, folder) -> dict:
     meta = {"stage": config.label, "model": model, "engine": ctx.recipe.engine.name, "sampling": sampling.model_dump()}
     if pending:
         engine = ctx.engine(model)
+        thought_sampling = sampling.model_copy(update={"max_new_tokens": config.thoughts_tokens, "stop": ["\n"]})
         with progress_bar(config.label, total=len(pending), already_done=len(prompts) - len(pending)) as advance:
-            for batch in engine.generate_iter([principle_prompt(context, p) for _, p in pending], sampling):
+            for start in range(0, len(pending), config.chunk):
+                chunk = pending[start:start + config.chunk]
+                # 1. the internal thoughts, one line; 2. the answer, after the thoughts and the answer tag
+                asks = [principle_prompt(context, p) for _, p in chunk]
+                thoughts = [cs[0] for cs in engine.generate(asks, thought_sampling)]
+                answers = engine.generate([f"{a} {t.text.strip()}\n\n{ANSWER_TAG}" for a, t in zip(asks, thoughts, strict=True)],
+                                          sampling)
                 rows = []
-                for i, comps in batch:
-                    pid, prompt = pending[i]
-                    thoughts, answer, why = verdict(comps[0].text, exemplar_ngrams)
-                    rows.append({"id": ids[pid], "prompt_id": pid, "prompt": prompt, "thoughts": thoughts, "answer": answer,
-                                 "completion": comps[0].text, "kept": why is None, "dropped": why,
-                                 "finish_reason": comps[0].finish_reason, "meta": meta})
+                for (pid, prompt), t, cs in zip(chunk, thoughts, answers, strict=True):
+                    completion = f" {t.text.strip()}\n\n{ANSWER_TAG}{cs[0].text}"
+                    th, answer, why = verdict(completion, exemplar_ngrams)
+                    rows.append({"id": ids[pid], "prompt_id": pid, "prompt": prompt, "thoughts": th, "answer": answer,
+                                 "completion": completion, "kept": why is None, "dropped": why,
+                                 "finish_reason": cs[0].finish_reason, "meta": meta})
                 store.append(rows)
-                advance(len(batch), sum(c.completion_tokens for _, cs in batch for c in cs))
+                advance(len(chunk), sum(t.completion_tokens + cs[0].completion_tokens
+                                        for t, cs in zip(thoughts, answers, strict=True)))
     rows = [r for r in store if r["id"] in set(ids.values())]
     dropped = Counter(r["dropped"] for r in rows if not r["kept"])
     summary = {"prompts": len(prompts), "kept": sum(r["kept"] for r in rows), "dropped": dict(dropped),

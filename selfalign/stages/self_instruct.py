@@ -50,6 +50,7 @@ class Config(StageConfig):
     topic_rounds: int = Field(2, ge=0, description="topic brainstorming requests per red-team type")
     topics_per_type: int = Field(10, ge=1, description="most topics kept per type (paper asks 10 a request)")
     rouge_threshold: float = Field(0.7, gt=0, le=1, description="drop a prompt whose ROUGE-L to a kept one is above this")
+    include_seeds: bool = Field(True, description="pass the seed tasks and seed questions on as prompts too")
     min_words: int = 3
     max_words: int = 150
     sampling: Sampling = Field(default_factory=lambda: Sampling(temperature=1.0, top_p=0.98, max_new_tokens=384))
@@ -194,11 +195,13 @@ def run(ctx, config: Config, folder) -> dict:
     # 3. one ROUGE-L pass over red-team questions against everything kept, then write the prompts
     res = rouge_dedup([q for q, _ in questions], config.rouge_threshold, existing=seeds + kept)
     out = RowStore(folder)
-    rows = [{"id": row_id("prompt", p), "prompt": p, "source": "self_instruct"} for p in kept]
+    rows = [{"id": row_id("prompt", p), "prompt": p, "source": "seed"}
+            for p in (seeds + [k["seed_question"].strip() for k in kinds] if config.include_seeds else [])]
+    rows += [{"id": row_id("prompt", p), "prompt": p, "source": "self_instruct"} for p in kept]
     rows += [{"id": row_id("prompt", q), "prompt": q, "source": "tgrt", "type": extra["type"], "topic": extra["topic"]}
              for (q, extra), k in zip(questions, res.keep, strict=True) if k]
     out.append(rows)
-    summary = {"self_instruct": len(kept), "tgrt": sum(res.keep), "prompts": len(out),
+    summary = {"seeds": sum(r["source"] == "seed" for r in rows), "self_instruct": len(kept), "tgrt": sum(res.keep), "prompts": len(out),
                "topics": sum(len(v) for v in topics.values()), "dropped": {**rejected, "tgrt rouge-l duplicate": res.keep.count(False)}}
     console.print(f"  kept {summary['self_instruct']} self-instruct and {summary['tgrt']} red-team prompts")
     out.mark_done(**summary)
