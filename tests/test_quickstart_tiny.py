@@ -9,10 +9,10 @@ import sys
 import time
 
 import yaml
+from test_evals import make_fixture
 
 from selfalign.recipe import find_recipe
 from selfalign.store import read_jsonl
-from test_evals import make_fixture
 
 
 def test_quickstart_end_to_end_with_a_kill_during_self_align(tmp_path):
