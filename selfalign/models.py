@@ -80,7 +80,10 @@ def _convert_gguf(gguf_path: Path, dest: Path, source: dict) -> Path:
             f"{gguf_path} could not be read as a GGUF model: {type(exc).__name__}: {str(exc)[:200]}",
             "check that the file is a complete GGUF of an architecture transformers supports",
         ) from exc
-    plain = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):  # the weights are plain fp32 now: trainers must not see a quantizer
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(loaded.state_dict(), strict=False)
     plain.tie_weights()
     plain.generation_config = loaded.generation_config
@@ -94,6 +97,16 @@ def _convert_gguf(gguf_path: Path, dest: Path, source: dict) -> Path:
     return dest
 
 
+def _strip_gguf_quantization(folder: Path) -> Path:
+    """Caches converted before this fix kept the GGUF `quantization_config` in config.json, which
+    makes transformers treat the plain fp32 weights as quantized and refuse to train them."""
+    cfg_path = folder / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    if cfg.pop("quantization_config", None) is not None:
+        cfg_path.write_text(json.dumps(cfg, indent=2))
+    return folder
+
+
 def _embedded_folder(name: str) -> Path:
     if name not in EMBEDDED:
         raise SelfAlignError(
@@ -102,7 +115,7 @@ def _embedded_folder(name: str) -> Path:
     info = EMBEDDED[name]
     dest = models_cache_dir() / f"embedded-{name}"
     if (dest / MARKER).exists():
-        return dest
+        return _strip_gguf_quantization(dest)
     try:
         mod = __import__(info["module"])
     except ImportError as exc:
@@ -122,7 +135,7 @@ def _gguf_folder(path: Path) -> Path:
     key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
     dest = models_cache_dir() / f"gguf-{path.stem}-{key}"
     if (dest / MARKER).exists():
-        return dest
+        return _strip_gguf_quantization(dest)
     return _convert_gguf(path, dest, {"ref": str(path), "size": st.st_size})
 
 
@@ -154,7 +167,9 @@ def resolve(ref: str) -> ResolvedModel:
             raise SelfAlignError(f"{path} is a file but not a .gguf model", "pass a model folder, a .gguf file or a hub id")
         if (path / "adapter_config.json").exists():
             cfg = json.loads((path / "adapter_config.json").read_text())
-            base_ref = cfg.get("selfalign_base") or cfg.get("base_model_name_or_path")
+            sidecar = path / "selfalign_base.json"  # written by selfalign's trainers: a portable reference
+            base_ref = (json.loads(sidecar.read_text()).get("base") if sidecar.exists() else None) or cfg.get(
+                "base_model_name_or_path")
             if not base_ref:
                 raise SelfAlignError(f"{path}/adapter_config.json names no base model (base_model_name_or_path)")
             return ResolvedModel(ref, "peft", str(path), base=resolve(base_ref))

@@ -59,6 +59,18 @@ class RunContext:
         caps = [c for c in (config_value, self.recipe.max_prompts) if c]
         return min(caps) if caps else None
 
+    def free_accelerator(self) -> None:
+        """Before training: a vLLM engine holds most of the GPU's memory, so let it go (later
+        stages load it again). The hf engine on CPU is kept: reloading costs more than it frees."""
+        if self.recipe.engine.name == "vllm":
+            self.close()
+            try:
+                import torch
+
+                torch.cuda.empty_cache()
+            except Exception:  # noqa: BLE001 - best effort
+                pass
+
     def close(self) -> None:
         for engine in self.engines.values():
             engine.close()
@@ -107,7 +119,8 @@ def human_inputs(recipe: Recipe) -> list[dict]:
             continue  # a missing file is reported by its stage, with the stage's context
         for source, text in pairs:
             lines = [x for x in text.splitlines() if x.strip()]
-            seen.setdefault(source, {"source": source, "lines": len(lines), "words": len(text.split())})
+            # the same text used by several stages (a system prompt) counts once
+            seen.setdefault(text.strip(), {"source": source, "lines": len(lines), "words": len(text.split())})
     return list(seen.values())
 
 

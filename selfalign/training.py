@@ -25,8 +25,8 @@ as several examples, one per assistant turn, each prompt holding the dialogue so
 gradient is the same as one masked sequence up to how turns are weighted in the mean, at the cost
 of recomputing the shared prefix once per turn.
 
-Outputs in `out_dir`: `adapter/` (LoRA, PEFT format, with `selfalign_base` in its
-adapter_config.json so `selfalign.models.resolve` finds the base) or `model/` (full fine-tuning or
+Outputs in `out_dir`: `adapter/` (LoRA, PEFT format, with `selfalign_base.json` beside it naming
+the base as a selfalign reference, which `selfalign.models.resolve` prefers) or `model/` (full fine-tuning or
 `merge=True`: a plain `save_pretrained` folder), the tokenizer beside either, and
 `trainer_state.json` (the HF trainer state, whose `log_history` the run report plots).
 """
@@ -48,6 +48,7 @@ IGNORE = -100  # the label the loss ignores
 ADAPTER_DIR = "adapter"
 MODEL_DIR = "model"
 STATE_FILE = "trainer_state.json"
+BASE_FILE = "selfalign_base.json"
 
 
 @dataclass
@@ -252,10 +253,8 @@ def sft_train(
 
         def write(folder: Path) -> None:
             trained.save_pretrained(folder)
-            cfg_path = folder / "adapter_config.json"
-            cfg = json.loads(cfg_path.read_text())
-            cfg["selfalign_base"] = _base_reference(base)
-            cfg_path.write_text(json.dumps(cfg, indent=2))
+            # the base as a selfalign reference (e.g. embedded:gemma-3-270m), beside PEFT's own config
+            (folder / BASE_FILE).write_text(json.dumps({"base": _base_reference(base)}, indent=2))
             tokenizer.save_pretrained(folder)
     else:
         dest = out_dir / MODEL_DIR

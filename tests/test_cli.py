@@ -27,17 +27,32 @@ def test_help_teaches():
     assert "--prompts" in gen.stdout and "resume" in gen.stdout.lower() or "again" in gen.stdout
 
 
-def test_run_quickstart_on_tiny_model_then_resume_skips(tmp_path):
+SMALL_RECIPE = """
+name: small
+model: embedded:gemma-3-270m
+stages:
+  - stage: generate
+    name: base_answers
+    prompts: builtin:quickstart
+    system: A helpful assistant.
+    sampling: {temperature: 0.7, max_new_tokens: 24}
+"""
+
+
+def test_run_recipe_on_tiny_model_then_resume_skips(tmp_path):
+    recipe = tmp_path / "small.yaml"
+    recipe.write_text(SMALL_RECIPE)
     out = tmp_path / "run"
-    first = cli("run", "quickstart", "--model", "tiny:llama", "--out", str(out), "--max-prompts", "3")
+    args = ("run", str(recipe), "--model", "tiny:llama", "--out", str(out), "--max-prompts", "3")
+    first = cli(*args)
     assert first.returncode == 0, first.stderr
     rows = read_jsonl(out / "01-base_answers" / "rows.jsonl")
     assert len(rows) == 3
     assert {"id", "prompt_id", "completion", "meta"} <= rows[0].keys()
-    assert rows[0]["meta"]["model"] == "tiny:llama" and rows[0]["meta"]["sampling"]["max_new_tokens"] == 96
+    assert rows[0]["meta"]["model"] == "tiny:llama" and rows[0]["meta"]["sampling"]["max_new_tokens"] == 24
     record = json.loads((out / "run.json").read_text())
     assert record["stages"]["base_answers"]["summary"]["rows"] == 3
-    second = cli("run", "quickstart", "--model", "tiny:llama", "--out", str(out), "--max-prompts", "3")
+    second = cli(*args)
     assert second.returncode == 0 and "done earlier, skipped" in second.stderr
 
 
@@ -113,7 +128,7 @@ def test_generate_killed_half_way_resumes_without_repeats(tmp_path):
 def test_run_folder_that_is_a_file(tmp_path):
     blocker = tmp_path / "blocker"
     blocker.write_text("x")
-    out = cli("run", "quickstart", "--model", "tiny:llama", "--out", str(blocker / "run"))
+    out = cli("run", "quickstart", "--model", "tiny:llama", "--out", str(blocker / "run"))  # fails before any stage
     assert out.returncode == 2 and "blocker" in out.stderr and "Traceback" not in out.stderr
 
 

@@ -275,13 +275,19 @@ class HFEngine(Engine):
         return [float((logits[b, p: p + len(t)].gather(-1, torch.tensor(t)[:, None]).squeeze(-1) - lse[b, p: p + len(t)]).sum())
                 for b, p, t in picks]
 
-    def _score_rows_batched(self, rows: list[tuple[list[int], int]]) -> list[float]:
-        """Left-padded batches of distinct inputs. Single-token continuations of the same context
-        (" A" vs " B", " yes" vs " no") share one input row: one forward serves all of them."""
+    @staticmethod
+    def _share_inputs(rows: list[tuple[list[int], int]]) -> list[list[int]]:
+        """Rows grouped by identical input; only single-token continuations can share one (their
+        log-probabilities are all read at the same last position)."""
         groups: dict[tuple, list[int]] = {}
         for r, (whole, n) in enumerate(rows):
             groups.setdefault(tuple(whole[:-1]) if n == 1 else (r,), []).append(r)
-        uniq = list(groups.values())  # each: rows sharing one input
+        return list(groups.values())
+
+    def _score_rows_batched(self, rows: list[tuple[list[int], int]]) -> list[float]:
+        """Left-padded batches of distinct inputs. Single-token continuations of the same context
+        (" A" vs " B", " yes" vs " no") share one input row: one forward serves all of them."""
+        uniq = self._share_inputs(rows)
         scores = [0.0] * len(rows)
         order = sorted(range(len(uniq)), key=lambda u: len(rows[uniq[u][0]][0]))
         for batch in self._batches(order, lambda u: len(rows[uniq[u][0]][0])):
@@ -303,22 +309,25 @@ class HFEngine(Engine):
         cache = self._prefix_cache(rows[0][0][:prefix])
         scores = [0.0] * len(rows)
         suffix = [w[prefix:-1] for w, _ in rows]
-        order = sorted(range(len(rows)), key=lambda r: len(suffix[r]))
+        uniq = self._share_inputs(rows)
+        order = sorted(range(len(uniq)), key=lambda u: len(suffix[uniq[u][0]]))
         pad = self.tokenizer.pad_token_id
-        for batch in self._batches(order, lambda r: len(suffix[r])):
-            width = max(len(suffix[r]) for r in batch)
+        for batch in self._batches(order, lambda u: len(suffix[uniq[u][0]])):
+            heads = [uniq[u][0] for u in batch]
+            width = max(len(suffix[r]) for r in heads)
             ids = torch.full((len(batch), width), pad, dtype=torch.long)
             mask = torch.zeros((len(batch), prefix + width), dtype=torch.long)
             mask[:, :prefix] = 1
-            for b, r in enumerate(batch):
+            for b, r in enumerate(heads):
                 ids[b, : len(suffix[r])] = torch.tensor(suffix[r])
                 mask[b, prefix: prefix + len(suffix[r])] = 1
             pos = torch.arange(prefix, prefix + width).expand(len(batch), -1)
             past = copy.deepcopy(cache)
             past.batch_repeat_interleave(len(batch))
             out = self._forward(ids.to(self.device), mask.to(self.device), pos.to(self.device), past)
-            picks = [(b, len(suffix[r]) - rows[r][1], rows[r][0][-rows[r][1]:]) for b, r in enumerate(batch)]
-            for r, value in zip(batch, self._sums(out, picks), strict=True):
+            members = [r for u in batch for r in uniq[u]]
+            picks = [(b, len(suffix[r]) - rows[r][1], rows[r][0][-rows[r][1]:]) for b, u in enumerate(batch) for r in uniq[u]]
+            for r, value in zip(members, self._sums(out, picks), strict=True):
                 scores[r] = value
         return scores
 

@@ -135,6 +135,7 @@ def run(ctx, config: Config, folder) -> dict:
     console.print(f"  {len(examples)} examples from {source} ({skipped['not kept']} not kept, "
                   f"{skipped['no prompt or answer']} empty)")
     lora = LoraSettings(r=config.r, alpha=config.alpha, dropout=config.dropout) if config.lora else None
+    ctx.free_accelerator()
     result = sft_train(base, [{"prompt": e["prompt"], "completion": e["completion"]} for e in examples], folder,
                        lora=lora, lr=config.lr, epochs=config.epochs, max_length=config.max_length,
                        batch_size=config.batch_size, grad_accum=config.grad_accum, warmup_ratio=config.warmup_ratio,

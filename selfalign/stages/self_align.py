@@ -33,6 +33,7 @@ filter thresholds are this project's (the paper publishes the rules, not the num
 
 from __future__ import annotations
 
+import random
 import re
 from collections import Counter
 
@@ -131,6 +132,15 @@ def verdict(completion: str, exemplar_ngrams: set) -> tuple[str | None, str | No
 
 
 # -- the stage ------------------------------------------------------------------------------------
+def capped(prompts: list, cap: int | None, seed: int) -> list:
+    """At most `cap` prompts, a seeded sample in their original order (not just the first ones: an
+    earlier stage lists its prompts by source, and a cap should see every source)."""
+    if not cap or cap >= len(prompts):
+        return prompts
+    keep = set(random.Random(seed).sample(range(len(prompts)), cap))
+    return [p for i, p in enumerate(prompts) if i in keep]
+
+
 def load_stage_prompts(ctx, ref: str) -> list[tuple[str, str]]:
     """(id, prompt) from `@label` (an earlier stage's rows) or a prompt file."""
     if ref.startswith("@"):
@@ -150,9 +160,7 @@ def run(ctx, config: Config, folder) -> dict:
     header = yaml_key(config.system_prompts, "principle_header")
     context = principle_context(header, principles, exemplars)
     exemplar_ngrams = set().union(*(word_ngrams(e["answer"] + " " + e["user"], LEAK_NGRAM) for e in exemplars))
-    prompts = load_stage_prompts(ctx, config.prompts)
-    if cap := ctx.max_prompts(config.max_prompts):
-        prompts = prompts[:cap]
+    prompts = capped(load_stage_prompts(ctx, config.prompts), ctx.max_prompts(config.max_prompts), ctx.recipe.seed)
     if not prompts:
         raise SelfAlignError(f"{config.label}: no prompts to answer (from {config.prompts})")
     sampling = config.sampling.model_copy(update={"n": 1, "seed": config.sampling.seed or ctx.recipe.seed,

@@ -20,7 +20,7 @@ from selfalign.errors import SelfAlignError
 from selfalign.progress import console, progress_bar
 from selfalign.recipe import StageConfig
 from selfalign.stages.engrave import training_example
-from selfalign.stages.self_align import load_stage_prompts
+from selfalign.stages.self_align import capped, load_stage_prompts
 from selfalign.store import RowStore, row_id
 
 
@@ -53,9 +53,7 @@ def run(ctx, config: Config, folder) -> dict:
     teacher = ctx.model_for(config.model_copy(update={"model": config.teacher}))
     verbose = yaml_key(config.system_prompts, "verbose")
     short = yaml_key(config.system_prompts, "engraved")
-    prompts = load_stage_prompts(ctx, config.prompts)
-    if cap := ctx.max_prompts(config.max_prompts):
-        prompts = prompts[:cap]
+    prompts = capped(load_stage_prompts(ctx, config.prompts), ctx.max_prompts(config.max_prompts), ctx.recipe.seed)
     if not prompts:
         raise SelfAlignError(f"{config.label}: no prompts to answer (from {config.prompts})")
     sampling = config.sampling.model_copy(update={"n": 1, "seed": config.sampling.seed or ctx.recipe.seed})
@@ -80,6 +78,7 @@ def run(ctx, config: Config, folder) -> dict:
     examples = [training_example(short, r["prompt"], r["answer"], eos="") for r in rows]
     console.print(f"  fine-tuning {base} on {len(examples)} verbose answers, without the verbose prompt")
     lora = LoraSettings(r=config.r, alpha=config.alpha, dropout=config.dropout) if config.lora else None
+    ctx.free_accelerator()
     result = sft_train(base, examples, folder / "train", lora=lora, lr=config.lr, epochs=config.epochs,
                        max_length=config.max_length, batch_size=config.batch_size, seed=ctx.recipe.seed, merge=config.merge)
     summary = {"model": result["model"], "answers": len(rows), "train_loss": result.get("train_loss"),
