@@ -33,9 +33,12 @@ def test_embedded_model_knows_a_fact(gemma):
 
 
 def test_quickstart_runs_on_the_embedded_model(tmp_path):
+    """The README's main job, with prompts capped (about 10 minutes on 2 cores)."""
     out = tmp_path / "quick"
     res = subprocess.run([sys.executable, "-m", "selfalign.cli", "run", "--max-prompts", "2", "--out", str(out)],
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
-    rows = [json.loads(x) for x in (out / "01-base_answers" / "rows.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) for x in next(out.glob("*-base_answers")).joinpath("rows.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(r["completion"].strip() for r in rows)
+    record = json.loads((out / "run.json").read_text())
+    assert len(record["stages"]) == 9  # Self-Align end to end, HHH before and after
