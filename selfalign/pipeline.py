@@ -55,6 +55,11 @@ class RunContext:
             self.engines[key] = make_engine(self.recipe.engine.name, model, **self.recipe.engine.options())
         return self.engines[key]
 
+    def provenance(self, config: StageConfig, model: str, sampling, **extra) -> dict:
+        """The `meta` block every generated row carries."""
+        return {"stage": config.label, "model": model, "engine": self.recipe.engine.name,
+                "sampling": sampling.model_dump(), **extra}
+
     def max_prompts(self, config_value: int | None) -> int | None:
         caps = [c for c in (config_value, self.recipe.max_prompts) if c]
         return min(caps) if caps else None

@@ -11,11 +11,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from selfalign.assets_io import ASSETS
 from selfalign.chat import validate_messages
 from selfalign.errors import SelfAlignError
 from selfalign.store import row_id
-
-ASSETS = Path(__file__).resolve().parent / "assets"
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ where the model runs: `hf` (transformers, in-process), `vllm` (GPU, optional ext
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -40,9 +40,6 @@ class Completion:
     prompt_tokens: int = 0
 
 
-ProgressCallback = Callable[[int, int], None]  # (requests finished in this batch, tokens generated)
-
-
 class Engine(ABC):
     """Base class: subclasses implement `_generate_batches` and `score_many`."""
 
@@ -59,16 +56,12 @@ class Engine(ABC):
     ) -> Iterator[list[tuple[int, list[Completion]]]]:
         """Yield batches as they finish: a list of (request index, its n completions)."""
 
-    def generate(
-        self, requests: Sequence[Request], sampling: Sampling, progress: ProgressCallback | None = None
-    ) -> list[list[Completion]]:
+    def generate(self, requests: Sequence[Request], sampling: Sampling) -> list[list[Completion]]:
         """Completions for every request, in request order (n per request)."""
         out: list[list[Completion] | None] = [None] * len(requests)
         for batch in self.generate_iter(requests, sampling):
             for i, comps in batch:
                 out[i] = comps
-            if progress:
-                progress(len(batch), sum(c.completion_tokens for _, cs in batch for c in cs))
         return out  # type: ignore[return-value]
 
     def render(self, request: Request) -> str:

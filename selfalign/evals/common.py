@@ -13,11 +13,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from selfalign.assets_io import ASSETS
 from selfalign.errors import SelfAlignError
 from selfalign.progress import progress_bar
 from selfalign.store import RowStore
-
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
 
 def builtin_systems() -> list[str]:

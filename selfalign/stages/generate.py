@@ -48,8 +48,7 @@ def run(ctx, config: Config, folder) -> dict:
 
     done = store.done_ids()
     pending = [p for p in prompts if not all(sample_id(p, j) in done for j in range(sampling.n))]
-    meta = {"stage": config.label, "model": model, "engine": ctx.recipe.engine.name,
-            "sampling": sampling.model_dump(), "system": system}
+    meta = ctx.provenance(config, model, sampling, system=system)
     tokens = 0
     if pending:
         engine = ctx.engine(model)

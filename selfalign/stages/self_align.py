@@ -141,6 +141,15 @@ def capped(prompts: list, cap: int | None, seed: int) -> list:
     return [p for i, p in enumerate(prompts) if i in keep]
 
 
+def stage_prompts(ctx, config) -> list[tuple[str, str]]:
+    """The (id, prompt) pairs a generation stage answers: `config.prompts`, capped by its
+    `max_prompts` and the recipe's; an empty set is an error naming the source."""
+    prompts = capped(load_stage_prompts(ctx, config.prompts), ctx.max_prompts(config.max_prompts), ctx.recipe.seed)
+    if not prompts:
+        raise SelfAlignError(f"{config.label}: no prompts to answer (from {config.prompts})")
+    return prompts
+
+
 def load_stage_prompts(ctx, ref: str) -> list[tuple[str, str]]:
     """(id, prompt) from `@label` (an earlier stage's rows) or a prompt file."""
     if ref.startswith("@"):
@@ -160,15 +169,13 @@ def run(ctx, config: Config, folder) -> dict:
     header = yaml_key(config.system_prompts, "principle_header")
     context = principle_context(header, principles, exemplars)
     exemplar_ngrams = set().union(*(word_ngrams(e["answer"] + " " + e["user"], LEAK_NGRAM) for e in exemplars))
-    prompts = capped(load_stage_prompts(ctx, config.prompts), ctx.max_prompts(config.max_prompts), ctx.recipe.seed)
-    if not prompts:
-        raise SelfAlignError(f"{config.label}: no prompts to answer (from {config.prompts})")
+    prompts = stage_prompts(ctx, config)
     sampling = config.sampling.model_copy(update={"n": 1, "seed": config.sampling.seed or ctx.recipe.seed,
                                                    "stop": list(dict.fromkeys([*config.sampling.stop, *STOPS]))})
     store = RowStore(folder)
     ids = {pid: row_id("self_align", model, context, p, sampling.model_dump()) for pid, p in prompts}
     pending = [(pid, p) for pid, p in prompts if ids[pid] not in store]
-    meta = {"stage": config.label, "model": model, "engine": ctx.recipe.engine.name, "sampling": sampling.model_dump()}
+    meta = ctx.provenance(config, model, sampling)
     if pending:
         engine = ctx.engine(model)
         thought_sampling = sampling.model_copy(update={"max_new_tokens": config.thoughts_tokens, "stop": ["\n"]})

@@ -142,7 +142,7 @@ def run(ctx, config: Config, folder) -> dict:
     raw = RowStore(folder / "raw")
     engine = ctx.engine(model)
     sampling = config.sampling.model_copy(update={"n": 1, "seed": config.sampling.seed or ctx.recipe.seed})
-    meta = {"stage": config.label, "model": model, "engine": ctx.recipe.engine.name, "sampling": sampling.model_dump()}
+    meta = ctx.provenance(config, model, sampling)
     rejected: dict[str, int] = {}
 
     def kept_vanilla(rounds: int) -> list[str]:

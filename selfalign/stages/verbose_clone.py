@@ -20,7 +20,7 @@ from selfalign.errors import SelfAlignError
 from selfalign.progress import console, progress_bar
 from selfalign.recipe import StageConfig
 from selfalign.stages.engrave import training_example
-from selfalign.stages.self_align import capped, load_stage_prompts
+from selfalign.stages.self_align import stage_prompts
 from selfalign.store import RowStore, row_id
 
 
@@ -53,14 +53,12 @@ def run(ctx, config: Config, folder) -> dict:
     teacher = ctx.model_for(config.model_copy(update={"model": config.teacher}))
     verbose = yaml_key(config.system_prompts, "verbose")
     short = yaml_key(config.system_prompts, "engraved")
-    prompts = capped(load_stage_prompts(ctx, config.prompts), ctx.max_prompts(config.max_prompts), ctx.recipe.seed)
-    if not prompts:
-        raise SelfAlignError(f"{config.label}: no prompts to answer (from {config.prompts})")
+    prompts = stage_prompts(ctx, config)
     sampling = config.sampling.model_copy(update={"n": 1, "seed": config.sampling.seed or ctx.recipe.seed})
     store = RowStore(folder)
     ids = {pid: row_id("verbose", teacher, verbose, p, sampling.model_dump()) for pid, p in prompts}
     pending = [(pid, p) for pid, p in prompts if ids[pid] not in store]
-    meta = {"stage": config.label, "model": teacher, "engine": ctx.recipe.engine.name, "sampling": sampling.model_dump()}
+    meta = ctx.provenance(config, teacher, sampling)
     if pending:
         engine = ctx.engine(teacher)
         requests = [[{"role": "system", "content": verbose}, {"role": "user", "content": p}] for _, p in pending]
