@@ -69,6 +69,8 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--score-items", type=int, default=12)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--prefix-prompts", type=int, default=8,
+                    help="prompts behind the Self-Align context (recomputing it costs ~2k tokens of prefill each)")
     ap.add_argument("--only", choices=["generate", "score", "prefix"], help="run one part")
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args(argv)
@@ -176,7 +178,7 @@ def bench_prefix(engine, args, results) -> None:
     context = principle_context(yaml_key("builtin:self_align/system_prompts.yaml", "principle_header"),
                                 load_yaml_list("builtin:self_align/principles.yaml", ("name", "text")),
                                 load_yaml_list("builtin:self_align/exemplars.yaml", ("user", "thoughts", "answer")))
-    prompts = [principle_prompt(context, f"Give me one tip about topic number {i}.") for i in range(16)]
+    prompts = [principle_prompt(context, f"Give me one tip about topic number {i}.") for i in range(args.prefix_prompts)]
     n_ctx = len(engine.tokenizer(context)["input_ids"])
     sampling = Sampling(temperature=0.5, top_p=0.9, max_new_tokens=16, seed=1)
     engine.batch_size = 8

@@ -37,6 +37,6 @@ def load_hhh_prompt(path: str | Path | None = None) -> dict:
 def render_hhh_prompt(path: str | Path | None = None, max_dialogues: int | None = None) -> str:
     """Preamble, then each dialogue as a transcript, separated by a rule line."""
     data = load_hhh_prompt(path)
-    dialogues = data["dialogues"][:max_dialogues] if max_dialogues else data["dialogues"]
+    dialogues = data["dialogues"] if max_dialogues is None else data["dialogues"][:max_dialogues]
     parts = [data["preamble"].strip()] + [render_plain(d["turns"], add_generation_prompt=False) for d in dialogues]
     return SEPARATOR.join(parts) + SEPARATOR.rstrip()

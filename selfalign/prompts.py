@@ -2,7 +2,9 @@
 
     file.txt     one prompt a line; blank lines and lines starting with '#' are skipped
     file.jsonl   one object a line with "prompt" (text) or "messages" (a chat), optional "id"
+    file.yaml    a list of prompts: strings, or mappings with "prompt" (or "instruction" + optional "input")
     builtin:X    a prompt set shipped in selfalign/assets/prompts/X.txt (written by this project)
+    builtin:DIR/FILE.yaml   any prompt file among the package's assets, e.g. builtin:almost/seed_prompts.yaml
 """
 
 from __future__ import annotations
@@ -40,6 +42,10 @@ def builtin_prompt_sets() -> list[str]:
 
 
 def _resolve_path(ref: str) -> Path:
+    if ref.startswith("builtin:") and Path(ref.split(":", 1)[1]).suffix:
+        from selfalign.assets_io import asset_path
+
+        return asset_path(ref)
     if ref.startswith("builtin:"):
         name = ref.split(":", 1)[1]
         path = ASSETS / "prompts" / f"{name}.txt"
@@ -68,6 +74,8 @@ def load_prompts(ref: str) -> list[Prompt]:
     except UnicodeDecodeError as exc:
         raise SelfAlignError(f"{path} is not UTF-8 text") from exc
     prompts: list[Prompt] = []
+    if path.suffix.lower() in (".yaml", ".yml"):
+        return _dedup(_yaml_prompts(path))
     jsonl = path.suffix.lower() in (".jsonl", ".json")
     for lineno, line in enumerate(lines, start=1):
         if not line.strip() or (not jsonl and line.lstrip().startswith("#")):
@@ -96,6 +104,33 @@ def load_prompts(ref: str) -> list[Prompt]:
             prompts.append(Prompt(str(obj.get("id") or row_id("prompt", text)), text=text))
     if not prompts:
         raise SelfAlignError(f"{path} holds no prompts", "write one prompt a line (.txt) or one JSON object a line (.jsonl)")
+    return _dedup(prompts)
+
+
+def _dedup(prompts: list[Prompt]) -> list[Prompt]:
     seen: set[str] = set()
-    unique = [p for p in prompts if not (p.id in seen or seen.add(p.id))]
-    return unique
+    return [p for p in prompts if not (p.id in seen or seen.add(p.id))]
+
+
+def _yaml_prompts(path: Path) -> list[Prompt]:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise SelfAlignError(f"{path}: invalid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, list) or not data:
+        raise SelfAlignError(f"{path}: expected a non-empty YAML list of prompts")
+    prompts = []
+    for i, entry in enumerate(data):
+        if isinstance(entry, dict):
+            text = entry.get("prompt") or entry.get("instruction")
+            if isinstance(text, str) and isinstance(entry.get("input"), str) and entry["input"].strip():
+                text = f"{text.strip()}\n\n{entry['input'].strip()}"
+        else:
+            text = entry
+        if not isinstance(text, str) or not text.strip():
+            raise SelfAlignError(f"{path}: entry {i}: expected a prompt (a string, or a mapping with `prompt` "
+                                 "or `instruction`)")
+        prompts.append(Prompt(row_id("prompt", text.strip()), text=text.strip()))
+    return prompts

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from selfalign.errors import SelfAlignError
 from selfalign.models import DEFAULT_MODEL
@@ -60,6 +60,22 @@ class StageConfig(Strict):
     stage: str
     name: str | None = Field(None, description="folder name of the stage in the run (default: the stage type)")
     model: str | None = Field(None, description="model reference for this stage (default: the recipe's model)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _partial_blocks_keep_defaults(cls, data: Any) -> Any:
+        """`sampling: {max_new_tokens: 64}` changes that one setting: the stage's other defaults
+        (e.g. its paper temperature and top-p) stay, rather than falling back to the block's own."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for name, field in cls.model_fields.items():
+            given = data.get(name)
+            if isinstance(given, dict) and field.default_factory is not None:
+                default = field.default_factory()
+                if isinstance(default, BaseModel):
+                    data[name] = {**default.model_dump(exclude_unset=False), **given}
+        return data
 
     @property
     def label(self) -> str:

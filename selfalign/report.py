@@ -184,7 +184,7 @@ def chart_training(title: str, log: list[dict]) -> str | None:
     for key in dict.fromkeys(k for e in log for k, v in e.items() if _is_num(v)):
         if key.startswith("train_") or key == "step":
             continue
-        panel = ("loss" if "loss" in key else "reward" if "reward" in key
+        panel = ("loss" if "loss" in key else "reward" if "reward" in key and not re.search(r"std|frac", key)
                  else "kl" if re.search(r"(^|[/_])kl($|[/_])", key) else None)
         if panel and len(panels[panel]) < 6:
             panels[panel].append(key)
@@ -388,6 +388,30 @@ def section_samples(run: dict) -> tuple | None:
                     f'<colgroup><col style="width:22%"></colgroup><thead><tr><th>prompt</th>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>')
 
 
+def stage_sections(run: dict) -> list[tuple]:
+    """Sections a stage module draws itself: `report_section(stage) -> (anchor, title, html) | None`.
+
+    `stage` is the dict `load_run` makes (label, folder, kind, wall_s, summary, done). A stage that
+    fails to draw its section is left out with a note on stderr; the rest of the report still renders.
+    """
+    from selfalign.stages import STAGES
+
+    out = []
+    for s in run["stages"]:
+        module = STAGES.get(s["kind"] or "")
+        draw = getattr(module, "report_section", None)
+        if draw is None or s["folder"] is None:
+            continue
+        try:
+            section = draw(s)
+        except Exception as exc:  # a half-written stage must not take the whole report down
+            print(f"report: section of stage {s['label']} left out ({type(exc).__name__}: {exc})", file=sys.stderr)
+            continue
+        if section:
+            out.append(section)
+    return out
+
+
 def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write a self-contained HTML report of a run folder (default `RUN/report.html`); return its path."""
     run_dir = Path(run_dir)
@@ -397,7 +421,8 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     found = [(s, res) for s in run["stages"] if s["folder"] for res in [_read_json(s["folder"] / "results.json")]
              if isinstance(res, dict) and isinstance(res.get("evals"), dict)]
     sections = [x for x in (section_stages(run), section_human_inputs(run), section_evals(found),
-                            section_rewards(found), section_training(run), section_samples(run)) if x]
+                            section_rewards(found), *stage_sections(run), section_training(run),
+                                                    section_samples(run)) if x]
     nav = "".join(f'<a href="#{a}">{esc(t)}</a>' for a, t, _ in sections)
     page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{esc(run["name"])} · selfalign report</title>'
             f'<link rel="icon" href="data:,"><meta name="viewport" content="width=device-width"><style>{CSS}</style></head>'

@@ -43,6 +43,12 @@ def truncate_left(ids: list[int], max_length: int, bos_id: int | None = None) ->
     return ids[len(ids) - max_length:]
 
 
+def encode_reward(tokenizer, prompt: Request, response: str, max_length: int) -> list[int]:
+    """Token ids of `reward_text`, with the tokenizer's special tokens, truncated from the left."""
+    ids = tokenizer(reward_text(prompt, response, tokenizer.eos_token), add_special_tokens=True)["input_ids"]
+    return truncate_left(ids, max_length, tokenizer.bos_token_id)
+
+
 def _load_seq_cls(ref: str, device: str, dtype: str):
     """(model, tokenizer) of a scalar-head sequence classifier, or of a SEQ_CLS PEFT adapter on its base."""
     import json
@@ -107,9 +113,7 @@ class RewardModel:
         self.max_length = max_length
 
     def encode(self, prompt: Request, response: str) -> list[int]:
-        text = reward_text(prompt, response, self.tokenizer.eos_token)
-        ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
-        return truncate_left(ids, self.max_length, self.tokenizer.bos_token_id)
+        return encode_reward(self.tokenizer, prompt, response, self.max_length)
 
     def score(self, prompts: Sequence[Request], responses: Sequence[str],
               progress: Callable[[int, int], None] | None = None) -> list[float]:

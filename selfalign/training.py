@@ -149,6 +149,29 @@ def _atomic_save(dest: Path, write) -> None:
     tmp.replace(dest)
 
 
+def save_trained(trained, tokenizer, base: str, out_dir: Path, adapter: bool) -> Path:
+    """Save a trained model into `out_dir`: `adapter/` (PEFT, with `selfalign_base.json` naming the base
+    as a selfalign reference, which `selfalign.models.resolve` prefers) or `model/` (a plain
+    `save_pretrained` folder; an adapter is merged first), the tokenizer beside either. Written to a
+    temporary folder and renamed, so a killed save never leaves a half-written model."""
+    if adapter:
+        dest = out_dir / ADAPTER_DIR
+
+        def write(folder: Path) -> None:
+            trained.save_pretrained(folder)
+            (folder / BASE_FILE).write_text(json.dumps({"base": _base_reference(base)}, indent=2))
+            tokenizer.save_pretrained(folder)
+    else:
+        dest = out_dir / MODEL_DIR
+        plain = trained.merge_and_unload() if _is_peft(trained) else trained
+
+        def write(folder: Path) -> None:
+            plain.save_pretrained(folder, safe_serialization=True)
+            tokenizer.save_pretrained(folder)
+    _atomic_save(dest, write)
+    return dest
+
+
 def sft_train(
     base: str,
     examples: list[dict],
@@ -247,23 +270,7 @@ def sft_train(
         result = trainer.train()
     trainer.state.save_to_json(str(out_dir / STATE_FILE))
 
-    trained = trainer.model
-    if lora is not None and not merge:
-        dest = out_dir / ADAPTER_DIR
-
-        def write(folder: Path) -> None:
-            trained.save_pretrained(folder)
-            # the base as a selfalign reference (e.g. embedded:gemma-3-270m), beside PEFT's own config
-            (folder / BASE_FILE).write_text(json.dumps({"base": _base_reference(base)}, indent=2))
-            tokenizer.save_pretrained(folder)
-    else:
-        dest = out_dir / MODEL_DIR
-        plain = trained.merge_and_unload() if _is_peft(trained) else trained
-
-        def write(folder: Path) -> None:
-            plain.save_pretrained(folder, safe_serialization=True)
-            tokenizer.save_pretrained(folder)
-    _atomic_save(dest, write)
+    dest = save_trained(trainer.model, tokenizer, base, out_dir, adapter=lora is not None and not merge)
 
     losses = [x["loss"] for x in trainer.state.log_history if "loss" in x]
     return {

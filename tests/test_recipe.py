@@ -92,3 +92,12 @@ def test_cli_overrides_win(tmp_path):
     assert r.model == "tiny:gemma3" and str(r.run_dir()) == "x/y" and r.max_prompts == 2
     assert r.engine.name == "openai" and r.engine.batch_size == 3
     assert "base_url" in r.engine.options() and "device" not in r.engine.options()
+
+
+def test_partial_sampling_block_keeps_the_stage_defaults():
+    from selfalign.stages.self_align import Config
+
+    config = Config(sampling={"max_new_tokens": 64})
+    assert config.sampling.max_new_tokens == 64
+    assert (config.sampling.temperature, config.sampling.top_p) == (0.5, 0.9)  # the paper's, not Sampling's 1.0/1.0
+    assert Config().sampling.max_new_tokens == 256

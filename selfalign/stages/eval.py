@@ -34,7 +34,8 @@ class Config(StageConfig):
     scoring: list[Literal["likelihood", "ab", "rm"]] = Field(
         default_factory=lambda: ["likelihood", "ab"], description="HHH scorings (rm needs a judge)")
     system: str | None = Field(None, description="system prompt at inference: hhh, builtin:NAME, a .txt file or text")
-    judge: str | None = Field(None, description="reward model folder, for HHH `rm` scoring and the preference eval")
+    judge: str | None = Field(None, description="reward model (a folder, or @stage for one an earlier stage trained), "
+                              "for HHH `rm` scoring and the preference eval")
     comparisons: str | None = Field(None, description="JSONL of prompt/chosen/rejected for the preference eval")
     data_dir: str | None = Field(None, description="folder with hhh_alignment/ and truthful_qa/ (default: fetched once)")
     limit: int | None = Field(None, ge=1, description="at most N HHH items per category and N TruthfulQA questions")
@@ -107,6 +108,8 @@ def results_table(results: dict) -> Table:
 
 def run(ctx, config: Config, folder: Path) -> dict:
     model = ctx.model_for(config)
+    if config.judge and config.judge.startswith("@"):  # e.g. judge: "@reward_model"
+        config = config.model_copy(update={"judge": ctx.model_for(config.model_copy(update={"model": config.judge}))})
     folder.mkdir(parents=True, exist_ok=True)
     evals = run_evals(config, model, folder, lambda: ctx.engine(model))
     results = {"model": model, "engine": ctx.recipe.engine.name, "system": resolve_system(config.system),

@@ -1,0 +1,206 @@
+"""On-policy RL against a reward model: TRL's `RLOOTrainer`, LoRA or full, for ALMoST's RLSF.
+
+`rloo_train` fine-tunes a policy on prompts with the reward a `selfalign.rewards.RewardModel`
+gives its sampled replies, with a KL penalty to the policy it started from. The reward model reads
+exactly the text it was trained on (`reward_text(dialogue, reply)`: the plain-format dialogue, a
+space, the reply, EOS, left-truncated), whatever chat format or system prompt the policy is
+prompted with: `RewardFunction` gets the dialogue from a dataset column, not from the policy's
+rendered prompt.
+
+RLOO (REINFORCE leave-one-out) in one paragraph: for each prompt, k replies are sampled; each
+reply's reward is the reward model's score minus `beta` times the sequence KL estimate
+sum_t [log pi(y_t) - log pi_ref(y_t)]; its advantage is that reward minus the mean reward of the
+other k-1 replies to the same prompt (the baseline, so no value network is trained); the policy
+takes a clipped policy-gradient step on the sequence log-probability weighted by the advantage.
+
+The reference policy is the starting policy. With LoRA (the default) it is the same network with
+the adapter disabled, so no second copy is held in memory; with full fine-tuning TRL loads a frozen
+copy from the policy's folder (saved first when the policy was an adapter).
+
+Logged per step in `trainer_state.json` (TRL's names): `reward` (mean reward-model score),
+`reward_std`, `kl` (mean per-token log-ratio to the reference), `completions/mean_length`,
+`entropy`, `loss`, `clip_ratio/*`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from selfalign.chat import render_plain
+from selfalign.errors import SelfAlignError
+from selfalign.models import load_model, resolve
+from selfalign.progress import console, progress_bar
+from selfalign.training import (
+    STATE_FILE,
+    LoraSettings,
+    _atomic_save,
+    _is_peft,
+    _progress_callback,
+    save_trained,
+)
+
+
+def policy_prompt(dialogue: Sequence[dict], system: str | None = None) -> str:
+    """The text a policy continues with its reply: `[system]\\n\\nHuman: ...\\n\\nAssistant:`."""
+    messages = ([{"role": "system", "content": system}] if system else []) + list(dialogue)
+    return render_plain(messages)
+
+
+def kl_estimate(logp_policy: Sequence[float], logp_reference: Sequence[float]) -> float:
+    """Monte-Carlo KL(policy || reference) from samples of the policy: the mean over samples of
+    log p_policy(y) - log p_reference(y) (each a sum over the sample's tokens)."""
+    if len(logp_policy) != len(logp_reference) or not logp_policy:
+        raise ValueError("need the same, non-zero number of log-probabilities from both models")
+    return sum(a - b for a, b in zip(logp_policy, logp_reference, strict=True)) / len(logp_policy)
+
+
+class RewardFunction:
+    """A TRL reward function that scores replies with a `RewardModel` on their dialogue.
+
+    TRL calls it with the rendered `prompts`, the decoded `completions` and every other dataset
+    column as a keyword: `dialogue` holds the JSON of the dialogue (user/assistant turns, no
+    system prompt) the reply answers, which is what the reward model sees.
+    """
+
+    __name__ = "reward_model"  # TRL names its logged metrics after this (rewards/reward_model/mean)
+
+    def __init__(self, reward_model):
+        self.reward_model = reward_model
+        self.calls = 0
+
+    def __call__(self, prompts, completions, dialogue=None, **kwargs) -> list[float]:
+        if dialogue is None:
+            raise ValueError("the RL dataset needs a `dialogue` column (the reward model reads the dialogue)")
+        self.calls += 1
+        dialogues = [json.loads(d) if isinstance(d, str) else d for d in dialogue]
+        return self.reward_model.score(dialogues, [str(c) for c in completions])
+
+
+def rl_dataset_rows(dialogues: Sequence[Sequence[dict]], system: str | None = None) -> list[dict]:
+    """`{"prompt": text the policy continues, "dialogue": JSON the reward model reads}` per dialogue."""
+    return [{"prompt": policy_prompt(d, system), "dialogue": json.dumps(list(d), ensure_ascii=False)} for d in dialogues]
+
+
+def rloo_train(
+    policy: str,
+    rows: list[dict],
+    reward_fn: RewardFunction,
+    out_dir: Path,
+    *,
+    lora: LoraSettings | None,
+    beta: float = 0.05,
+    lr: float = 1e-5,
+    epochs: float = 1.0,
+    max_steps: int = -1,
+    num_generations: int = 4,
+    prompts_per_step: int = 2,
+    grad_accum: int = 1,
+    max_completion_length: int = 128,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    warmup_ratio: float = 0.0,
+    seed: int = 0,
+    merge: bool = False,
+) -> dict:
+    """RLOO-train `policy` on `rows` (from `rl_dataset_rows`); save into `out_dir`.
+
+    Returns `{"model": folder to load, "steps", "prompts", "first_reward", "last_reward", "last_kl", ...}`.
+    """
+    import datasets
+    import torch
+    from datasets import Dataset
+    from transformers.trainer_callback import PrinterCallback
+    from trl import RLOOConfig, RLOOTrainer
+
+    t0 = time.time()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not rows:
+        raise SelfAlignError("no prompts to train on")
+    cuda = torch.cuda.is_available()
+    resolved = resolve(policy)
+    model, tokenizer = load_model(resolved, device="cuda" if cuda else "cpu", dtype="bfloat16" if cuda else "float32")
+    was_adapter = _is_peft(model)
+    if was_adapter:
+        model = model.merge_and_unload()  # the policy (and the KL reference) is the adapted model
+    if was_adapter and lora is not None and not merge:
+        console.print("  [yellow]note:[/] the policy is itself a LoRA adapter; the RL adapter is merged into it on save")
+        merge = True
+    if lora is None and was_adapter:
+        # full fine-tuning: TRL loads the frozen reference from the policy's folder, so there must be one
+        ref_dir = out_dir / "reference"
+        _atomic_save(ref_dir, lambda f: (model.save_pretrained(f, safe_serialization=True), tokenizer.save_pretrained(f)))
+        model.config._name_or_path = str(ref_dir)
+    elif lora is None:
+        model.config._name_or_path = str(Path(resolved.path).resolve()) if resolved.is_local else resolved.path
+    model.train()
+
+    peft_config = None
+    if lora is not None:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                 target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+    batch = num_generations * prompts_per_step
+    total_steps = max_steps if max_steps > 0 else math.ceil(len(rows) * epochs / (prompts_per_step * grad_accum))
+    args = RLOOConfig(
+        output_dir=str(out_dir),
+        learning_rate=lr,
+        num_train_epochs=epochs,
+        max_steps=max_steps,
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=grad_accum,
+        num_generations=num_generations,
+        max_completion_length=max_completion_length,
+        temperature=temperature,
+        top_p=top_p,
+        beta=beta,
+        warmup_steps=warmup_ratio,
+        seed=seed,
+        data_seed=seed,
+        bf16=cuda,
+        use_cpu=not cuda,
+        activation_checkpointing=cuda,
+        report_to="none",
+        logging_steps=1,  # every step's reward and KL: the curves are the point of this stage
+        save_strategy="no",
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    bars = not datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        trainer = RLOOTrainer(model=model, reward_funcs=reward_fn, args=args, train_dataset=Dataset.from_list(rows),
+                              processing_class=tokenizer, peft_config=peft_config)
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
+    trainer.remove_callback(PrinterCallback)
+    advance_ref: list = [lambda rows_, tokens_: None]
+    trainer.add_callback(_progress_callback(advance_ref, batch * grad_accum))
+    kind = f"LoRA r{lora.r}" if lora else "full"
+    console.print(f"  RLOO on {policy} ({kind}): {len(rows)} prompts, k {num_generations}, beta {beta:g}, "
+                  f"{total_steps} steps, lr {lr:g}")
+    with progress_bar("RLOO", total=total_steps * batch * grad_accum) as advance:
+        advance_ref[0] = advance
+        trainer.train()
+    trainer.state.save_to_json(str(out_dir / STATE_FILE))
+
+    dest = save_trained(trainer.model, tokenizer, policy, out_dir, adapter=lora is not None and not merge)
+
+    log = trainer.state.log_history
+    series = {key: [e[key] for e in log if isinstance(e.get(key), int | float)] for key in ("reward", "kl")}
+    return {
+        "model": str(dest.resolve()),
+        "steps": int(trainer.state.global_step),
+        "prompts": len(rows),
+        "first_reward": round(series["reward"][0], 4) if series["reward"] else None,
+        "last_reward": round(series["reward"][-1], 4) if series["reward"] else None,
+        "last_kl": round(series["kl"][-1], 4) if series["kl"] else None,
+        "lora": kind,
+        "wall_s": round(time.time() - t0, 1),
+    }

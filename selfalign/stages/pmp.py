@@ -1,0 +1,147 @@
+"""`pmp`: preference-model pre-training (Askell et al. 2021, METHODS.md §3 step 4).
+
+Before a preference model is fine-tuned on the small target comparisons, the paper pre-trains it
+as a ranked preference model on a large corpus of public preference-like data (StackExchange
+answers ranked by votes, among others) and finds that the *binarised* form of that corpus
+transfers best: each pair A > B becomes "A tagged good > A tagged bad" and "B tagged bad > B tagged
+good". This stage does that on one corpus and leaves the pre-trained reward model for later stages:
+
+    - stage: pmp
+      corpus: data/stackexchange.jsonl   # or an ALMoST compare stage: "@compare"
+      binarise: true
+    - stage: pm_scaling                 # accuracy vs fine-tuning pairs, with and without PMP
+      data: "@compare"
+      init: "@pmp"
+
+Corpora (see `selfalign.pmp` for the exact fields read): a StackExchange dump (JSONL, JSON or
+Parquet: question, answers with votes and the accepted flag, scored by the paper's rule
+round(log2(1 + upvotes)), +1 if accepted, −1 for negative votes; questions need two answers; pairs
+of answers with different scores), or comparison rows (`prompt`, `chosen`, `rejected`, e.g. the
+synthetic comparisons of an ALMoST `compare` stage, rows with `kept: false` skipped), as an
+offline stand-in when no StackExchange dump is at hand.
+
+Training is `selfalign.pm.train_reward_model` (TRL's `RewardTrainer`, Bradley–Terry) from the
+stage's model (a causal LM; a fresh scalar head). Defaults are those of the `reward_model` stage
+(ALMoST's published settings: full fine-tuning, lr 2e-5, weight decay 0.1, 1 epoch, max length
+1024, cosine, 3% warmup); the paper's PMP hyperparameters are not in METHODS.md.
+
+Output: `rows.jsonl` (the comparisons trained on, binarised if asked, each with an id and its
+source fields: `question_id`, `chosen_score`, `rejected_score`, `binarised`), `heldout.jsonl` (the
+held-out pairs, raw), `results.json` (held-out accuracy in the trained form and on the raw pairs),
+`trainer_state.json`, the model (`model/` or `adapter/`), and the done-marker, whose `model` is the
+PMP'd reward model: `init: "@pmp"` on `pm_scaling`, `model: "@pmp"` on `reward_model` or `judge`.
+
+Simplifications: the held-out split is by whole prompts (questions), a fraction `heldout` of them,
+at most `max_heldout` pairs; a killed run keeps its rows but trains again from the start (a
+half-trained model is never marked done); one corpus per stage (chain stages to mix corpora).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from selfalign.errors import SelfAlignError
+from selfalign.pmp import binarise, load_corpus, source_path
+from selfalign.progress import console
+from selfalign.recipe import StageConfig
+from selfalign.store import RowStore, row_id
+from selfalign.training import LoraSettings
+
+WRITE_CHUNK = 1000
+
+
+class PMTraining(StageConfig):
+    """Preference-model training settings shared by `pmp` and `pm_scaling` (ALMoST's RM settings)."""
+
+    lora: bool = Field(False, description="LoRA adapter + trained head (else full fine-tuning, as in the papers)")
+    r: int = Field(16, ge=1, description="LoRA rank")
+    alpha: int = Field(16, ge=1, description="LoRA alpha")
+    dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout")
+    lr: float = Field(2e-5, gt=0, description="peak learning rate (ALMoST's reward model: 2e-5)")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (ALMoST: 0.1)")
+    epochs: float = Field(1.0, gt=0, description="passes over the pairs (ALMoST: 1)")
+    max_length: int = Field(1024, ge=8, description="tokens per text, cut from the left (ALMoST: 1024)")
+    batch_size: int = Field(4, ge=1, description="pairs per device step")
+    grad_accum: int = Field(1, ge=1, description="gradient accumulation steps")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="fraction of steps with linear warmup (ALMoST: 3%)")
+    scheduler: str = Field("cosine", description="learning-rate schedule (ALMoST: cosine)")
+    merge: bool = Field(False, description="with LoRA: save a merged plain model instead of the adapter")
+    max_steps: int = Field(-1, description="stop after this many optimizer steps (-1: the epochs decide)")
+
+    def train_settings(self, seed: int) -> dict:
+        """Keyword arguments of `train_reward_model` / `selfalign.pm_objectives.train_pm`."""
+        lora = LoraSettings(r=self.r, alpha=self.alpha, dropout=self.dropout) if self.lora else None
+        return dict(lora=lora, lr=self.lr, epochs=self.epochs, max_length=self.max_length, batch_size=self.batch_size,
+                    grad_accum=self.grad_accum, warmup_ratio=self.warmup_ratio, weight_decay=self.weight_decay,
+                    scheduler=self.scheduler, seed=seed, merge=self.merge, max_steps=self.max_steps)
+
+
+class Config(PMTraining):
+    stage: str = "pmp"
+    corpus: str = Field(..., description="StackExchange file/folder (JSONL, JSON, Parquet), a JSONL of prompt/chosen/"
+                                         "rejected, or an earlier stage's rows (@compare)")
+    format: Literal["auto", "stackexchange", "pairs"] = Field(
+        "auto", description="corpus layout; auto: rows with `answers` are StackExchange, with chosen/rejected pairs")
+    binarise: bool = Field(True, description="binarise each pair into two good/bad-tagged comparisons (the paper's best)")
+    max_pairs: int | None = Field(None, ge=1, description="read at most the first N corpus pairs (before binarising)")
+    max_pairs_per_question: int | None = Field(None, ge=1, description="StackExchange: a seeded sample of at most N "
+                                               "pairs per question (default: every pair; not published)")
+    heldout: float = Field(0.05, ge=0, lt=1, description="fraction of prompts held out to measure accuracy")
+    max_heldout: int = Field(500, ge=0, description="at most this many held-out pairs are scored")
+
+
+def comparison_rows(pairs: list[dict], stage: str) -> list[dict]:
+    """Rows with ids. The position is part of the id: binarising two pairs that share an answer
+    gives the same tagged comparison twice, and both are trained on, as each pair is binarised alone."""
+    return [{"id": row_id(stage, i, p["prompt"], p["chosen"], p["rejected"]), **p} for i, p in enumerate(pairs)]
+
+
+def run(ctx, config: Config, folder) -> dict:
+    from selfalign.evals.preference import preference_accuracy
+    from selfalign.pm import train_reward_model
+    from selfalign.rewards import RewardModel
+    from selfalign.stages.reward_model import split_by_prompt
+
+    folder = Path(folder)
+    base = ctx.model_for(config)
+    source = source_path(ctx, config.corpus)
+    cap = ctx.max_prompts(config.max_pairs)
+    pairs, stats = load_corpus(source, config.format, cap, config.max_pairs_per_question, ctx.recipe.seed)
+    if not pairs:
+        raise SelfAlignError(f"corpus {source}: no comparison pairs ({stats})",
+                             "StackExchange questions need two answers with different scores; rows need kept not false")
+    train, heldout = split_by_prompt(pairs, config.heldout, ctx.recipe.seed)
+    heldout = random.Random(ctx.recipe.seed).sample(heldout, min(len(heldout), config.max_heldout))
+    trained_on = binarise(train) if config.binarise else train
+    store = RowStore(folder)
+    rows = comparison_rows(trained_on, config.label)
+    for start in range(0, len(rows), WRITE_CHUNK):  # ids make a rerun append nothing twice
+        store.append(rows[start: start + WRITE_CHUNK])
+    (folder / "heldout.jsonl").write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in heldout),
+                                          encoding="utf-8")
+    console.print(f"  {len(train)} corpus pairs from {source} ({stats['format']}), {len(heldout)} held out; "
+                  f"training on {len(trained_on)} comparisons{' (binarised)' if config.binarise else ''}")
+    ctx.free_accelerator()
+    result = train_reward_model(base, [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows], folder,
+                                **config.train_settings(ctx.recipe.seed))
+    evals = {}
+    if heldout:
+        rm = RewardModel(result["model"], max_length=config.max_length)
+        evals["heldout_raw"] = preference_accuracy(rm, heldout)
+        if config.binarise:
+            evals["heldout_binarised"] = preference_accuracy(rm, binarise(heldout))
+    accuracy = {k: round(v["metrics"]["preference"]["accuracy"], 4) for k, v in evals.items()}
+    if accuracy:
+        console.print("  PMP accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in accuracy.items()))
+    (folder / "results.json").write_text(json.dumps({"model": result["model"], "evals": evals}, indent=2),
+                                         encoding="utf-8")
+    summary = {**result, "base": base, "corpus": str(source), "corpus_stats": stats, "binarised": config.binarise,
+               "corpus_pairs": len(train), "comparisons": len(rows), "heldout_pairs": len(heldout),
+               "accuracy": accuracy}
+    store.mark_done(**summary)
+    return summary

@@ -1,0 +1,68 @@
+"""The ALMoST CPU recipe end to end on a tiny in-process model, SIGKILLed during `compare` and
+resumed: no response generated twice, every stage finished, the report drawn."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import yaml
+from test_evals import make_fixture
+
+from selfalign.recipe import find_recipe
+from selfalign.store import read_jsonl
+
+
+def test_almost_cpu_recipe_end_to_end_with_a_kill_during_compare(tmp_path):
+    recipe = yaml.safe_load(find_recipe("almost_cpu").read_text())
+    for stage in recipe["stages"]:
+        if stage["stage"] == "rlsf":
+            stage.update(max_steps=2, heldout=2)
+        if stage["stage"] == "mine_prompts":
+            stage["include_seeds"] = True  # a random tiny model mines little; the seeds keep the run fed
+        if stage["stage"] == "compare":
+            stage["bad_filter"] = False  # a random model's bytes fail every BAD rule; verdicts are still recorded
+    path = tmp_path / "almost.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    env = {**os.environ, "SELFALIGN_DATA_DIR": str(make_fixture(tmp_path / "data"))}
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "selfalign.cli", "run", str(path), "--model", "tiny:llama", "--out", str(out),
+           "--max-prompts", "6"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    responses = None
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        found = list(out.glob("*-compare/responses.jsonl"))
+        if found and len(found[0].read_text().splitlines()) >= 1:
+            responses = found[0]
+            break
+        time.sleep(0.02)
+    assert responses is not None, proc.stderr.read() if proc.poll() is not None else "compare never started"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = read_jsonl(responses)
+
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    rows = read_jsonl(responses)
+    keys = [(r["prompt_id"], r["config"]) for r in rows]
+    assert len(keys) == len(set(keys)) == 6 * 3  # each prompt answered once by each configuration
+    assert rows[: len(before)] == before
+    record = json.loads((out / "run.json").read_text())
+    assert list(record["stages"]) == ["eval_base", "mine_prompts", "compare", "reward_model", "rm_on_hhh",
+                                      "self_play", "sft", "rlsf", "eval_rlsf"]
+    pairs = read_jsonl(next(out.glob("*-compare/rows.jsonl")))
+    assert pairs and all(r["bad_response"] for r in pairs) and any(r["kept"] for r in pairs)
+    rm_eval = json.loads(next(out.glob("*-rm_on_hhh/results.json")).read_text())
+    assert "rm" in rm_eval["evals"]["hhh"]["metrics"]
+    rlsf = json.loads(next(out.glob("*-rlsf/_done.json")).read_text())
+    after = json.loads(next(out.glob("*-eval_rlsf/results.json")).read_text())
+    assert after["model"] == rlsf["model"]
+    report = subprocess.run([sys.executable, "-m", "selfalign.cli", "report", str(out)], capture_output=True, text=True)
+    assert report.returncode == 0, report.stderr[-2000:]
+    html = (out / "report.html").read_text()
+    assert "left out" not in report.stderr
+    for stage in ("compare", "rlsf"):
+        assert f'id="{stage}' in html or stage in html
