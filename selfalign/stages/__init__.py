@@ -14,6 +14,7 @@ from selfalign.stages import (
     mine_prompts,
     pm_scaling,
     pmp,
+    prompt_gain,
     reward_model,
     rlsf,
     self_align,
@@ -44,4 +45,5 @@ STAGES = {
     "context_distill": context_distill,
     "pmp": pmp,
     "pm_scaling": pm_scaling,
+    "prompt_gain": prompt_gain,
 }
