@@ -40,3 +40,22 @@ def render_hhh_prompt(path: str | Path | None = None, max_dialogues: int | None 
     dialogues = data["dialogues"] if max_dialogues is None else data["dialogues"][:max_dialogues]
     parts = [data["preamble"].strip()] + [render_plain(d["turns"], add_generation_prompt=False) for d in dialogues]
     return SEPARATOR.join(parts) + SEPARATOR.rstrip()
+
+
+def hhh_messages(path: str | Path | None = None, max_dialogues: int | None = None) -> list[dict]:
+    """The HHH prompt as chat messages: the preamble as the system message, then every example
+    dialogue's turns as user/assistant messages (few-shot turns before the real conversation)."""
+    data = load_hhh_prompt(path)
+    dialogues = data["dialogues"] if max_dialogues is None else data["dialogues"][:max_dialogues]
+    messages = [{"role": "system", "content": data["preamble"].strip()}]
+    for d in dialogues:
+        messages += [{"role": t["role"], "content": t["content"]} for t in d["turns"]]
+    return messages
+
+
+def render_hhh_chat(tokenizer, path: str | Path | None = None, max_dialogues: int | None = None) -> str:
+    """The HHH prompt rendered with a tokenizer's own chat template (for chat-tuned models), as text
+    that a conversation's rendered turns can follow."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise SelfAlignError("this tokenizer has no chat template", "use the plain rendering (render_hhh_prompt)")
+    return tokenizer.apply_chat_template(hhh_messages(path, max_dialogues), tokenize=False)
