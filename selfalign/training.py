@@ -29,6 +29,12 @@ Outputs in `out_dir`: `adapter/` (LoRA, PEFT format, with `selfalign_base.json` 
 the base as a selfalign reference, which `selfalign.models.resolve` prefers) or `model/` (full fine-tuning or
 `merge=True`: a plain `save_pretrained` folder), the tokenizer beside either, and
 `trainer_state.json` (the HF trainer state, whose `log_history` the run report plots).
+
+The other trainers (`selfalign.pm` reward models, `selfalign.pm_objectives` binary PMs,
+`selfalign.rl` RLOO, `selfalign.distill` context distillation) set up their Hugging Face / TRL
+trainer with the helpers here: `common_training_args` (the shared `TrainingArguments` keywords),
+`quiet_datasets`, `run_trainer` (progress bar, trainer state), `loss_summary`, `estimate_steps`,
+`load_for_training`, `save_trained`.
 """
 
 from __future__ import annotations
