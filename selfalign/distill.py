@@ -38,7 +38,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -47,11 +46,14 @@ from pathlib import Path
 from selfalign.errors import SelfAlignError
 from selfalign.progress import console, progress_bar
 from selfalign.training import (
-    STATE_FILE,
     LoraSettings,
-    _is_peft,
-    _progress_callback,
     common_prefix_length,
+    common_training_args,
+    estimate_steps,
+    load_for_training,
+    lora_label,
+    loss_summary,
+    run_trainer,
     save_trained,
 )
 
@@ -512,11 +514,9 @@ def distill_train(
 
     `ids` picks the stored examples to train on (default: all). Returns `{"model", "kl_before",
     "kl_after", "train_loss", "steps", ...}`; writes what `sft_train` writes into `out_dir`."""
-    import torch
     from transformers import TrainingArguments
-    from transformers.trainer_callback import PrinterCallback
 
-    from selfalign.models import load_model, load_tokenizer, resolve
+    from selfalign.models import load_tokenizer, resolve
 
     t0 = time.time()
     out_dir = Path(out_dir)
@@ -524,17 +524,8 @@ def distill_train(
     data = TeacherTargets(teacher_dir, ids)
     if len(data) == 0:
         raise SelfAlignError(f"{teacher_dir}: no stored teacher targets to train on", "check the texts X (all empty?)")
-    cuda = torch.cuda.is_available()
-    resolved = resolve(base)
-    if resolved.kind == "peft" and lora is not None and not merge:
-        raise SelfAlignError(
-            f"{base} is a LoRA adapter; a new adapter on top of it could not be loaded on its own",
-            "train with merge: true, or train on a merged model (merge: true on the stage that made it)",
-        )
-    model, tokenizer = load_model(resolved, device="cuda" if cuda else "cpu", dtype="bfloat16" if cuda else "float32")
+    model, tokenizer = load_for_training(base, lora, merge)
     _check_same_tokenizer(tokenizer, load_tokenizer(resolve(data.key["teacher"])), base, data.key["teacher"])
-    if _is_peft(model):
-        model = model.merge_and_unload()  # train on top of the adapted weights
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     probe = data[0]
     if int(probe["ids"].max()) >= model.get_output_embeddings().weight.shape[0]:
@@ -545,48 +536,33 @@ def distill_train(
     console.print(f"  KL(teacher with context || student without) before training: {kl_before:.4f} nats/token")
 
     if lora is not None:
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                                 target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
+        model = get_peft_model(model, lora.peft_config("CAUSAL_LM"))
     model.train()
     split = output_head(model)
-    examples_per_step = batch_size * grad_accum
-    # as the Trainer counts: a last, short accumulation still makes an optimizer step
-    total_steps = max_steps if max_steps > 0 else math.ceil(epochs * math.ceil(math.ceil(len(data) / batch_size) / grad_accum))
+    total_steps = estimate_steps(len(data), batch_size, grad_accum, epochs, max_steps)
     args = TrainingArguments(
-        output_dir=str(out_dir), learning_rate=lr, num_train_epochs=epochs, max_steps=max_steps,
-        per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum,
-        warmup_steps=warmup_ratio, lr_scheduler_type=scheduler, seed=seed, data_seed=seed,
-        bf16=cuda, use_cpu=not cuda, activation_checkpointing=cuda, report_to="none",
-        logging_steps=max(1, min(10, total_steps // 50)), save_strategy="no", dataloader_num_workers=0,
-        include_num_input_tokens_seen="non_padding", disable_tqdm=True, remove_unused_columns=False, label_names=[],
+        **common_training_args(out_dir, lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
+                               grad_accum=grad_accum, warmup_ratio=warmup_ratio, seed=seed, total_steps=total_steps,
+                               scheduler=scheduler),
+        remove_unused_columns=False, label_names=[],
     )
     trainer = _trainer_class()(model=model, args=args, train_dataset=data, processing_class=tokenizer, split=split,
                                data_collator=lambda feats: collate_targets(feats, pad_id, reply_only))
-    trainer.remove_callback(PrinterCallback)
-    advance_ref: list = [lambda rows_, tokens_: None]
-    trainer.add_callback(_progress_callback(advance_ref, examples_per_step))
-    kind = f"LoRA r{lora.r}" if lora else "full"
+    kind = lora_label(lora)
     console.print(f"  distilling into {base} ({kind}) on {len(data)} texts, {total_steps} steps, lr {lr:g}")
-    with progress_bar("training", total=total_steps * examples_per_step) as advance:
-        advance_ref[0] = advance
-        result = trainer.train()
-    trainer.state.save_to_json(str(out_dir / STATE_FILE))
+    result = run_trainer(trainer, "training", total_steps, batch_size * grad_accum, out_dir)
     trained = trainer.model
     kl_after = mean_kl(trained, measured, pad_id, reply_only)
     console.print(f"  ... after training: {kl_after:.4f} nats/token")
     dest = save_trained(trained, tokenizer, base, out_dir, lora is not None and not merge)
-    losses = [x["loss"] for x in trainer.state.log_history if "loss" in x]
     return {
         "model": str(dest.resolve()),
         "kl_before": round(kl_before, 5),
         "kl_after": round(kl_after, 5),
         "kl_examples": len(measured),
-        "train_loss": round(float(result.training_loss), 5),
-        "first_loss": round(losses[0], 5) if losses else None,
-        "last_loss": round(losses[-1], 5) if losses else None,
-        "steps": int(trainer.state.global_step),
+        **loss_summary(trainer, result, digits=5),
         "lora": kind,
         "wall_s": round(time.time() - t0, 1),
     }

@@ -31,17 +31,21 @@ are identical after truncation is still trained on (its loss gradient is zero).
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
 from selfalign.errors import SelfAlignError
-from selfalign.progress import console, progress_bar
+from selfalign.progress import console
 from selfalign.training import (
-    STATE_FILE,
     LoraSettings,
     _is_peft,
-    _progress_callback,
+    common_training_args,
+    device_and_dtype,
+    estimate_steps,
+    lora_label,
+    loss_summary,
+    quiet_datasets,
+    run_trainer,
     save_trained,
 )
 
@@ -98,6 +102,29 @@ def load_for_reward_training(ref: str, device: str, dtype: str):
     return model.to(device), tok, "causal LM"
 
 
+def prepare_for_training(base: str, lora: LoraSettings | None, merge: bool, seed: int, what: str = "reward model"):
+    """(scalar-head model in training mode, tokenizer, started_from, merge) to train a `what` from `base`.
+
+    A LoRA adapter cannot sit on an adapter: with an adapter `base`, the new model is saved merged
+    (`merge` comes back true). The fresh score head is drawn from the global generator, seeded here;
+    the pad token is set, since the head is read at the last non-pad token."""
+    from transformers import set_seed
+
+    from selfalign.models import resolve
+
+    if lora is not None and not merge and resolve(base).kind == "peft":
+        console.print(f"  note: {base} is an adapter; the new {what} is saved merged (an adapter cannot sit on an adapter)")
+        merge = True
+    set_seed(seed)
+    model, tokenizer, started_from = load_for_reward_training(base, *device_and_dtype())
+    text_cfg = model.config.get_text_config()
+    if text_cfg.pad_token_id is None:  # the head is read at the last non-pad token
+        text_cfg.pad_token_id = tokenizer.pad_token_id
+    model.config.pad_token_id = text_cfg.pad_token_id
+    model.train()
+    return model, tokenizer, started_from, merge
+
+
 def tokenize_pairs(tokenizer, pairs: list[dict], max_length: int) -> list[dict]:
     """`chosen_ids` / `rejected_ids` exactly as `RewardModel` encodes them at scoring time."""
     from selfalign.rewards import encode_reward
@@ -139,94 +166,36 @@ def train_reward_model(
     Returns `{"model": folder RewardModel loads, "train_loss", "first_loss", "last_loss", "steps",
     "pairs", "tokens", "started_from", "lora", "wall_s"}`.
     """
-    import datasets
-    import torch
     from datasets import Dataset
-    from transformers.trainer_callback import PrinterCallback
     from trl import RewardConfig, RewardTrainer
 
     if not pairs:
         raise SelfAlignError("no comparison pairs to train a reward model on")
     check_pairs(pairs)
     t0 = time.time()
-    from selfalign.models import resolve
-
-    if lora is not None and not merge and resolve(base).kind == "peft":
-        console.print(f"  note: {base} is an adapter; the new reward model is saved merged (an adapter cannot sit on an adapter)")
-        merge = True
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    cuda = torch.cuda.is_available()
-    from transformers import set_seed
-
-    set_seed(seed)  # the fresh score head is drawn from the global generator
-    model, tokenizer, started_from = load_for_reward_training(base, "cuda" if cuda else "cpu",
-                                                              "bfloat16" if cuda else "float32")
-    text_cfg = model.config.get_text_config()
-    if text_cfg.pad_token_id is None:  # the head is read at the last non-pad token
-        text_cfg.pad_token_id = tokenizer.pad_token_id
-    model.config.pad_token_id = text_cfg.pad_token_id
-    model.train()
+    model, tokenizer, started_from, merge = prepare_for_training(base, lora, merge, seed)
     rows = tokenize_pairs(tokenizer, pairs, max_length)
-    examples_per_step = batch_size * grad_accum
-    total_steps = max_steps if max_steps > 0 else math.ceil(math.ceil(len(rows) / batch_size) / grad_accum * epochs)
-
-    peft_config = None
-    if lora is not None:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                 target_modules=list(lora.target_modules), task_type="SEQ_CLS")
+    total_steps = estimate_steps(len(rows), batch_size, grad_accum, epochs, max_steps)
     args = RewardConfig(
-        output_dir=str(out_dir),
-        learning_rate=lr,
-        num_train_epochs=epochs,
-        max_steps=max_steps,
-        per_device_train_batch_size=batch_size,
-        gradient_accumulation_steps=grad_accum,
-        warmup_steps=warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of the total steps
+        **common_training_args(out_dir, lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
+                               grad_accum=grad_accum, warmup_ratio=warmup_ratio, seed=seed, total_steps=total_steps,
+                               scheduler=scheduler),
         weight_decay=weight_decay,
-        lr_scheduler_type=scheduler,
-        seed=seed,
-        data_seed=seed,
         max_length=None,  # already truncated from the left above; TRL would drop long pairs instead
-        bf16=cuda,
-        use_cpu=not cuda,
-        activation_checkpointing=cuda,
-        report_to="none",
-        logging_steps=max(1, min(10, total_steps // 50)),
-        save_strategy="no",
-        dataloader_num_workers=0,
-        include_num_input_tokens_seen="non_padding",
-        disable_tqdm=True,
     )
-    bars = not datasets.are_progress_bars_disabled()
-    datasets.disable_progress_bars()
-    try:
+    with quiet_datasets():
         trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                                processing_class=tokenizer, peft_config=peft_config)
-    finally:
-        if bars:
-            datasets.enable_progress_bars()
-    trainer.remove_callback(PrinterCallback)
-    advance_ref: list = [lambda rows_, tokens_: None]
-    trainer.add_callback(_progress_callback(advance_ref, examples_per_step))
-    kind = f"LoRA r{lora.r}" if lora else "full"
+                                processing_class=tokenizer, peft_config=lora.peft_config("SEQ_CLS") if lora else None)
+    kind = lora_label(lora)
     console.print(f"  training a reward model from {base} ({started_from}, {kind}) on {len(rows)} pairs, "
                   f"{total_steps} steps, lr {lr:g}")
-    with progress_bar("reward model", total=total_steps * examples_per_step) as advance:
-        advance_ref[0] = advance
-        result = trainer.train()
-    trainer.state.save_to_json(str(out_dir / STATE_FILE))
-
+    result = run_trainer(trainer, "reward model", total_steps, batch_size * grad_accum, out_dir)
     dest = save_trained(trainer.model, tokenizer, base, out_dir, adapter=lora is not None and not merge)
-    losses = [x["loss"] for x in trainer.state.log_history if "loss" in x]
     return {
         "model": str(dest.resolve()),
-        "train_loss": round(float(result.training_loss), 4),
-        "first_loss": round(losses[0], 4) if losses else None,
-        "last_loss": round(losses[-1], 4) if losses else None,
-        "steps": int(trainer.state.global_step),
+        **loss_summary(trainer, result),
         "pairs": len(rows),
         "tokens": sum(len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows),
         "started_from": started_from,

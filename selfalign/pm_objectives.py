@@ -34,7 +34,6 @@ Simplifications:
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -169,18 +168,17 @@ def train_binary(
     Saves `out_dir/model/` (full or merged) or `out_dir/adapter/` (LoRA, task type SEQ_CLS), which
     `RewardModel` loads; returns `{"model", "train_loss", "steps", "samples", "wall_s", ...}`.
     """
-
-    import torch
     from datasets import Dataset
-    from transformers import Trainer, TrainingArguments, set_seed
-    from transformers.trainer_callback import PrinterCallback
+    from transformers import Trainer, TrainingArguments
 
-    from selfalign.models import resolve
-    from selfalign.pm import load_for_reward_training
-    from selfalign.progress import console, progress_bar
+    from selfalign.pm import prepare_for_training
+    from selfalign.progress import console
     from selfalign.training import (
-        STATE_FILE,
-        _progress_callback,
+        common_training_args,
+        estimate_steps,
+        lora_label,
+        loss_summary,
+        run_trainer,
         save_trained,
     )
 
@@ -188,27 +186,15 @@ def train_binary(
     t0 = time.time()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    cuda = torch.cuda.is_available()
-    if lora is not None and not merge and resolve(base).kind == "peft":
-        console.print(f"  note: {base} is an adapter; the new model is saved merged (an adapter cannot sit on an adapter)")
-        merge = True
-    set_seed(seed)  # a fresh score head is drawn from the global generator
-    model, tokenizer, started_from = load_for_reward_training(base, "cuda" if cuda else "cpu",
-                                                              "bfloat16" if cuda else "float32")
-    text_cfg = model.config.get_text_config()
-    if text_cfg.pad_token_id is None:  # the head is read at the last non-pad token
-        text_cfg.pad_token_id = tokenizer.pad_token_id
-    model.config.pad_token_id = text_cfg.pad_token_id
-    model.train()
+    model, tokenizer, started_from, merge = prepare_for_training(base, lora, merge, seed, what="model")
     rows = encode_samples(tokenizer, binary_samples(pairs), max_length)
     pad_id = model.config.get_text_config().pad_token_id
 
     if lora is not None:
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                                 target_modules=list(lora.target_modules), task_type="SEQ_CLS"))
-    total_steps = max_steps if max_steps > 0 else math.ceil(math.ceil(len(rows) / batch_size) / grad_accum * epochs)
+        model = get_peft_model(model, lora.peft_config("SEQ_CLS"))
+    total_steps = estimate_steps(len(rows), batch_size, grad_accum, epochs, max_steps)
 
     class BinaryTrainer(Trainer):
         loss_is_scaled_for_ga = False  # binary_loss is a per-batch mean
@@ -220,33 +206,21 @@ def train_binary(
             return (loss, outputs) if return_outputs else loss
 
     args = TrainingArguments(
-        output_dir=str(out_dir), learning_rate=lr, num_train_epochs=epochs, max_steps=max_steps,
-        per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum,
-        warmup_steps=warmup_ratio, lr_scheduler_type=scheduler, weight_decay=weight_decay, seed=seed, data_seed=seed,
-        bf16=cuda, use_cpu=not cuda, report_to="none", logging_steps=max(1, min(10, total_steps // 50)),
-        save_strategy="no", dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True,
-        include_num_input_tokens_seen="non_padding",
+        **common_training_args(out_dir, lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
+                               grad_accum=grad_accum, warmup_ratio=warmup_ratio, seed=seed, total_steps=total_steps,
+                               scheduler=scheduler, checkpointing=False),
+        weight_decay=weight_decay, remove_unused_columns=False,
     )
     trainer = BinaryTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                             data_collator=_pad_collator(pad_id), processing_class=tokenizer)
-    trainer.remove_callback(PrinterCallback)
-    advance_ref: list = [lambda rows_, tokens_: None]
-    trainer.add_callback(_progress_callback(advance_ref, batch_size * grad_accum))
-    kind = f"LoRA r{lora.r}" if lora else "full"
+    kind = lora_label(lora)
     console.print(f"  binary discrimination from {base} ({started_from}, {kind}) on {len(rows)} samples ({len(pairs)} pairs), "
                   f"{total_steps} steps, lr {lr:g}")
-    with progress_bar("binary PM", total=total_steps * batch_size * grad_accum) as advance:
-        advance_ref[0] = advance
-        result = trainer.train()
-    trainer.state.save_to_json(str(out_dir / STATE_FILE))
-
+    result = run_trainer(trainer, "binary PM", total_steps, batch_size * grad_accum, out_dir)
     dest = save_trained(trainer.model, tokenizer, base, out_dir, adapter=lora is not None and not merge)
-    losses = [x["loss"] for x in trainer.state.log_history if "loss" in x]
     return {
-        "model": str(dest.resolve()), "objective": "binary",
-        "train_loss": round(float(result.training_loss), 4),
-        "first_loss": round(losses[0], 4) if losses else None, "last_loss": round(losses[-1], 4) if losses else None,
-        "steps": int(trainer.state.global_step), "pairs": len(pairs), "samples": len(rows),
+        "model": str(dest.resolve()), "objective": "binary", **loss_summary(trainer, result),
+        "pairs": len(pairs), "samples": len(rows),
         "tokens": sum(len(r["input_ids"]) for r in rows), "started_from": started_from, "lora": kind,
         "wall_s": round(time.time() - t0, 1),
     }

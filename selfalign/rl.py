@@ -33,13 +33,16 @@ from pathlib import Path
 from selfalign.chat import render_plain
 from selfalign.errors import SelfAlignError
 from selfalign.models import load_model, resolve
-from selfalign.progress import console, progress_bar
+from selfalign.progress import console
 from selfalign.training import (
-    STATE_FILE,
     LoraSettings,
     _atomic_save,
     _is_peft,
-    _progress_callback,
+    common_training_args,
+    device_and_dtype,
+    lora_label,
+    quiet_datasets,
+    run_trainer,
     save_trained,
 )
 
@@ -110,10 +113,7 @@ def rloo_train(
 
     Returns `{"model": folder to load, "steps", "prompts", "first_reward", "last_reward", "last_kl", ...}`.
     """
-    import datasets
-    import torch
     from datasets import Dataset
-    from transformers.trainer_callback import PrinterCallback
     from trl import RLOOConfig, RLOOTrainer
 
     t0 = time.time()
@@ -121,9 +121,9 @@ def rloo_train(
     out_dir.mkdir(parents=True, exist_ok=True)
     if not rows:
         raise SelfAlignError("no prompts to train on")
-    cuda = torch.cuda.is_available()
     resolved = resolve(policy)
-    model, tokenizer = load_model(resolved, device="cuda" if cuda else "cpu", dtype="bfloat16" if cuda else "float32")
+    device, dtype = device_and_dtype()
+    model, tokenizer = load_model(resolved, device=device, dtype=dtype)
     was_adapter = _is_peft(model)
     if was_adapter:
         model = model.merge_and_unload()  # the policy (and the KL reference) is the adapted model
@@ -139,56 +139,26 @@ def rloo_train(
         model.config._name_or_path = str(Path(resolved.path).resolve()) if resolved.is_local else resolved.path
     model.train()
 
-    peft_config = None
-    if lora is not None:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                 target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
     batch = num_generations * prompts_per_step
     total_steps = max_steps if max_steps > 0 else math.ceil(len(rows) * epochs / (prompts_per_step * grad_accum))
     args = RLOOConfig(
-        output_dir=str(out_dir),
-        learning_rate=lr,
-        num_train_epochs=epochs,
-        max_steps=max_steps,
-        per_device_train_batch_size=batch,
-        gradient_accumulation_steps=grad_accum,
+        **common_training_args(out_dir, lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch,
+                               grad_accum=grad_accum, warmup_ratio=warmup_ratio, seed=seed, total_steps=total_steps,
+                               logging_steps=1,  # every step's reward and KL: the curves are the point of this stage
+                               count_tokens=False),
         num_generations=num_generations,
         max_completion_length=max_completion_length,
         temperature=temperature,
         top_p=top_p,
         beta=beta,
-        warmup_steps=warmup_ratio,
-        seed=seed,
-        data_seed=seed,
-        bf16=cuda,
-        use_cpu=not cuda,
-        activation_checkpointing=cuda,
-        report_to="none",
-        logging_steps=1,  # every step's reward and KL: the curves are the point of this stage
-        save_strategy="no",
-        dataloader_num_workers=0,
-        disable_tqdm=True,
     )
-    bars = not datasets.are_progress_bars_disabled()
-    datasets.disable_progress_bars()
-    try:
+    with quiet_datasets():
         trainer = RLOOTrainer(model=model, reward_funcs=reward_fn, args=args, train_dataset=Dataset.from_list(rows),
-                              processing_class=tokenizer, peft_config=peft_config)
-    finally:
-        if bars:
-            datasets.enable_progress_bars()
-    trainer.remove_callback(PrinterCallback)
-    advance_ref: list = [lambda rows_, tokens_: None]
-    trainer.add_callback(_progress_callback(advance_ref, batch * grad_accum))
-    kind = f"LoRA r{lora.r}" if lora else "full"
+                              processing_class=tokenizer, peft_config=lora.peft_config("CAUSAL_LM") if lora else None)
+    kind = lora_label(lora)
     console.print(f"  RLOO on {policy} ({kind}): {len(rows)} prompts, k {num_generations}, beta {beta:g}, "
                   f"{total_steps} steps, lr {lr:g}")
-    with progress_bar("RLOO", total=total_steps * batch * grad_accum) as advance:
-        advance_ref[0] = advance
-        trainer.train()
-    trainer.state.save_to_json(str(out_dir / STATE_FILE))
+    run_trainer(trainer, "RLOO", total_steps, batch * grad_accum, out_dir)
 
     dest = save_trained(trainer.model, tokenizer, policy, out_dir, adapter=lora is not None and not merge)
 

@@ -29,6 +29,12 @@ Outputs in `out_dir`: `adapter/` (LoRA, PEFT format, with `selfalign_base.json` 
 the base as a selfalign reference, which `selfalign.models.resolve` prefers) or `model/` (full fine-tuning or
 `merge=True`: a plain `save_pretrained` folder), the tokenizer beside either, and
 `trainer_state.json` (the HF trainer state, whose `log_history` the run report plots).
+
+The other trainers (`selfalign.pm` reward models, `selfalign.pm_objectives` binary PMs,
+`selfalign.rl` RLOO, `selfalign.distill` context distillation) set up their Hugging Face / TRL
+trainer with the helpers here: `common_training_args` (the shared `TrainingArguments` keywords),
+`quiet_datasets`, `run_trainer` (progress bar, trainer state), `loss_summary`, `estimate_steps`,
+`load_for_training`, `save_trained`.
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +67,23 @@ class LoraSettings:
     alpha: int = 16
     dropout: float = 0.05
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+    def peft_config(self, task_type: str):
+        """PEFT's `LoraConfig` of these settings for `task_type` (CAUSAL_LM, SEQ_CLS)."""
+        from peft import LoraConfig
+
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
+                          target_modules=list(self.target_modules), task_type=task_type)
+
+
+def lora_settings(config) -> LoraSettings | None:
+    """The LoRA settings of a stage config with `lora`, `r`, `alpha`, `dropout` fields; None for full fine-tuning."""
+    return LoraSettings(r=config.r, alpha=config.alpha, dropout=config.dropout) if config.lora else None
+
+
+def lora_label(lora: LoraSettings | None) -> str:
+    """How a summary names the kind of training: `LoRA r16` or `full`."""
+    return f"LoRA r{lora.r}" if lora else "full"
 
 
 # -- tokenization (pure, unit-tested) ---------------------------------------------------------------
@@ -116,17 +141,20 @@ def _base_reference(base: str) -> str:
     return str(path.resolve()) if path.exists() else base
 
 
-def _progress_callback(advance_ref: list, examples_per_step: int):
+def _progress_callback(examples_per_step: int):
     from transformers import TrainerCallback
 
     class _Progress(TrainerCallback):
-        """Drives selfalign's progress bar (examples/s, tokens/s) instead of tqdm."""
+        """Drives selfalign's progress bar (examples/s, tokens/s) instead of tqdm; `advance` is the bar's."""
 
         tokens = 0
 
+        def advance(self, rows: int, tokens: int) -> None:
+            pass
+
         def on_step_end(self, args, state, control, **kwargs):
             seen = int(getattr(state, "num_input_tokens_seen", 0) or 0)
-            advance_ref[0](examples_per_step, seen - self.tokens)
+            self.advance(examples_per_step, seen - self.tokens)
             self.tokens = seen
 
     return _Progress()
@@ -172,6 +200,127 @@ def save_trained(trained, tokenizer, base: str, out_dir: Path, adapter: bool) ->
     return dest
 
 
+def device_and_dtype() -> tuple[str, str]:
+    """Where and in what precision a model is trained: bfloat16 on a GPU, float32 on the CPU."""
+    import torch
+
+    return ("cuda", "bfloat16") if torch.cuda.is_available() else ("cpu", "float32")
+
+
+def estimate_steps(examples: int, batch_size: int, grad_accum: int, epochs: float, max_steps: int = -1) -> int:
+    """Optimizer steps as the Trainer counts them: a last, short accumulation still makes a step."""
+    if max_steps > 0:
+        return max_steps
+    return math.ceil(epochs * math.ceil(math.ceil(examples / batch_size) / grad_accum))
+
+
+def common_training_args(out_dir: Path, *, lr: float, epochs: float, max_steps: int, batch_size: int, grad_accum: int,
+                         warmup_ratio: float, seed: int, total_steps: int, scheduler: str | None = None,
+                         logging_steps: int | None = None, checkpointing: bool = True,
+                         count_tokens: bool = True) -> dict:
+    """The `TrainingArguments` keywords every selfalign trainer shares (TRL's configs take them too).
+
+    bf16 on a GPU, the CPU otherwise; no saving, no reporting, no tqdm (`run_trainer` draws the
+    progress bar); a loss logged about 50 times a run, at least every 10 steps (`logging_steps`
+    overrides); `scheduler` None keeps the trainer's default; `checkpointing`: activation
+    checkpointing on a GPU (on the CPU it only costs time); `count_tokens`: count the non-padding
+    input tokens, which the progress bar shows as tokens/s.
+    """
+    import torch
+
+    cuda = torch.cuda.is_available()
+    args = dict(
+        output_dir=str(out_dir),
+        learning_rate=lr,
+        num_train_epochs=epochs,
+        max_steps=max_steps,
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=grad_accum,
+        warmup_steps=warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of the total steps
+        seed=seed,
+        data_seed=seed,
+        bf16=cuda,
+        use_cpu=not cuda,
+        report_to="none",
+        logging_steps=logging_steps if logging_steps is not None else max(1, min(10, total_steps // 50)),
+        save_strategy="no",
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    if scheduler is not None:
+        args["lr_scheduler_type"] = scheduler
+    if checkpointing:
+        args["activation_checkpointing"] = cuda
+    if count_tokens:
+        args["include_num_input_tokens_seen"] = "non_padding"
+    return args
+
+
+@contextmanager
+def quiet_datasets() -> Iterator[None]:
+    """Hide `datasets`' progress bars for a while: TRL's passes over an already tokenized dataset take milliseconds."""
+    import datasets
+
+    bars = not datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
+
+
+def run_trainer(trainer, label: str, total_steps: int, examples_per_step: int, out_dir: Path):
+    """`trainer.train()` under selfalign's progress bar (`label`, `total_steps` × `examples_per_step`
+    examples), without the trainer's log line a step; then the trainer state, whose `log_history`
+    the run report plots, saved as `out_dir/trainer_state.json`. Returns what `train()` returns."""
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # one log line a step is noise; the losses go to trainer_state.json
+    progress = _progress_callback(examples_per_step)
+    trainer.add_callback(progress)
+    with progress_bar(label, total=total_steps * examples_per_step) as advance:
+        progress.advance = advance
+        result = trainer.train()
+    trainer.state.save_to_json(str(Path(out_dir) / STATE_FILE))
+    return result
+
+
+def loss_summary(trainer, result, digits: int = 4) -> dict:
+    """`train_loss` (the run's mean), `first_loss` and `last_loss` (the first and last logged), `steps`."""
+    losses = [x["loss"] for x in trainer.state.log_history if "loss" in x]
+    return {
+        "train_loss": round(float(result.training_loss), digits),
+        "first_loss": round(losses[0], digits) if losses else None,
+        "last_loss": round(losses[-1], digits) if losses else None,
+        "steps": int(trainer.state.global_step),
+    }
+
+
+def load_for_training(base: str, lora: LoraSettings | None, merge: bool):
+    """(causal LM in training mode, tokenizer) to fine-tune from `base`; an adapter is merged first, so
+    training continues from the adapted weights. A new adapter on an adapter is refused unless `merge`."""
+    resolved = resolve(base)
+    if resolved.kind == "peft" and lora is not None and not merge:
+        raise SelfAlignError(
+            f"{base} is a LoRA adapter; a new adapter on top of it could not be loaded on its own",
+            "train with merge: true, or train on a merged model (merge: true on the stage that made it)",
+        )
+    device, dtype = device_and_dtype()
+    model, tokenizer = load_model(resolved, device=device, dtype=dtype)
+    if _is_peft(model):
+        model = model.merge_and_unload()  # train on top of the adapted weights
+    model.train()
+    return model, tokenizer
+
+
+def write_examples(folder: Path, examples: list[dict]) -> None:
+    """`folder/examples.jsonl`: exactly what a stage trains on, written whole or not at all."""
+    tmp = Path(folder) / "examples.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in examples), encoding="utf-8")
+    tmp.replace(Path(folder) / "examples.jsonl")
+
+
 def sft_train(
     base: str,
     examples: list[dict],
@@ -193,26 +342,13 @@ def sft_train(
 
     Returns `{"model": folder to load, "train_loss", "steps", "examples", "wall_s", ...}`.
     """
-    import datasets
-    import torch
     from datasets import Dataset
-    from transformers.trainer_callback import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
     t0 = time.time()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    cuda = torch.cuda.is_available()
-    resolved = resolve(base)
-    if resolved.kind == "peft" and lora is not None and not merge:
-        raise SelfAlignError(
-            f"{base} is a LoRA adapter; a new adapter on top of it could not be loaded on its own",
-            "train with merge: true, or train on a merged model (merge: true on the stage that made it)",
-        )
-    model, tokenizer = load_model(resolved, device="cuda" if cuda else "cpu", dtype="bfloat16" if cuda else "float32")
-    if _is_peft(model):
-        model = model.merge_and_unload()  # train on top of the adapted weights
-    model.train()
+    model, tokenizer = load_for_training(base, lora, merge)
 
     rows, cuts = tokenize_examples(tokenizer, examples, max_length)
     if not rows:
@@ -221,64 +357,23 @@ def sft_train(
     if cuts["dropped_too_long"]:
         console.print(f"  [yellow]note:[/] {cuts['dropped_too_long']} examples dropped: their answer alone is longer "
                       f"than max_length {max_length}")
-    examples_per_step = batch_size * grad_accum
-    total_steps = max_steps if max_steps > 0 else math.ceil(math.ceil(len(rows) / batch_size) / grad_accum * epochs)
-
-    peft_config = None
-    if lora is not None:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                 target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+    total_steps = estimate_steps(len(rows), batch_size, grad_accum, epochs, max_steps)
     args = SFTConfig(
-        output_dir=str(out_dir),
-        learning_rate=lr,
-        num_train_epochs=epochs,
-        max_steps=max_steps,
-        per_device_train_batch_size=batch_size,
-        gradient_accumulation_steps=grad_accum,
-        warmup_steps=warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of the total steps
-        lr_scheduler_type=scheduler,
-        seed=seed,
-        data_seed=seed,
+        **common_training_args(out_dir, lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
+                               grad_accum=grad_accum, warmup_ratio=warmup_ratio, seed=seed, total_steps=total_steps,
+                               scheduler=scheduler),
         max_length=max_length,  # already enforced above; TRL's own cut is then a no-op
-        bf16=cuda,
-        use_cpu=not cuda,
-        activation_checkpointing=cuda,  # saves GPU memory; on CPU it only costs time
-        report_to="none",
-        logging_steps=max(1, min(10, total_steps // 50)),
-        save_strategy="no",
-        dataloader_num_workers=0,
-        include_num_input_tokens_seen="non_padding",
-        disable_tqdm=True,
     )
-    bars = not datasets.are_progress_bars_disabled()
-    datasets.disable_progress_bars()  # TRL's passes over a tokenized dataset take milliseconds
-    try:
+    with quiet_datasets():
         trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                             peft_config=peft_config)
-    finally:
-        if bars:
-            datasets.enable_progress_bars()
-    trainer.remove_callback(PrinterCallback)  # one log line a step is noise; the losses go to trainer_state.json
-    advance_ref: list = [lambda rows_, tokens_: None]
-    trainer.add_callback(_progress_callback(advance_ref, examples_per_step))
-    kind = f"LoRA r{lora.r}" if lora else "full"
+                             peft_config=lora.peft_config("CAUSAL_LM") if lora else None)
+    kind = lora_label(lora)
     console.print(f"  fine-tuning {base} ({kind}) on {len(rows)} examples, {total_steps} steps, lr {lr:g}")
-    with progress_bar("training", total=total_steps * examples_per_step) as advance:
-        advance_ref[0] = advance
-        result = trainer.train()
-    trainer.state.save_to_json(str(out_dir / STATE_FILE))
-
+    result = run_trainer(trainer, "training", total_steps, batch_size * grad_accum, out_dir)
     dest = save_trained(trainer.model, tokenizer, base, out_dir, adapter=lora is not None and not merge)
-
-    losses = [x["loss"] for x in trainer.state.log_history if "loss" in x]
     return {
         "model": str(dest.resolve()),
-        "train_loss": round(float(result.training_loss), 4),
-        "first_loss": round(losses[0], 4) if losses else None,
-        "last_loss": round(losses[-1], 4) if losses else None,
-        "steps": int(trainer.state.global_step),
+        **loss_summary(trainer, result),
         "examples": len(rows),
         "tokens": sum(len(r["input_ids"]) for r in rows),
         **cuts,

@@ -393,6 +393,18 @@ def test_compare_rows_filters_and_report(tmp_path):
     assert off["kept"] == summary["after_bad_response"] > summary["kept"]
 
 
+def test_report_sections_of_a_stage_still_writing(tmp_path):
+    """A half-written last line (the stage is running) is skipped; no rows yet, no section."""
+    folder = tmp_path / "01-mine_prompts"
+    folder.mkdir()
+    assert mp.report_section({"label": "mine_prompts", "folder": folder}) is None
+    assert cmp.report_section({"label": "compare", "folder": folder}) is None
+    row = {"source": "mined", "prompt": "How do tides work?", "kept": True, "dropped": None}
+    (folder / "rows.jsonl").write_text(json.dumps(row) + "\n" + '{"source": "mined", "pro')
+    anchor, title, html = mp.report_section({"label": "mine_prompts", "folder": folder, "summary": {"rounds": 1}})
+    assert "1 prompts mined from 1 candidates" in html and "How do tides work?" in html
+
+
 def test_compare_killed_half_way_resumes_without_repeats(tmp_path):
     stage = _compare_stage(_prompt_file(tmp_path))
     whole = {"m-big": ScriptedEngine(compare_reply), "m-small": ScriptedEngine(compare_reply)}

@@ -5,7 +5,15 @@ import json
 import pytest
 
 from selfalign.errors import SelfAlignError
-from selfalign.training import IGNORE, LoraSettings, build_example, model_output, sft_train, tokenize_examples
+from selfalign.training import (
+    IGNORE,
+    LoraSettings,
+    build_example,
+    estimate_steps,
+    model_output,
+    sft_train,
+    tokenize_examples,
+)
 
 EOS = "<eos>"  # the tiny byte tokenizer's EOS
 
@@ -110,6 +118,33 @@ def test_full_and_merged_training_write_a_plain_model(private_cache, tmp_path, l
     model = AutoModelForCausalLM.from_pretrained(result["model"])
     assert not any("lora" in name for name, _ in model.named_parameters())
     assert AutoTokenizer.from_pretrained(result["model"]).eos_token == EOS
+
+
+def test_step_estimate_counts_a_short_last_accumulation_as_a_step():
+    assert estimate_steps(5, batch_size=2, grad_accum=2, epochs=3) == 6  # 3 batches -> 2 steps an epoch
+    assert estimate_steps(5, batch_size=2, grad_accum=2, epochs=1.5) == 3
+    assert estimate_steps(8, batch_size=2, grad_accum=1, epochs=2) == 8
+    assert estimate_steps(5, batch_size=2, grad_accum=2, epochs=3, max_steps=4) == 4
+
+
+def test_progress_bar_total_matches_the_steps_trained_with_grad_accum(private_cache, tmp_path, monkeypatch):
+    from contextlib import contextmanager
+
+    import selfalign.training as training
+
+    bars = []
+
+    @contextmanager
+    def recording_bar(description, total, already_done=0):
+        bar = {"total": total, "rows": 0}
+        bars.append(bar)
+        yield lambda rows, tokens: bar.update(rows=bar["rows"] + rows)
+
+    monkeypatch.setattr(training, "progress_bar", recording_bar)
+    result = sft_train("tiny:llama", [qa(i) for i in range(5)], tmp_path, lora=LoraSettings(r=4), lr=1e-3, epochs=3,
+                       max_length=64, batch_size=2, grad_accum=2)
+    assert result["steps"] == estimate_steps(5, 2, 2, 3) == 6
+    assert bars == [{"total": 6 * 4, "rows": 6 * 4}]  # the bar ends full: every step advanced it
 
 
 def test_model_output_of_an_empty_folder_is_an_error(tmp_path):

@@ -312,7 +312,7 @@ def _post_validate(ctx, config: Config, pv: PostValidation, rows: list[dict], fo
     """Train the as-is reward model on the surviving pairs, score them, mark the drops. Returns its record."""
     from selfalign.pm import train_reward_model
     from selfalign.rewards import RewardModel
-    from selfalign.training import LoraSettings
+    from selfalign.training import lora_settings
 
     alive = [r for r in rows if r["kept"]]
     record_file = folder / PV_FILE
@@ -322,7 +322,7 @@ def _post_validate(ctx, config: Config, pv: PostValidation, rows: list[dict], fo
     if not record or record.get("key") != key:
         base = ctx.model_for(config.model_copy(update={"model": pv.model})) if pv.model else ctx.model_for(config)
         ctx.free_accelerator()
-        lora = LoraSettings(r=pv.r, alpha=pv.alpha, dropout=pv.dropout) if pv.lora else None
+        lora = lora_settings(pv)
         result = train_reward_model(base, [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}
                                            for r in alive], folder / "post_validation", lora=lora, lr=pv.lr,
                                     epochs=pv.epochs, max_length=pv.max_length, batch_size=pv.batch_size,
@@ -416,13 +416,9 @@ def run(ctx, config: Config, folder) -> dict:
 
 def report_section(stage: dict):
     """The filter funnel, pairs per configuration pair, and a few example pairs."""
-    from selfalign.report import _section, _short, esc
-    from selfalign.store import read_jsonl
+    from selfalign.report import _read_rows, _section, _short, esc
 
-    path = Path(stage["folder"]) / "rows.jsonl"
-    if not path.exists():
-        return None
-    rows = read_jsonl(path)
+    rows = _read_rows(Path(stage["folder"]) / "rows.jsonl")  # a half-written last line is skipped
     if not rows:
         return None
     flow = funnel(rows)

@@ -181,7 +181,7 @@ def _teacher_model(ctx, teacher: str):
 def run(ctx, config: Config, folder) -> dict:
     from selfalign import distill
     from selfalign.models import load_tokenizer, resolve
-    from selfalign.training import LoraSettings
+    from selfalign.training import lora_settings
 
     folder = Path(folder)
     base = ctx.model_for(config)
@@ -215,7 +215,7 @@ def run(ctx, config: Config, folder) -> dict:
     context_tokens = len(distill.context_ids(tok, system, distill.special_prefix(tok)))
     ids = [e["id"] for e in examples]
     stats = distill.TeacherTargets(teacher_dir, ids).stats(reply_only=config.tokens == "reply")
-    lora = LoraSettings(r=config.r, alpha=config.alpha, dropout=config.dropout) if config.lora else None
+    lora = lora_settings(config)
     ctx.free_accelerator()
     result = distill.distill_train(
         base, teacher_dir, folder, lora=lora, lr=config.lr, epochs=config.epochs, batch_size=config.batch_size,

@@ -29,7 +29,6 @@ adapter is never marked done).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from pydantic import Field
@@ -41,7 +40,7 @@ from selfalign.models import load_tokenizer, resolve
 from selfalign.progress import console
 from selfalign.recipe import StageConfig
 from selfalign.store import RowStore, read_jsonl, row_id
-from selfalign.training import LoraSettings, sft_train
+from selfalign.training import lora_settings, sft_train, write_examples
 
 
 class Config(StageConfig):
@@ -114,6 +113,18 @@ def training_example(system: str, prompt: str, answer: str, eos: str) -> dict:
     return {"prompt": text, "completion": " " + answer.strip() + eos}
 
 
+def train_on_examples(ctx, config, base: str, examples: list[dict], folder: Path, **settings) -> dict:
+    """Write `examples.jsonl` (exactly what is trained on) into `folder`, then fine-tune `base` on the
+    examples' prompt/completion there with the stage's training fields (lora, r, alpha, dropout, lr,
+    epochs, max_length, batch_size, grad_accum, warmup_ratio, merge); `settings` adds `sft_train`'s others."""
+    write_examples(folder, examples)
+    ctx.free_accelerator()
+    return sft_train(base, [{"prompt": e["prompt"], "completion": e["completion"]} for e in examples], folder,
+                     lora=lora_settings(config), lr=config.lr, epochs=config.epochs, max_length=config.max_length,
+                     batch_size=config.batch_size, grad_accum=config.grad_accum, warmup_ratio=config.warmup_ratio,
+                     seed=ctx.recipe.seed, merge=config.merge, **settings)
+
+
 def run(ctx, config: Config, folder) -> dict:
     folder = Path(folder)
     base = ctx.model_for(config)
@@ -129,17 +140,9 @@ def run(ctx, config: Config, folder) -> dict:
     examples = [{"id": r.get("id") or row_id("engrave", r["prompt"], r["answer"]),
                  **training_example(system, r["prompt"], r["answer"], eos)} for r in rows]
     store = RowStore(folder)  # the done-marker lives beside the examples and the adapter
-    tmp = folder / "examples.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in examples), encoding="utf-8")
-    tmp.replace(folder / "examples.jsonl")
     console.print(f"  {len(examples)} examples from {source} ({skipped['not kept']} not kept, "
                   f"{skipped['no prompt or answer']} empty)")
-    lora = LoraSettings(r=config.r, alpha=config.alpha, dropout=config.dropout) if config.lora else None
-    ctx.free_accelerator()
-    result = sft_train(base, [{"prompt": e["prompt"], "completion": e["completion"]} for e in examples], folder,
-                       lora=lora, lr=config.lr, epochs=config.epochs, max_length=config.max_length,
-                       batch_size=config.batch_size, grad_accum=config.grad_accum, warmup_ratio=config.warmup_ratio,
-                       seed=ctx.recipe.seed, merge=config.merge)
+    result = train_on_examples(ctx, config, base, examples, folder)
     summary = {**result, "base": base, "data": str(source), "skipped": skipped}
     store.mark_done(**summary)
     return summary

@@ -207,13 +207,9 @@ def run(ctx, config: Config, folder) -> dict:
 
 def report_section(stage: dict):
     """Candidates kept and dropped (by reason), and a few mined prompts."""
-    from selfalign.report import _section, esc
-    from selfalign.store import read_jsonl
+    from selfalign.report import _read_rows, _section, esc
 
-    path = Path(stage["folder"]) / "rows.jsonl"
-    if not path.exists():
-        return None
-    rows = [r for r in read_jsonl(path) if r.get("source") == "mined"]
+    rows = [r for r in _read_rows(Path(stage["folder"]) / "rows.jsonl") if r.get("source") == "mined"]
     if not rows:
         return None
     reasons = Counter("kept" if r["kept"] else r["dropped"] for r in rows)

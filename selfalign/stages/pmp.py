@@ -50,7 +50,7 @@ from selfalign.pmp import binarise, load_corpus, source_path
 from selfalign.progress import console
 from selfalign.recipe import StageConfig
 from selfalign.store import RowStore, row_id
-from selfalign.training import LoraSettings
+from selfalign.training import lora_settings
 
 WRITE_CHUNK = 1000
 
@@ -75,7 +75,7 @@ class PMTraining(StageConfig):
 
     def train_settings(self, seed: int) -> dict:
         """Keyword arguments of `train_reward_model` / `selfalign.pm_objectives.train_pm`."""
-        lora = LoraSettings(r=self.r, alpha=self.alpha, dropout=self.dropout) if self.lora else None
+        lora = lora_settings(self)
         return dict(lora=lora, lr=self.lr, epochs=self.epochs, max_length=self.max_length, batch_size=self.batch_size,
                     grad_accum=self.grad_accum, warmup_ratio=self.warmup_ratio, weight_decay=self.weight_decay,
                     scheduler=self.scheduler, seed=seed, merge=self.merge, max_steps=self.max_steps)

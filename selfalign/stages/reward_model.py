@@ -39,7 +39,7 @@ from selfalign.progress import console
 from selfalign.recipe import StageConfig
 from selfalign.stages.engrave import data_file
 from selfalign.store import RowStore, read_jsonl
-from selfalign.training import LoraSettings
+from selfalign.training import lora_settings
 
 TRAIN_SAMPLE = 256
 
@@ -107,7 +107,7 @@ def run(ctx, config: Config, folder) -> dict:
     (folder / "heldout.jsonl").write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in heldout), encoding="utf-8")
     console.print(f"  {len(train)} training pairs, {len(heldout)} held out ({skipped} not kept) from {source}")
     ctx.free_accelerator()
-    lora = LoraSettings(r=config.r, alpha=config.alpha, dropout=config.dropout) if config.lora else None
+    lora = lora_settings(config)
     result = train_reward_model(base, train, folder, lora=lora, lr=config.lr, epochs=config.epochs,
                                 max_length=config.max_length, batch_size=config.batch_size, grad_accum=config.grad_accum,
                                 warmup_ratio=config.warmup_ratio, weight_decay=config.weight_decay,

@@ -59,7 +59,7 @@ from selfalign.rl import RewardFunction, kl_estimate, policy_prompt, rl_dataset_
 from selfalign.stages.self_align import load_stage_prompts
 from selfalign.stages.self_play import model_ref
 from selfalign.store import RowStore, row_id
-from selfalign.training import LoraSettings, model_output
+from selfalign.training import lora_settings, model_output
 
 TRAIN_RESULT = "train_result.json"
 HELDOUT_FILE = "heldout.json"
@@ -122,7 +122,7 @@ def _train(ctx, config: Config, folder: Path, policy: str, train: list[tuple[str
     if len(fits) < config.prompts_per_step:
         raise SelfAlignError(f"{config.label}: {len(fits)} training prompts, fewer than prompts_per_step "
                              f"({config.prompts_per_step})", "lower heldout or prompts_per_step, or mine more prompts")
-    lora = LoraSettings(r=config.r, alpha=config.alpha, dropout=config.dropout) if config.lora else None
+    lora = lora_settings(config)
     ctx.free_accelerator()
     result = rloo_train(policy, fits, RewardFunction(rm), folder, lora=lora, beta=config.beta, lr=config.lr,
                         epochs=config.epochs, max_steps=config.max_steps or -1, num_generations=config.num_generations,

@@ -26,7 +26,6 @@ start.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from pydantic import Field
@@ -36,9 +35,8 @@ from selfalign.evals.common import resolve_system
 from selfalign.progress import console
 from selfalign.recipe import StageConfig
 from selfalign.rl import policy_prompt
-from selfalign.stages.engrave import data_file
+from selfalign.stages.engrave import data_file, train_on_examples
 from selfalign.store import RowStore, read_jsonl, row_id
-from selfalign.training import LoraSettings, sft_train
 
 
 class Config(StageConfig):
@@ -106,17 +104,9 @@ def run(ctx, config: Config, folder) -> dict:
             examples.append({"id": row_id("sft", cid, turn), "conversation_id": cid, "turn": turn,
                              "prompt": prompt, "completion": completion})
     store = RowStore(folder)  # the done-marker lives beside the examples and the model
-    tmp = folder / "examples.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in examples), encoding="utf-8")
-    tmp.replace(folder / "examples.jsonl")
     console.print(f"  {len(examples)} assistant turns from {len(rows)} conversations in {source} "
                   f"({skipped['not kept']} not kept, {skipped['no assistant turn']} without an assistant turn)")
-    lora = LoraSettings(r=config.r, alpha=config.alpha, dropout=config.dropout) if config.lora else None
-    ctx.free_accelerator()
-    result = sft_train(base, [{"prompt": e["prompt"], "completion": e["completion"]} for e in examples], folder,
-                       lora=lora, lr=config.lr, epochs=config.epochs, max_length=config.max_length,
-                       batch_size=config.batch_size, grad_accum=config.grad_accum, warmup_ratio=config.warmup_ratio,
-                       scheduler=config.scheduler, seed=ctx.recipe.seed, merge=config.merge)
+    result = train_on_examples(ctx, config, base, examples, folder, scheduler=config.scheduler)
     summary = {**result, "base": base, "data": str(source), "conversations": len(rows), "skipped": skipped}
     store.mark_done(**summary)
     return summary

@@ -47,7 +47,7 @@ class Config(StageConfig):
 
 
 def run(ctx, config: Config, folder) -> dict:
-    from selfalign.training import LoraSettings, sft_train
+    from selfalign.training import lora_settings, sft_train
 
     base = ctx.model_for(config)
     teacher = ctx.model_for(config.model_copy(update={"model": config.teacher}))
@@ -75,7 +75,7 @@ def run(ctx, config: Config, folder) -> dict:
     # the same training text as principle engraving; the trainer appends the EOS token
     examples = [training_example(short, r["prompt"], r["answer"], eos="") for r in rows]
     console.print(f"  fine-tuning {base} on {len(examples)} verbose answers, without the verbose prompt")
-    lora = LoraSettings(r=config.r, alpha=config.alpha, dropout=config.dropout) if config.lora else None
+    lora = lora_settings(config)
     ctx.free_accelerator()
     result = sft_train(base, examples, folder / "train", lora=lora, lr=config.lr, epochs=config.epochs,
                        max_length=config.max_length, batch_size=config.batch_size, seed=ctx.recipe.seed, merge=config.merge)
