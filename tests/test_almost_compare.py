@@ -483,3 +483,30 @@ def test_post_validation_trains_scores_drops_and_is_reused(tmp_path, monkeypatch
     dropped = [r for r in rows if (r["dropped_by"] or "").startswith("post_validation")]
     assert sorted(r["post_validation"]["margin"] for r in dropped) == [-4.0, -3.0]  # floor(0.5 * 4) most negative
     assert again["kept"] == summary["after_length_filter"] - 2 == again["after_post_validation"]
+
+
+def test_trim_to_sentence_hand_cases():
+    from selfalign.stages.compare import reply_text, trim_to_sentence
+
+    assert trim_to_sentence("First part. Second part is cut") == "First part."
+    assert trim_to_sentence('He said "stop." Then he left and') == 'He said "stop."'
+    assert trim_to_sentence("Really? Yes! And then") == "Really? Yes!"
+    assert trim_to_sentence("no sentence end at all") == "no sentence end at all"
+    assert trim_to_sentence("Version 2.5 is out and") == "Version 2.5 is out and"  # a decimal point is no end
+    cut = {"response": "Done. More", "finish_reason": "length"}
+    assert reply_text(cut, True) == "Done." and reply_text(cut, False) == "Done. More"
+    assert reply_text({"response": "Done. More", "finish_reason": "stop"}, True) == "Done. More"
+
+
+def test_make_pairs_uses_trimmed_replies():
+    from selfalign.stages.compare import make_pairs
+
+    long_ok = "This is a complete and careful first sentence of the answer. Then it goes on and on without"
+    responses = {("p", "good"): {"id": "a", "response": long_ok, "finish_reason": "length"},
+                 ("p", "plain"): {"id": "b", "response": "short reply that never ends", "finish_reason": "stop"}}
+    tiers = {"good": 0, "plain": 1}
+    kept = make_pairs([("p", "q")], responses, tiers, 50, True, True, trim=True)[0]
+    assert kept["kept"] and kept["chosen"].endswith("answer.") and kept["chosen_trimmed"]
+    assert not kept["rejected_trimmed"] and kept["rejected_bad"]
+    raw = make_pairs([("p", "q")], responses, tiers, 50, True, True, trim=False)[0]
+    assert not raw["kept"] and raw["dropped_by"].startswith("bad_response")

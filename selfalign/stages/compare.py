@@ -21,7 +21,11 @@ system reference `selfalign.evals.common.resolve_system` accepts. Sampling: temp
 0.9 (the paper's); `max_new_tokens` 256 is this project's choice.
 
 Pairs: for every prompt, every two configurations in different tiers give one pair (chosen = the
-better tier). Then, in this order, each pair is dropped by the first filter that rejects it:
+better tier). A reply that stopped at `max_new_tokens` is first cut back to the end of its last full
+sentence (`trim_incomplete`, on by default; the pair row records `chosen_trimmed`/`rejected_trimmed`):
+otherwise the length cap, not the model, decides most verdicts of the "does not end with '.' or
+'!'" rule (on the embedded 270M model with 96 tokens, 75 of 96 chosen replies). Then, in this
+order, each pair is dropped by the first filter that rejects it:
 
 1. `bad_response` (this project's reading of the paper's rules): the *chosen* response is bad when
    it is under 50 characters, ends with "?" or ":", does not end with "." or "!", or contains a
@@ -120,6 +124,8 @@ class Config(StageConfig):
     rubric: list[list[str] | str] = Field(..., description="tiers of configuration names, best first; names in one tier are tied")
     sampling: Sampling = Field(default_factory=lambda: Sampling(temperature=1.0, top_p=0.9, max_new_tokens=256))
     min_chars: int = Field(50, ge=0, description="a response under this many characters is bad (paper: 50)")
+    trim_incomplete: bool = Field(True, description="cut a reply that hit max_new_tokens back to its last full sentence "
+                                  "before the filters (else the length cap decides most BAD verdicts)")
     bad_filter: bool = Field(True, description="apply the BAD-response rules (verdicts are recorded either way)")
     length_filter: bool = Field(True, description="apply the heuristic length filter")
     post_validation: PostValidation | None = Field(None, description="as-is reward-model post-validation (off: null)")
@@ -201,6 +207,22 @@ def bad_response_rules(text: str, min_chars: int = 50) -> list[str]:
     return broken
 
 
+SENTENCE_END = re.compile(r"""[.!?]["')\]]*(?=\s|$)""")
+
+
+def trim_to_sentence(text: str) -> str:
+    """`text` up to the end of its last full sentence (., ! or ?, closing quotes/brackets kept);
+    unchanged when it has none."""
+    ends = list(SENTENCE_END.finditer(text))
+    return text[: ends[-1].end()].rstrip() if ends else text
+
+
+def reply_text(response: dict, trim: bool) -> str:
+    """The reply the filters and the pair use: trimmed to a full sentence if it was cut by the length cap."""
+    text = response["response"]
+    return trim_to_sentence(text) if trim and response.get("finish_reason") == "length" else text
+
+
 def length_stats(lengths: list[int]) -> tuple[float, float]:
     """Mean and population standard deviation."""
     return statistics.fmean(lengths), statistics.pstdev(lengths)
@@ -280,27 +302,30 @@ def _generate_responses(ctx, config: Config, prompts, setups, sampling, store: R
 
 
 def make_pairs(prompts, responses: dict[tuple[str, str], dict], tiers: dict[str, int], min_chars: int,
-               use_length_filter: bool, use_bad_filter: bool = True) -> list[dict]:
-    """Pair rows, with the bad-response and length verdicts; `kept`/`dropped_by` after those two."""
+               use_length_filter: bool, use_bad_filter: bool = True, trim: bool = False) -> list[dict]:
+    """Pair rows, with the bad-response and length verdicts; `kept`/`dropped_by` after those two.
+    With `trim`, a reply cut by the length cap is first cut back to its last full sentence."""
     rows = []
     pairs = rubric_pairs(tiers)
     for pid, prompt in prompts:
         mine = {name: responses[(pid, name)] for name in tiers}
-        mean, std = length_stats([len(r["response"]) for r in mine.values()])
+        text = {name: reply_text(r, trim) for name, r in mine.items()}
+        mean, std = length_stats([len(t) for t in text.values()])
         for a, b in pairs:
             ch, rj = mine[a], mine[b]
-            bad = bad_response_rules(ch["response"], min_chars)
-            lc, lr = len(ch["response"]), len(rj["response"])
+            bad = bad_response_rules(text[a], min_chars)
+            lc, lr = len(text[a]), len(text[b])
             short = length_filter_drops(lc, lr, mean, std)
             dropped = (f"bad_response: {bad[0]}" if bad and use_bad_filter else
                        f"length_filter: chosen {lc} < rejected {lr} and < mean - std/2 = {mean - std / 2:.1f}"
                        if use_length_filter and short else None)
             rows.append({
                 "id": row_id("pair", ch["id"], rj["id"]), "prompt_id": pid, "prompt": prompt,
-                "chosen": ch["response"], "rejected": rj["response"], "chosen_config": a, "rejected_config": b,
+                "chosen": text[a], "rejected": text[b], "chosen_config": a, "rejected_config": b,
+                "chosen_trimmed": text[a] != ch["response"], "rejected_trimmed": text[b] != rj["response"],
                 "chosen_tier": tiers[a], "rejected_tier": tiers[b], "chosen_id": ch["id"], "rejected_id": rj["id"],
                 "kept": dropped is None, "dropped_by": dropped,
-                "bad_response": bad, "rejected_bad": bad_response_rules(rj["response"], min_chars),
+                "bad_response": bad, "rejected_bad": bad_response_rules(text[b], min_chars),
                 "length_filter": {"drop": short, "applied": use_length_filter, "chosen_chars": lc, "rejected_chars": lr,
                                   "mean": round(mean, 2), "std": round(std, 2), "threshold": round(mean - std / 2, 2)},
                 "post_validation": None,
@@ -382,7 +407,8 @@ def run(ctx, config: Config, folder) -> dict:
 
     by_id = {r["id"]: r for r in responses_store}
     responses = {(pid, c.name): by_id[ids[pid]] for c, _, _, ids in setups for pid, _ in prompts}
-    rows = make_pairs(prompts, responses, tiers, config.min_chars, config.length_filter, config.bad_filter)
+    rows = make_pairs(prompts, responses, tiers, config.min_chars, config.length_filter, config.bad_filter,
+                      config.trim_incomplete)
     pv_record = None
     if config.post_validation is not None:
         if any(r["kept"] for r in rows):
@@ -393,7 +419,7 @@ def run(ctx, config: Config, folder) -> dict:
 
     per_config = {}
     for c in config.configurations:
-        mine = [responses[(pid, c.name)]["response"] for pid, _ in prompts]
+        mine = [reply_text(responses[(pid, c.name)], config.trim_incomplete) for pid, _ in prompts]
         per_config[c.name] = {"tier": tiers[c.name], "mean_chars": round(statistics.fmean(len(x) for x in mine), 1),
                               "bad": sum(bool(bad_response_rules(x, config.min_chars)) for x in mine)}
     flow = funnel(rows)
