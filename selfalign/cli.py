@@ -201,6 +201,51 @@ def report(
 
 
 @app.command()
+def stages(
+    name: Annotated[str | None, typer.Argument(help="a stage type (e.g. compare): show its documentation and every field")] = None,
+):
+    """The stages a recipe can use, and the shipped recipes; `selfalign stages NAME` explains one stage:
+    what the paper does, what selfalign does, and every field with its default (the paper's values)."""
+    import inspect
+
+    import yaml
+
+    from selfalign.recipe import builtin_recipes_dir
+    from selfalign.stages import STAGES
+
+    if name is None:
+        table = Table(title="stages (selfalign stages NAME for one)")
+        table.add_column("stage")
+        table.add_column("what it does")
+        for key, module in STAGES.items():
+            doc = inspect.getdoc(module) or ""
+            table.add_row(key, doc.split("\n\n")[0].replace("\n", " "))
+        console.print(table)
+        recipes = Table(title="shipped recipes (selfalign run NAME)")
+        recipes.add_column("recipe")
+        recipes.add_column("description")
+        for path in sorted(builtin_recipes_dir().glob("*.yaml")):
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            recipes.add_row(path.stem, str(data.get("description", "")))
+        console.print(recipes)
+        return
+    if name not in STAGES:
+        raise SelfAlignError(f"no stage named {name!r}", f"stages: {', '.join(STAGES)}")
+    module = STAGES[name]
+    console.print(inspect.getdoc(module) or "", markup=False, highlight=False)
+    table = Table(title=f"fields of `stage: {name}`")
+    for col in ("field", "default", "what"):
+        table.add_column(col, overflow="fold")
+    for field, info in module.Config.model_fields.items():
+        if field == "stage":
+            continue
+        default = info.default_factory() if info.default_factory else info.default
+        shown = "(required)" if info.is_required() else repr(default.model_dump() if hasattr(default, "model_dump") else default)
+        table.add_row(field, shown, info.description or "")
+    console.print(table)
+
+
+@app.command()
 def models():
     """What the model resolver knows: embedded and tiny models, and what is converted in the cache."""
     import importlib.util

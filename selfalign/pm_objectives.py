@@ -1,4 +1,4 @@
-"""Three preference-model objectives on the same comparison rows (Askell et al. 2021, §3 of METHODS.md).
+"""Three preference-model objectives on the same comparison rows (Askell et al. 2021).
 
 Every objective trains on rows `{"prompt", "chosen", "rejected"}` (the prompt a string or a list
 of chat messages) and judges a held-out pair by giving each of its two replies a score; the pair is

@@ -235,13 +235,28 @@ def section_header(run: dict) -> str:
     return f'<h1>{esc(run["name"])}</h1><div class="muted">selfalign run report</div><div class="facts">{cards}</div>'
 
 
+def _brief_summary(summary: Any, max_items: int = 10) -> str:
+    """The scalar facts of a stage's summary, paths shortened to their last two parts; nested
+    detail (per-filter counts and the like) is left to the stage's own section."""
+    if not isinstance(summary, dict):
+        return ""
+    out = []
+    for k, v in summary.items():
+        if isinstance(v, dict | list) or v is None:
+            continue
+        if isinstance(v, str) and "/" in v and len(v) > 40:
+            v = "…/" + "/".join(v.rstrip("/").split("/")[-2:])
+        out.append(f"{k}={_fmt(v) if isinstance(v, float) else v}")
+    return ", ".join(out[:max_items]) + (f", … ({len(out) - max_items} more)" if len(out) > max_items else "")
+
+
 def section_stages(run: dict) -> tuple | None:
     if not run["stages"]:
         return None
     rows = "".join(
         f'<tr><td class="num">{i}</td><td>{esc(s["label"])}</td><td>{esc(s["kind"] or "")}</td>'
         f'<td class="num">{_fmt_wall(s["wall_s"])}</td><td>{"done" if s["done"] or s["summary"] is not None else "unfinished"}</td>'
-        f'<td>{esc(", ".join(f"{k}={v}" for k, v in s["summary"].items()) if isinstance(s["summary"], dict) else "")}</td></tr>'
+        f'<td>{esc(_brief_summary(s["summary"]))}</td></tr>'
         for i, s in enumerate(run["stages"], start=1))
     chart = chart_wall_times(run["stages"]) if sum(_is_num(s["wall_s"]) for s in run["stages"]) > 1 else ""
     return _section("stages", "What ran", '<table><thead><tr><th class="num">#</th><th>stage</th><th>type</th>'

@@ -93,6 +93,19 @@ def test_models_lists_references():
     assert "embedded:gemma-3-270m" in out.stderr + out.stdout and "tiny:llama" in out.stderr + out.stdout
 
 
+def test_stages_lists_every_stage_and_explains_one():
+    from selfalign.stages import STAGES
+
+    out = cli("stages", env_extra={"COLUMNS": "200"})
+    text = out.stdout + out.stderr
+    assert out.returncode == 0 and all(name in text for name in STAGES) and "almost_cpu" in text
+    one = cli("stages", "compare", env_extra={"COLUMNS": "200"})
+    text = one.stdout + one.stderr
+    assert one.returncode == 0 and "rubric" in text and "trim_incomplete" in text and "(required)" in text
+    bad = cli("stages", "nope")
+    assert bad.returncode != 0 and "no stage named 'nope'" in bad.stdout + bad.stderr
+
+
 def test_generate_killed_half_way_resumes_without_repeats(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(f"Prompt number {i}: tell me something." for i in range(40)) + "\n")

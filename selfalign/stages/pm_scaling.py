@@ -1,5 +1,5 @@
 """`pm_scaling`: preference-model accuracy against the number of training comparisons, one line per
-objective (Askell et al. 2021, METHODS.md §3 steps 3-4).
+objective (Askell et al. 2021).
 
 The paper compares three ways of learning from the same comparisons (imitation of the better
 sample, binary good/bad discrimination, ranked preference modelling) by their held-out accuracy as
@@ -29,8 +29,8 @@ PMP" curves, drawn dashed beside the plain ones (`without_init: false` skips the
 
 Defaults: training settings are the `reward_model` stage's (ALMoST's reward model: full
 fine-tuning, lr 2e-5, weight decay 0.1, 1 epoch, 1024 tokens, cosine, 3% warmup), for every
-objective; the sizes (powers of 4 from 256) are this project's choice, the paper's grid is not in
-METHODS.md. Sizes larger than the data are cut to all of it. Unless the held-out set is a fraction
+objective; the sizes (powers of 4 from 256) are this project's choice, not the paper's grid.
+Sizes larger than the data are cut to all of it. Unless the held-out set is a fraction
 of the data, only the first max(sizes) pairs of `data` are read (a StackExchange dump is large).
 
 Output: `rows.jsonl`, one row per (objective, n, init) written as soon as that model is scored;

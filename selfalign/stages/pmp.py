@@ -1,4 +1,4 @@
-"""`pmp`: preference-model pre-training (Askell et al. 2021, METHODS.md §3 step 4).
+"""`pmp`: preference-model pre-training (Askell et al. 2021).
 
 Before a preference model is fine-tuned on the small target comparisons, the paper pre-trains it
 as a ranked preference model on a large corpus of public preference-like data (StackExchange
@@ -23,7 +23,7 @@ offline stand-in when no StackExchange dump is at hand.
 Training is `selfalign.pm.train_reward_model` (TRL's `RewardTrainer`, Bradley–Terry) from the
 stage's model (a causal LM; a fresh scalar head). Defaults are those of the `reward_model` stage
 (ALMoST's published settings: full fine-tuning, lr 2e-5, weight decay 0.1, 1 epoch, max length
-1024, cosine, 3% warmup); the paper's PMP hyperparameters are not in METHODS.md.
+1024, cosine, 3% warmup); the paper's PMP hyperparameters are not used here.
 
 Output: `rows.jsonl` (the comparisons trained on, binarised if asked, each with an id and its
 source fields: `question_id`, `chosen_score`, `rejected_score`, `binarised`), `heldout.jsonl` (the

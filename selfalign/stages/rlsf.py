@@ -1,4 +1,4 @@
-"""`rlsf`: reinforcement learning from synthetic feedback (ALMoST, Kim et al. 2023, step 3; METHODS §2.6).
+"""`rlsf`: reinforcement learning from synthetic feedback (ALMoST, Kim et al. 2023, step 3).
 
 The SFT policy is optimised against the synthetic reward model with a KL penalty that keeps it
 close to itself. The paper uses PPO; this stage uses RLOO (REINFORCE leave-one-out, TRL's

@@ -1,4 +1,4 @@
-"""`self_play`: reward-model-guided self-play, RMSP (ALMoST, Kim et al. 2023, step 2 of the method; METHODS §2.4).
+"""`self_play`: reward-model-guided self-play, RMSP (ALMoST, Kim et al. 2023, step 2 of the method).
 
 ALMoST's demonstrations are written by the vanilla model talking to itself, with the synthetic
 reward model as the only judge. Two copies of the model, each prompted for its role, hold a
@@ -26,7 +26,7 @@ engine call, then its follow-ups, then its turn-2 candidates, and so on; a chunk
 when its conversations finish. A killed run replays at most the chunk in flight and never a
 finished conversation.
 
-Defaults and their sources: N = 4 and T = 2 are not published (METHODS §2.4 names them as the
+Defaults and their sources: N = 4 and T = 2 are not published (this project names them as the
 choice); the sampling (temperature 1.0, top-p 0.9) is ALMoST's for synthetic responses; the reply
 length (256 new tokens) and the follow-up length (64, as for mined prompts) are this project's.
 

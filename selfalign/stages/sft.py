@@ -1,4 +1,4 @@
-"""`sft`: supervised fine-tuning on the self-play demonstrations (ALMoST, Kim et al. 2023, step 2; METHODS §2.5).
+"""`sft`: supervised fine-tuning on the self-play demonstrations (ALMoST, Kim et al. 2023, step 2).
 
 The conversations that reward-model-guided self-play wrote (`self_play` rows: `messages`, the best
 reply at every assistant turn) are the demonstrations; the model (`model:`, default the recipe's
