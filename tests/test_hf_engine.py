@@ -172,3 +172,21 @@ def test_single_token_choices_share_one_forward(tiny_engine, monkeypatch):
     for (ctx, conts), scores in zip(items, got, strict=True):
         for cont, s in zip(conts, scores, strict=True):
             assert s == pytest.approx(naive_score(tiny_engine, ctx, cont), abs=1e-3)
+
+
+def test_context_window_and_the_kept_prefix_cache(tiny_engine):
+    from selfalign.engines.hf import context_window
+
+    cfg = tiny_engine.model.config
+    assert tiny_engine.max_length == context_window(tiny_engine.model) == min(cfg.max_position_embeddings, 32768)
+    system = "You are a careful assistant. " * 12
+    items = [([{"role": "system", "content": system}, {"role": "user", "content": f"q{i}"}], [" yes", " no"])
+             for i in range(3)]
+    first = tiny_engine.score_many(items)
+    key, cache = tiny_engine._kept_prefix
+    assert len(key) >= tiny_engine.min_cached_prefix
+    assert tiny_engine._prefix_cache(list(key)) is cache  # the next chunk reuses it, not recomputes it
+    assert tiny_engine.score_many(items) == first  # and using it again changes nothing
+    tiny_engine._kept_prefix = None
+    again = tiny_engine.score_many(items)
+    assert [x for r in again for x in r] == pytest.approx([x for r in first for x in r], abs=1e-5)

@@ -23,6 +23,18 @@ def _batch_seed(seed: int, key: str) -> int:
     return int(hashlib.sha256(f"{seed}|{key}".encode()).hexdigest()[:8], 16)
 
 
+MAX_CONTEXT = 32768
+
+
+def context_window(model) -> int:
+    """The model's own context length (`max_position_embeddings`), capped at 32k tokens. Inputs longer
+    than this lose tokens from the left; a fixed smaller cap would silently cut long system prompts
+    (the HHH prompt is ~4.4k tokens on gemma) and, with them, the shared prefix the KV cache reuses."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    n = getattr(cfg, "max_position_embeddings", None)
+    return min(int(n), MAX_CONTEXT) if isinstance(n, int) and n > 0 else 4096
+
+
 class HFEngine(Engine):
     name = "hf"
 
@@ -35,7 +47,7 @@ class HFEngine(Engine):
         score_batch_tokens: int = 8192,
         score_head_positions: int = 512,
         min_cached_prefix: int = 48,
-        max_length: int = 4096,
+        max_length: int | None = None,
         chat_format: str = "plain",
         trust_remote_code: bool = False,
         model=None,
@@ -54,7 +66,8 @@ class HFEngine(Engine):
         self.score_head_positions = score_head_positions
         self.min_cached_prefix = min_cached_prefix
         self._head_fn = False  # not checked yet; see _head()
-        self.max_length = max_length
+        self._kept_prefix: tuple | None = None  # (tokens, KV cache) of the last shared prefix
+        self.max_length = max_length or context_window(model)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
 
@@ -145,10 +158,18 @@ class HFEngine(Engine):
             yield results
 
     def _prefix_cache(self, tokens: list[int]):
+        """The KV cache of `tokens`, kept for the next call too: an eval scores its items chunk by
+        chunk (to write rows as it goes), and a 4k-token system prompt costs ~30 s to recompute on
+        CPU. Callers deep-copy it before use, so the kept one is never extended."""
         import torch
 
+        key = tuple(tokens)
+        if self._kept_prefix is not None and self._kept_prefix[0] == key:
+            return self._kept_prefix[1]
         with torch.inference_mode():
-            return self.model(input_ids=torch.tensor([tokens], device=self.device), use_cache=True).past_key_values
+            cache = self.model(input_ids=torch.tensor([tokens], device=self.device), use_cache=True).past_key_values
+        self._kept_prefix = (key, cache)
+        return cache
 
     def _pad_after_prefix(self, seqs: list[list[int]], prefix: int):
         """[prefix][pads][rest]: every row ends at the last column, the prefix's cache slots stay
@@ -332,4 +353,5 @@ class HFEngine(Engine):
         return scores
 
     def close(self) -> None:
+        self._kept_prefix = None
         self.model = None
