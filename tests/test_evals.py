@@ -157,7 +157,7 @@ def test_eval_cli_end_to_end_on_tiny_model(tmp_path):
     assert first.returncode == 0, first.stderr
     results = json.loads((out / "01-eval" / "results.json").read_text())
     hhh = results["evals"]["hhh"]
-    assert set(hhh["metrics"]) == {"likelihood", "ab"}
+    assert set(hhh["metrics"]) == {"likelihood", "ab", "likelihood_margin", "ab_margin"}
     assert hhh["counts"] == {"harmless": 1, "helpful": 2, "honest": 1, "other": 1, "overall": 5}
     assert 0.0 <= hhh["metrics"]["ab"]["overall"] <= 1.0
     tqa = results["evals"]["truthfulqa"]["metrics"]["truthfulqa"]
@@ -182,3 +182,12 @@ def test_eval_missing_data_dir_is_clear(tmp_path):
     out = subprocess.run([sys.executable, "-m", "selfalign.cli", "eval", "hhh", "--model", "tiny:llama",
                           "--data-dir", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")], capture_output=True, text=True)
     assert out.returncode == 2 and "Traceback" not in out.stderr and "hhh_alignment" in out.stderr
+
+
+def test_hhh_margin_hand_cases():
+    from selfalign.evals.hhh import margin
+
+    assert margin({"good": -3.0, "bad": -5.0}) == 2.0  # likelihood or rm: good minus bad
+    # A/B: good is A in the first order, B in the second; log-odds of the good letter, both orders averaged
+    assert margin({"good_first": [-1.0, -2.0], "bad_first": [-1.5, -1.0]}) == pytest.approx((1.0 + 0.5) / 2)
+    assert margin({"correct": 1.0}) is None

@@ -53,6 +53,6 @@ def test_quickstart_end_to_end_with_a_kill_during_self_align(tmp_path):
     aligned = json.loads(next(out.glob("*-verbose_clone/_done.json")).read_text())["model"]
     assert os.path.exists(os.path.join(aligned, "adapter_config.json"))
     after = json.loads(next(out.glob("*-eval_aligned/results.json")).read_text())
-    assert after["model"] == aligned and set(after["evals"]["hhh"]["metrics"]) == {"likelihood", "ab"}
+    assert after["model"] == aligned and set(after["evals"]["hhh"]["metrics"]) >= {"likelihood", "ab"}
     report = subprocess.run([sys.executable, "-m", "selfalign.cli", "report", str(out)], capture_output=True, text=True)
     assert report.returncode == 0 and (out / "report.html").exists()
