@@ -32,7 +32,8 @@ CSS = """
 body{font:15px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#1f2328;background:#f6f7f9;margin:0}
 main{max-width:1180px;margin:0 auto;padding:24px 28px 60px} nav a{margin-right:14px;color:#0969da;text-decoration:none}
 h1{margin:0 0 4px;font-size:28px} h2{margin:0 0 12px;font-size:20px} h3{margin:18px 0 8px;font-size:16px}
-section{background:#fff;border:1px solid #e1e4e8;border-radius:10px;padding:18px 22px;margin:18px 0}
+section{background:#fff;border:1px solid #e1e4e8;border-radius:10px;padding:18px 22px;margin:18px 0;overflow-x:auto}
+table.compact .num{min-width:0}
 .facts{display:flex;flex-wrap:wrap;gap:10px;margin:14px 0} .fact{background:#fff;border:1px solid #e1e4e8;border-radius:8px;padding:8px 14px}
 .fact b{display:block;font-size:11px;color:#656d76;text-transform:uppercase;letter-spacing:.04em}
 .big{font-size:34px;font-weight:700;color:#4C72B0} .muted{color:#656d76;font-size:13px;font-weight:400}

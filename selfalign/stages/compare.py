@@ -37,7 +37,9 @@ order, each pair is dropped by the first filter that rejects it:
 2. `length_filter` (the paper's heuristic filter): per prompt, the mean and the *population*
    standard deviation of the character lengths of all its responses (every configuration, good or
    bad); a pair is dropped when its chosen response is shorter than the rejected one AND shorter
-   than mean − std/2. Strict: a chosen exactly at mean − std/2 is kept.
+   than mean − std/2. Strict: a chosen exactly at mean − std/2 is kept. With only two
+   configurations the rule reduces to "drop every pair whose chosen reply is the shorter one"
+   (the shorter of two lengths is always below mean − std/2); it is meant for several.
 3. `post_validation` (optional, off by default; the paper's "as-is RM post-validation", whose
    details are not published): a reward model is trained (`selfalign.pm.train_reward_model`) on
    the pairs that passed 1 and 2, scores them, and among the pairs it ranks the wrong way round

@@ -282,7 +282,7 @@ def report_section(stage: dict):
     note = (f'<p class="muted">Each point: a model trained on the first n comparisons of a seeded shuffle of '
             f'{esc(summary.get("data") or "the data")}, scored on the held-out pairs; a pair is right when the chosen '
             'reply scores higher (ties count half). Dashed: fine-tuned from the pre-trained (PMP) model.</p>')
-    table = (f'<table class="metrics"><thead><tr><th>objective</th><th>init</th><th class="num">n</th>'
+    table = (f'<table class="metrics compact"><thead><tr><th>objective</th><th>init</th><th class="num">n</th>'
              f'<th class="num">accuracy</th>{head}<th class="num">ties</th><th class="num">steps</th>'
              f'<th class="num">train loss</th><th class="num">wall</th></tr></thead><tbody>{body}</tbody></table>')
     return _section(f"pm-scaling-{stage['label']}", f"Preference models: accuracy vs data ({stage['label']})",

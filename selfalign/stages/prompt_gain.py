@@ -102,5 +102,5 @@ def report_section(stage: dict):
             '(1 = the distilled model, without the prompt, does as well as the prompted model; empty where the prompt '
             'changed nothing).</p>')
     return _section(f"gain-{stage['label']}", "Context distillation: the prompt's gain kept",
-                    note + f'<table class="metrics"><thead><tr><th>metric</th><th>category</th>{head}</tr></thead>'
+                    note + f'<table class="metrics compact"><thead><tr><th>metric</th><th>category</th>{head}</tr></thead>'
                     f'<tbody>{body}</tbody></table>')
