@@ -3,12 +3,11 @@ resumed: no response generated twice, every stage finished, the report drawn."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import yaml
+from killrun import kill_when_written
 from test_evals import make_fixture
 
 from selfalign.recipe import find_recipe
@@ -30,18 +29,7 @@ def test_almost_cpu_recipe_end_to_end_with_a_kill_during_compare(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "selfalign.cli", "run", str(path), "--model", "tiny:llama", "--out", str(out),
            "--max-prompts", "6"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    responses = None
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        found = list(out.glob("*-compare/responses.jsonl"))
-        if found and len(found[0].read_text().splitlines()) >= 1:
-            responses = found[0]
-            break
-        time.sleep(0.02)
-    assert responses is not None, proc.stderr.read() if proc.poll() is not None else "compare never started"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    responses = kill_when_written(cmd, env, out, "*-compare/responses.jsonl", 1, "compare")
     before = read_jsonl(responses)
 
     again = subprocess.run(cmd, env=env, capture_output=True, text=True)

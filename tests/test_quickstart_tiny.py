@@ -3,12 +3,11 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import yaml
+from killrun import kill_when_written
 from test_evals import make_fixture
 
 from selfalign.recipe import find_recipe
@@ -26,18 +25,7 @@ def test_quickstart_end_to_end_with_a_kill_during_self_align(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "selfalign.cli", "run", str(path), "--model", "tiny:llama", "--out", str(out),
            "--max-prompts", "6"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    rows_file = None
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        found = list(out.glob("*-self_align/rows.jsonl"))
-        if found and len(found[0].read_text().splitlines()) >= 2:
-            rows_file = found[0]
-            break
-        time.sleep(0.05)
-    assert rows_file is not None, proc.stderr.read() if proc.poll() is not None else "self_align never started"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    rows_file = kill_when_written(cmd, env, out, "*-self_align/rows.jsonl", 2, "self_align", poll=0.05)
     assert not (rows_file.parent / "_done.json").exists(), "self_align finished before the kill"
     before = read_jsonl(rows_file)
 
