@@ -31,10 +31,12 @@ class RunContext:
     engines: dict[tuple, Engine] = field(default_factory=dict)
     stage_dirs: dict[str, Path] = field(default_factory=dict)
 
-    def model_for(self, config: StageConfig) -> str:
+    def model_for(self, config: StageConfig, ref: str | None = None) -> str:
         """The stage's model: its own `model`, else the recipe's. `@label` names the model an
-        earlier training stage wrote (its done-marker's `model`), e.g. `model: "@engrave"`."""
-        ref = config.model or self.recipe.model
+        earlier training stage wrote (its done-marker's `model`), e.g. `model: "@engrave"`.
+        `ref` resolves another model field of the stage the same way (a teacher, a judge, a
+        reward model); None falls back to the stage's model."""
+        ref = ref or config.model or self.recipe.model
         if not ref.startswith("@"):
             return ref
         folder = self.stage_dirs.get(ref[1:])

@@ -80,6 +80,7 @@ from selfalign.evals.common import resolve_system
 from selfalign.progress import console, progress_bar
 from selfalign.recipe import StageConfig, Strict
 from selfalign.stages.mine_prompts import replace_rows
+from selfalign.stages.reward_model import RewardTraining
 from selfalign.stages.self_align import stage_prompts
 from selfalign.store import RowStore, row_id
 
@@ -99,24 +100,11 @@ class Configuration(Strict):
     shots: int | None = Field(None, ge=0, description="HHH example dialogues after the system text (default: 14 with hhh, else 0)")
 
 
-class PostValidation(Strict):
+class PostValidation(RewardTraining):
     """The as-is reward model that double-checks the rubric's pairs (settings: ALMoST's reward model)."""
 
     quantile: float = Field(0.1, gt=0, le=1, description="drop this fraction of the negative-margin pairs, most negative first")
     model: str | None = Field(None, description="where the reward model starts (default: the stage's model)")
-    lora: bool = Field(False, description="LoRA adapter + head (else full fine-tuning)")
-    r: int = Field(16, ge=1)
-    alpha: int = Field(16, ge=1)
-    dropout: float = Field(0.05, ge=0, lt=1)
-    lr: float = Field(2e-5, gt=0, description="ALMoST's reward model: 2e-5")
-    weight_decay: float = Field(0.1, ge=0)
-    epochs: float = Field(1.0, gt=0)
-    max_length: int = Field(1024, ge=8)
-    batch_size: int = Field(4, ge=1)
-    grad_accum: int = Field(1, ge=1, description="ALMoST's reward-model batch is 128 pairs = batch_size x grad_accum")
-    warmup_ratio: float = Field(0.03, ge=0, lt=1)
-    scheduler: str = "cosine"
-    max_steps: int = Field(-1, description="stop after this many steps (-1: the epochs decide)")
 
 
 class Config(StageConfig):
@@ -339,22 +327,18 @@ def _post_validate(ctx, config: Config, pv: PostValidation, rows: list[dict], fo
     """Train the as-is reward model on the surviving pairs, score them, mark the drops. Returns its record."""
     from selfalign.pm import train_reward_model
     from selfalign.rewards import RewardModel
-    from selfalign.training import lora_settings
 
     alive = [r for r in rows if r["kept"]]
     record_file = folder / PV_FILE
     # what the scores depend on (not the quantile: changing it only re-reads the margins)
-    key = row_id("post_validation", [r["id"] for r in alive], pv.model_dump(exclude={"quantile"}), config.model, ctx.recipe.seed)
+    key = row_id("post_validation", [r["id"] for r in alive], pv.model_dump(exclude={"quantile", "merge"}), config.model, ctx.recipe.seed)
     record = json.loads(record_file.read_text()) if record_file.exists() else None
     if not record or record.get("key") != key:
-        base = ctx.model_for(config.model_copy(update={"model": pv.model})) if pv.model else ctx.model_for(config)
+        base = ctx.model_for(config, pv.model)
         ctx.free_accelerator()
-        lora = lora_settings(pv)
         result = train_reward_model(base, [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}
-                                           for r in alive], folder / "post_validation", lora=lora, lr=pv.lr,
-                                    epochs=pv.epochs, max_length=pv.max_length, batch_size=pv.batch_size,
-                                    grad_accum=pv.grad_accum, warmup_ratio=pv.warmup_ratio, weight_decay=pv.weight_decay,
-                                    scheduler=pv.scheduler, seed=ctx.recipe.seed, max_steps=pv.max_steps)
+                                           for r in alive], folder / "post_validation",
+                                    **pv.train_settings(ctx.recipe.seed))
         rm = RewardModel(result["model"], max_length=pv.max_length)
         prompts = [r["prompt"] for r in alive]
         chosen = rm.score(prompts, [r["chosen"] for r in alive])
@@ -397,7 +381,7 @@ def run(ctx, config: Config, folder) -> dict:
     sampling = config.sampling.model_copy(update={"n": 1, "seed": config.sampling.seed or ctx.recipe.seed})
     setups = []
     for c in config.configurations:
-        model = ctx.model_for(config.model_copy(update={"model": c.model})) if c.model else ctx.model_for(config)
+        model = ctx.model_for(config, c.model)
         context = configuration_context(c)
         ids = {pid: row_id("compare", c.name, model, context, pid, p, sampling.model_dump()) for pid, p in prompts}
         setups.append((c, model, context, ids))

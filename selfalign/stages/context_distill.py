@@ -185,7 +185,7 @@ def run(ctx, config: Config, folder) -> dict:
 
     folder = Path(folder)
     base = ctx.model_for(config)
-    teacher = ctx.model_for(config.model_copy(update={"model": config.teacher})) if config.teacher else base
+    teacher = ctx.model_for(config, config.teacher)
     system = resolve_system(config.system)
     if not system:
         raise SelfAlignError(f"{config.label}.system: context distillation needs a context C (got an empty one)")

@@ -109,7 +109,7 @@ def results_table(results: dict) -> Table:
 def run(ctx, config: Config, folder: Path) -> dict:
     model = ctx.model_for(config)
     if config.judge and config.judge.startswith("@"):  # e.g. judge: "@reward_model"
-        config = config.model_copy(update={"judge": ctx.model_for(config.model_copy(update={"model": config.judge}))})
+        config = config.model_copy(update={"judge": ctx.model_for(config, config.judge)})
     folder.mkdir(parents=True, exist_ok=True)
     evals = run_evals(config, model, folder, lambda: ctx.engine(model))
     results = {"model": model, "engine": ctx.recipe.engine.name, "system": resolve_system(config.system),

@@ -59,13 +59,14 @@ from selfalign.errors import SelfAlignError
 from selfalign.pm_objectives import OBJECTIVES
 from selfalign.pmp import load_corpus, source_path
 from selfalign.progress import console
-from selfalign.stages.pmp import PMTraining
+from selfalign.recipe import StageConfig
+from selfalign.stages.reward_model import RewardTraining
 from selfalign.store import RowStore, row_id
 
 Objective = Literal["ranked", "binary", "imitation"]
 
 
-class Config(PMTraining):
+class Config(RewardTraining, StageConfig):
     stage: str = "pm_scaling"
     data: str = Field(..., description="training comparisons: an earlier stage (@compare), a JSONL of prompt/chosen/"
                                        "rejected, or a StackExchange file")

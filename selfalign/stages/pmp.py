@@ -49,39 +49,13 @@ from selfalign.errors import SelfAlignError
 from selfalign.pmp import binarise, load_corpus, source_path
 from selfalign.progress import console
 from selfalign.recipe import StageConfig
+from selfalign.stages.reward_model import RewardTraining
 from selfalign.store import RowStore, row_id
-from selfalign.training import lora_settings
 
 WRITE_CHUNK = 1000
 
 
-class PMTraining(StageConfig):
-    """Preference-model training settings shared by `pmp` and `pm_scaling` (ALMoST's RM settings)."""
-
-    lora: bool = Field(False, description="LoRA adapter + trained head (else full fine-tuning, as in the papers)")
-    r: int = Field(16, ge=1, description="LoRA rank")
-    alpha: int = Field(16, ge=1, description="LoRA alpha")
-    dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout")
-    lr: float = Field(2e-5, gt=0, description="peak learning rate (ALMoST's reward model: 2e-5)")
-    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (ALMoST: 0.1)")
-    epochs: float = Field(1.0, gt=0, description="passes over the pairs (ALMoST: 1)")
-    max_length: int = Field(1024, ge=8, description="tokens per text, cut from the left (ALMoST: 1024)")
-    batch_size: int = Field(4, ge=1, description="pairs per device step")
-    grad_accum: int = Field(1, ge=1, description="gradient accumulation steps")
-    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="fraction of steps with linear warmup (ALMoST: 3%)")
-    scheduler: str = Field("cosine", description="learning-rate schedule (ALMoST: cosine)")
-    merge: bool = Field(False, description="with LoRA: save a merged plain model instead of the adapter")
-    max_steps: int = Field(-1, description="stop after this many optimizer steps (-1: the epochs decide)")
-
-    def train_settings(self, seed: int) -> dict:
-        """Keyword arguments of `train_reward_model` / `selfalign.pm_objectives.train_pm`."""
-        lora = lora_settings(self)
-        return dict(lora=lora, lr=self.lr, epochs=self.epochs, max_length=self.max_length, batch_size=self.batch_size,
-                    grad_accum=self.grad_accum, warmup_ratio=self.warmup_ratio, weight_decay=self.weight_decay,
-                    scheduler=self.scheduler, seed=seed, merge=self.merge, max_steps=self.max_steps)
-
-
-class Config(PMTraining):
+class Config(RewardTraining, StageConfig):
     stage: str = "pmp"
     corpus: str = Field(..., description="StackExchange file/folder (JSONL, JSON, Parquet), a JSONL of prompt/chosen/"
                                          "rejected, or an earlier stage's rows (@compare)")

@@ -36,7 +36,7 @@ from pydantic import Field
 
 from selfalign.errors import SelfAlignError
 from selfalign.progress import console
-from selfalign.recipe import StageConfig
+from selfalign.recipe import StageConfig, Strict
 from selfalign.stages.engrave import data_file
 from selfalign.store import RowStore, read_jsonl
 from selfalign.training import lora_settings
@@ -44,24 +44,38 @@ from selfalign.training import lora_settings
 TRAIN_SAMPLE = 256
 
 
-class Config(StageConfig):
-    stage: str = "reward_model"
-    data: str = Field(..., description="an earlier stage's name or a JSONL file with prompt, chosen, rejected, [kept]")
-    heldout: float = Field(0.1, ge=0, lt=1, description="fraction of prompts held out for accuracy (whole prompts)")
-    max_pairs: int | None = Field(None, ge=1, description="train on at most N pairs (after the held-out split)")
-    lora: bool = Field(False, description="LoRA adapter + trained head (else full fine-tuning, as in the paper)")
+class RewardTraining(Strict):
+    """How a reward (preference) model is trained: ALMoST's published reward-model settings as
+    defaults. Shared by `reward_model`, `pmp`, `pm_scaling` and `compare`'s post-validation."""
+
+    lora: bool = Field(False, description="LoRA adapter + trained head (else full fine-tuning, as in the papers)")
     r: int = Field(16, ge=1, description="LoRA rank")
     alpha: int = Field(16, ge=1, description="LoRA alpha")
     dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout")
-    lr: float = Field(2e-5, gt=0, description="peak learning rate (ALMoST: 2e-5)")
+    lr: float = Field(2e-5, gt=0, description="peak learning rate (ALMoST's reward model: 2e-5)")
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (ALMoST: 0.1)")
     epochs: float = Field(1.0, gt=0, description="passes over the pairs (ALMoST: 1)")
     max_length: int = Field(1024, ge=8, description="tokens per text, cut from the left (ALMoST: 1024)")
     batch_size: int = Field(4, ge=1, description="pairs per device step")
-    grad_accum: int = Field(1, ge=1, description="gradient accumulation (ALMoST's batch is 128 pairs)")
+    grad_accum: int = Field(1, ge=1, description="gradient accumulation (ALMoST's batch is 128 pairs = batch_size x grad_accum)")
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="fraction of steps with linear warmup (ALMoST: 3%)")
     scheduler: str = Field("cosine", description="learning-rate schedule (ALMoST: cosine)")
     merge: bool = Field(False, description="with LoRA: save a merged plain model instead of the adapter")
+    max_steps: int = Field(-1, description="stop after this many optimizer steps (-1: the epochs decide)")
+
+    def train_settings(self, seed: int) -> dict:
+        """Keyword arguments of `selfalign.pm.train_reward_model` / `selfalign.pm_objectives.train_pm`."""
+        return dict(lora=lora_settings(self), lr=self.lr, epochs=self.epochs, max_length=self.max_length,
+                    batch_size=self.batch_size, grad_accum=self.grad_accum, warmup_ratio=self.warmup_ratio,
+                    weight_decay=self.weight_decay, scheduler=self.scheduler, seed=seed, merge=self.merge,
+                    max_steps=self.max_steps)
+
+
+class Config(RewardTraining, StageConfig):
+    stage: str = "reward_model"
+    data: str = Field(..., description="an earlier stage's name or a JSONL file with prompt, chosen, rejected, [kept]")
+    heldout: float = Field(0.1, ge=0, lt=1, description="fraction of prompts held out for accuracy (whole prompts)")
+    max_pairs: int | None = Field(None, ge=1, description="train on at most N pairs (after the held-out split)")
 
 
 def load_pairs(path: Path) -> tuple[list[dict], int]:
@@ -107,11 +121,7 @@ def run(ctx, config: Config, folder) -> dict:
     (folder / "heldout.jsonl").write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in heldout), encoding="utf-8")
     console.print(f"  {len(train)} training pairs, {len(heldout)} held out ({skipped} not kept) from {source}")
     ctx.free_accelerator()
-    lora = lora_settings(config)
-    result = train_reward_model(base, train, folder, lora=lora, lr=config.lr, epochs=config.epochs,
-                                max_length=config.max_length, batch_size=config.batch_size, grad_accum=config.grad_accum,
-                                warmup_ratio=config.warmup_ratio, weight_decay=config.weight_decay,
-                                scheduler=config.scheduler, seed=ctx.recipe.seed, merge=config.merge)
+    result = train_reward_model(base, train, folder, **config.train_settings(ctx.recipe.seed))
     rm = RewardModel(result["model"], max_length=config.max_length)
     evals = {}
     sample = random.Random(ctx.recipe.seed).sample(train, min(TRAIN_SAMPLE, len(train)))

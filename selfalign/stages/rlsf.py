@@ -57,7 +57,6 @@ from selfalign.progress import console
 from selfalign.recipe import StageConfig
 from selfalign.rl import RewardFunction, kl_estimate, policy_prompt, rl_dataset_rows, rloo_train
 from selfalign.stages.self_align import load_stage_prompts
-from selfalign.stages.self_play import model_ref
 from selfalign.store import RowStore, row_id
 from selfalign.training import lora_settings, model_output
 
@@ -187,7 +186,7 @@ def run(ctx, config: Config, folder) -> dict:
 
     folder = Path(folder)
     policy = ctx.model_for(config)
-    rm_ref = model_ref(ctx, config, config.reward_model)
+    rm_ref = ctx.model_for(config, config.reward_model)
     system = resolve_system(config.system)
     everything = load_stage_prompts(ctx, config.prompts)
     if len(everything) <= config.heldout:

@@ -106,11 +106,6 @@ def pick_best(scores: Sequence[float | None]) -> int | None:
     return best
 
 
-def model_ref(ctx, config: StageConfig, ref: str | None) -> str:
-    """A model field resolved like `model:` (None: the stage's model; `@stage`: an earlier stage's)."""
-    return ctx.model_for(config if ref is None else config.model_copy(update={"model": ref}))
-
-
 # -- the stage ------------------------------------------------------------------------------------
 def play(chunk: list[tuple[str, str]], assistant, user, rm, config: Config, system: str | None,
          sampling: Sampling, user_sampling: Sampling) -> list[dict]:
@@ -155,9 +150,9 @@ def play(chunk: list[tuple[str, str]], assistant, user, rm, config: Config, syst
 def run(ctx, config: Config, folder) -> dict:
     from selfalign.rewards import RewardModel
 
-    assistant_ref = model_ref(ctx, config, config.assistant)
-    user_ref = model_ref(ctx, config, config.user)
-    rm_ref = model_ref(ctx, config, config.reward_model)
+    assistant_ref = ctx.model_for(config, config.assistant)
+    user_ref = ctx.model_for(config, config.user)
+    rm_ref = ctx.model_for(config, config.reward_model)
     system = resolve_system(config.system)
     prompts = stage_prompts(ctx, config)
     seed = config.sampling.seed or ctx.recipe.seed

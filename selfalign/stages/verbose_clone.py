@@ -50,7 +50,7 @@ def run(ctx, config: Config, folder) -> dict:
     from selfalign.training import lora_settings, sft_train
 
     base = ctx.model_for(config)
-    teacher = ctx.model_for(config.model_copy(update={"model": config.teacher}))
+    teacher = ctx.model_for(config, config.teacher)
     verbose = yaml_key(config.system_prompts, "verbose")
     short = yaml_key(config.system_prompts, "engraved")
     prompts = stage_prompts(ctx, config)
