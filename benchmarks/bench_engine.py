@@ -187,7 +187,7 @@ def bench_prefix(engine, args, results) -> None:
     for label, threshold in (("recomputed", 10**9), ("cached", saved)):
         engine.min_cached_prefix = threshold
         # the engine keeps the last prefix's cache between calls: drop it, so every repeat pays for it once
-        times[label] = median_time(lambda: (setattr(engine, "_kept_prefix", None), engine.generate(prompts, sampling)),
+        times[label] = median_time(lambda: (engine.forget_prefix(), engine.generate(prompts, sampling)),
                                    args.repeats)
     engine.min_cached_prefix = saved
     results["prefix"] = {"context_tokens": n_ctx, **{k: round(v, 2) for k, v in times.items()},

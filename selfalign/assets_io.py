@@ -20,15 +20,21 @@ def asset_path(ref: str) -> Path:
     return path
 
 
-def load_yaml_list(ref: str, required: tuple[str, ...]) -> list[dict]:
-    """A YAML list of mappings, each with the `required` keys; errors name the file and entry."""
-    path = asset_path(ref)
+def read_yaml_list(path: Path, what: str = "entries") -> list:
+    """The non-empty YAML list in `path`; errors name the file."""
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise SelfAlignError(f"{path}: invalid YAML: {exc}") from None
     if not isinstance(data, list) or not data:
-        raise SelfAlignError(f"{path}: expected a non-empty list of entries")
+        raise SelfAlignError(f"{path}: expected a non-empty list of {what}")
+    return data
+
+
+def load_yaml_list(ref: str, required: tuple[str, ...]) -> list[dict]:
+    """A YAML list of mappings, each with the `required` keys; errors name the file and entry."""
+    path = asset_path(ref)
+    data = read_yaml_list(path)
     for i, entry in enumerate(data):
         missing = [k for k in required if not isinstance(entry, dict) or not str(entry.get(k, "")).strip()]
         if missing:

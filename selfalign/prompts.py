@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from selfalign.assets_io import ASSETS
+from selfalign.assets_io import ASSETS, read_yaml_list
 from selfalign.chat import validate_messages
 from selfalign.errors import SelfAlignError
 from selfalign.store import row_id
@@ -113,14 +113,7 @@ def _dedup(prompts: list[Prompt]) -> list[Prompt]:
 
 
 def _yaml_prompts(path: Path) -> list[Prompt]:
-    import yaml
-
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise SelfAlignError(f"{path}: invalid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(data, list) or not data:
-        raise SelfAlignError(f"{path}: expected a non-empty YAML list of prompts")
+    data = read_yaml_list(path, "prompts")
     prompts = []
     for i, entry in enumerate(data):
         if isinstance(entry, dict):

@@ -187,6 +187,6 @@ def test_context_window_and_the_kept_prefix_cache(tiny_engine):
     assert len(key) >= tiny_engine.min_cached_prefix
     assert tiny_engine._prefix_cache(list(key)) is cache  # the next chunk reuses it, not recomputes it
     assert tiny_engine.score_many(items) == first  # and using it again changes nothing
-    tiny_engine._kept_prefix = None
+    tiny_engine.forget_prefix()
     again = tiny_engine.score_many(items)
     assert [x for r in again for x in r] == pytest.approx([x for r in first for x in r], abs=1e-5)

@@ -352,6 +352,10 @@ class HFEngine(Engine):
                 scores[r] = value
         return scores
 
-    def close(self) -> None:
+    def forget_prefix(self) -> None:
+        """Drop the kept prefix cache (frees its memory; the next shared prefix is computed afresh)."""
         self._kept_prefix = None
+
+    def close(self) -> None:
+        self.forget_prefix()
         self.model = None
