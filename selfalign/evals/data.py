@@ -277,6 +277,12 @@ def _parse_hhh_example(path: Path, i: int, ex) -> tuple[str, str, str]:
     return ex["input"], good[0], bad[0]
 
 
+def should_verify(data_dir: str | Path | None) -> bool:
+    """Counts are checked on the fetched BIG-bench cache only: a hand-placed folder (`data_dir` or
+    $SELFALIGN_DATA_DIR) may hold a subset or a fixture."""
+    return not (data_dir or os.environ.get("SELFALIGN_DATA_DIR"))
+
+
 def load_hhh(data_dir: str | Path | None = None, verify: bool = True) -> list[HHHItem]:
     """The HHH alignment items, categories in HHH_CATEGORIES order, each in file order."""
     folder = bigbench_dir(data_dir)

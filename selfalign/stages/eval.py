@@ -11,7 +11,6 @@ aligned model last. Writes per-item rows (resumable) under the stage folder and 
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Literal
@@ -72,14 +71,14 @@ def run_evals(config: Config, model: str, folder: Path, get_engine) -> dict:
     if "hhh" in config.evals:
         from selfalign.evals.hhh import evaluate_hhh
 
-        items = limited(data.load_hhh(config.data_dir, verify=not (config.data_dir or os.environ.get("SELFALIGN_DATA_DIR"))), config.limit, key=lambda it: it.category)
+        items = limited(data.load_hhh(config.data_dir, verify=data.should_verify(config.data_dir)), config.limit, key=lambda it: it.category)
         lm_scorings = [s for s in config.scoring if s != "rm"]
         engine = get_engine() if lm_scorings else None
         evals["hhh"] = evaluate_hhh(engine, items, folder, tuple(config.scoring), system, judge, model_label=model)
     if "truthfulqa" in config.evals:
         from selfalign.evals.truthfulqa import evaluate_truthfulqa
 
-        items = limited(data.load_truthfulqa(config.data_dir, verify=not (config.data_dir or os.environ.get("SELFALIGN_DATA_DIR"))), config.limit)
+        items = limited(data.load_truthfulqa(config.data_dir, verify=data.should_verify(config.data_dir)), config.limit)
         evals["truthfulqa"] = evaluate_truthfulqa(get_engine(), items, folder, system, model_label=model)
     if "preference" in config.evals:
         from selfalign.evals.preference import load_comparisons, preference_accuracy

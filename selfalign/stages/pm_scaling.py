@@ -104,13 +104,12 @@ class Config(RewardTraining, StageConfig):
 
 def hhh_pairs(data_dir: str | None, limit: int | None) -> list[dict]:
     """BIG-bench HHH items as comparison pairs: the query as the user turn, good reply chosen."""
-    import os
 
     from selfalign.evals import data
     from selfalign.evals.hhh import dialogue
     from selfalign.stages.eval import limited
 
-    items = data.load_hhh(data_dir, verify=not (data_dir or os.environ.get("SELFALIGN_DATA_DIR")))
+    items = data.load_hhh(data_dir, verify=data.should_verify(data_dir))
     items = limited(items, limit, key=lambda it: it.category)
     return [{"prompt": dialogue(it.input, None), "chosen": it.good.strip(), "rejected": it.bad.strip(),
              "category": it.category, "item": it.id} for it in items]
