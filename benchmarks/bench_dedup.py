@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from test_dedup import synthetic_prompts  # noqa: E402
 
-from selfalign.dedup import naive_dedup, rouge_dedup, rouge_l, rouge_tokens  # noqa: E402
+from selfalign.core.dedup import naive_dedup, rouge_dedup, rouge_l, rouge_tokens  # noqa: E402
 
 
 def per_pair_seconds(texts: list[str], samples: int = 20000) -> float:

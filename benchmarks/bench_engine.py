@@ -75,14 +75,14 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args(argv)
 
-    from selfalign.engines.hf import HFEngine
+    from selfalign.core.engines.hf import HFEngine
 
     if args.random_init:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        from selfalign.models import pick_device, pick_dtype
-        from selfalign.tiny import build_byte_tokenizer
+        from selfalign.core.models import pick_device, pick_dtype
+        from selfalign.core.tiny import build_byte_tokenizer
 
         device = pick_device(args.device)
         config = AutoConfig.from_pretrained(args.random_init)
@@ -115,7 +115,7 @@ def main(argv=None) -> int:
 
 
 def bench_generation(engine, args, results) -> None:
-    from selfalign.engines import Sampling
+    from selfalign.core.engines import Sampling
 
     sampling = Sampling(temperature=0.7, top_p=0.9, max_new_tokens=args.new_tokens, seed=1)
     prompts = [f"Human: Write a short note about topic number {i}.\n\nAssistant:" for i in range(64)]
@@ -171,9 +171,9 @@ def bench_scoring(engine, args, results) -> None:
 def bench_prefix(engine, args, results) -> None:
     """Self-Align's case: every prompt behind the same ~2k-token principles + exemplars context.
     Generation with that context's KV cache computed once, against recomputing it every batch."""
-    from selfalign.assets_io import load_yaml_list, yaml_key
-    from selfalign.engines import Sampling
-    from selfalign.stages.self_align import principle_context, principle_prompt
+    from selfalign.core.assets_io import load_yaml_list, yaml_key
+    from selfalign.core.engines import Sampling
+    from selfalign.methods.self_align.self_align import principle_context, principle_prompt
 
     context = principle_context(yaml_key("builtin:self_align/system_prompts.yaml", "principle_header"),
                                 load_yaml_list("builtin:self_align/principles.yaml", ("name", "text")),

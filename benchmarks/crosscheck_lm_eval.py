@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print("lm_eval is not installed; see this script's docstring for how to install it.", file=sys.stderr)
         return 2
-    from selfalign.engines.hf import HFEngine
+    from selfalign.core.engines.hf import HFEngine
     from selfalign.evals.data import load_hhh
 
     items = limited(load_hhh(args.data_dir, verify=args.data_dir is None), args.limit)

@@ -10,8 +10,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from selfalign.errors import SelfAlignError
-from selfalign.progress import console
+from selfalign.core.errors import SelfAlignError
+from selfalign.core.progress import console
 
 app = typer.Typer(
     name="selfalign",
@@ -51,8 +51,8 @@ def run(
 
         selfalign run quickstart --model tiny:llama     # a 2-layer random model: a smoke test in seconds
     """
-    from selfalign.pipeline import run_recipe
-    from selfalign.recipe import load_recipe
+    from selfalign.core.pipeline import run_recipe
+    from selfalign.core.recipe import load_recipe
 
     rec = load_recipe(recipe, {"model": model, "out": out, "engine": engine, "max_prompts": max_prompts, "seed": seed})
     console.print(f"[bold]selfalign run[/] {rec.name}: model [cyan]{rec.model}[/], engine {rec.engine.name}, "
@@ -97,9 +97,9 @@ def generate(
 
     Example: selfalign generate --prompts builtin:quickstart --model embedded:gemma-3-270m --n 2
     """
-    from selfalign.models import DEFAULT_MODEL
-    from selfalign.pipeline import run_recipe
-    from selfalign.recipe import parse_recipe
+    from selfalign.core.models import DEFAULT_MODEL
+    from selfalign.core.pipeline import run_recipe
+    from selfalign.core.recipe import parse_recipe
 
     stem = Path(prompts.split(":", 1)[1] if prompts.startswith("builtin:") else prompts).stem
     data = {
@@ -149,9 +149,9 @@ def eval_(
 
     Example: selfalign eval hhh truthfulqa --model embedded:gemma-3-270m --system hhh
     """
-    from selfalign.models import DEFAULT_MODEL
-    from selfalign.pipeline import run_recipe, stage_folder
-    from selfalign.recipe import parse_recipe
+    from selfalign.core.models import DEFAULT_MODEL
+    from selfalign.core.pipeline import run_recipe, stage_folder
+    from selfalign.core.recipe import parse_recipe
 
     model = model or DEFAULT_MODEL
     stage = {"stage": "eval", "name": "eval" + (f"-{_slug(system)}" if system else ""), "evals": evals,
@@ -194,7 +194,7 @@ def report(
     """Write one self-contained HTML report of a run: what ran and how long, the human-written inputs
     (the supervision budget), evaluations before/after with charts, reward distributions, training
     curves, and base-vs-aligned samples side by side. Works on a run that is still going."""
-    from selfalign.report import build_report
+    from selfalign.core.report import build_report
 
     path = build_report(run_dir, out)
     console.print(f"report: {path}")
@@ -210,7 +210,7 @@ def stages(
 
     import yaml
 
-    from selfalign.recipe import builtin_recipes_dir
+    from selfalign.core.recipe import builtin_recipes_dir
     from selfalign.stages import STAGES
 
     if name is None:
@@ -250,9 +250,9 @@ def models():
     """What the model resolver knows: embedded and tiny models, and what is converted in the cache."""
     import importlib.util
 
-    from selfalign.models import EMBEDDED, MARKER, cached_models
-    from selfalign.paths import models_cache_dir
-    from selfalign.tiny import TINY_ARCHES
+    from selfalign.core.models import EMBEDDED, MARKER, cached_models
+    from selfalign.core.paths import models_cache_dir
+    from selfalign.core.tiny import TINY_ARCHES
 
     table = Table(title="model references")
     table.add_column("reference")

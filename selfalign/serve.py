@@ -23,9 +23,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from selfalign.chat import render_plain
-from selfalign.engines.base import Completion, Engine, Sampling
-from selfalign.errors import SelfAlignError
+from selfalign.core.chat import render_plain
+from selfalign.core.engines.base import Completion, Engine, Sampling
+from selfalign.core.errors import SelfAlignError
 
 
 class _ApiError(Exception):
@@ -260,7 +260,7 @@ def run_server(
     """Load `model_ref` with the hf engine and serve it until interrupted."""
     import uvicorn
 
-    from selfalign.engines.hf import HFEngine
+    from selfalign.core.engines.hf import HFEngine
 
     try:  # fail before loading the model if the address is taken
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]

@@ -29,13 +29,13 @@ def private_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_engine(private_cache):
-    from selfalign.engines.hf import HFEngine
+    from selfalign.core.engines.hf import HFEngine
 
     return HFEngine("tiny:llama", batch_size=4)
 
 
 @pytest.fixture(scope="session")
 def tiny_gemma_engine(private_cache):
-    from selfalign.engines.hf import HFEngine
+    from selfalign.core.engines.hf import HFEngine
 
     return HFEngine("tiny:gemma3", batch_size=4)

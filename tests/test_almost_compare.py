@@ -6,14 +6,14 @@ import statistics
 
 import pytest
 
-from selfalign.engines.base import Completion, Engine
-from selfalign.errors import SelfAlignError
-from selfalign.pipeline import RunContext
-from selfalign.recipe import parse_recipe
-from selfalign.stages import compare as cmp
-from selfalign.stages import mine_prompts as mp
-from selfalign.stages.self_align import load_stage_prompts
-from selfalign.store import read_jsonl
+from selfalign.core.engines.base import Completion, Engine
+from selfalign.core.errors import SelfAlignError
+from selfalign.core.pipeline import RunContext
+from selfalign.core.recipe import parse_recipe
+from selfalign.core.store import read_jsonl
+from selfalign.methods.almost import compare as cmp
+from selfalign.methods.almost import mine_prompts as mp
+from selfalign.methods.self_align.self_align import load_stage_prompts
 
 
 # -- rubric --------------------------------------------------------------------------------------
@@ -136,8 +136,8 @@ def test_post_validation_drops_the_most_negative_quantile():
 
 
 def test_configuration_contexts():
+    from selfalign.core.hhh_prompt import load_hhh_prompt
     from selfalign.evals.common import resolve_system
-    from selfalign.hhh_prompt import load_hhh_prompt
 
     hhh = load_hhh_prompt()
     full = cmp.configuration_context(cmp.Configuration(name="x", system="hhh"))
@@ -446,7 +446,7 @@ def test_compare_reads_mined_prompts(tmp_path):
 
 def test_post_validation_trains_scores_drops_and_is_reused(tmp_path, monkeypatch):
     pytest.importorskip("trl")
-    import selfalign.pm as pm
+    import selfalign.core.reward_training as pm
 
     engines = {"m-big": ScriptedEngine(compare_reply), "m-small": ScriptedEngine(compare_reply)}
     stage = _compare_stage(_prompt_file(tmp_path),
@@ -486,7 +486,7 @@ def test_post_validation_trains_scores_drops_and_is_reused(tmp_path, monkeypatch
 
 
 def test_trim_to_sentence_hand_cases():
-    from selfalign.stages.compare import reply_text, trim_to_sentence
+    from selfalign.methods.almost.compare import reply_text, trim_to_sentence
 
     assert trim_to_sentence("First part. Second part is cut") == "First part."
     assert trim_to_sentence('He said "stop." Then he left and') == 'He said "stop."'
@@ -499,7 +499,7 @@ def test_trim_to_sentence_hand_cases():
 
 
 def test_make_pairs_uses_trimmed_replies():
-    from selfalign.stages.compare import make_pairs
+    from selfalign.methods.almost.compare import make_pairs
 
     long_ok = "This is a complete and careful first sentence of the answer. Then it goes on and on without"
     responses = {("p", "good"): {"id": "a", "response": long_ok, "finish_reason": "length"},

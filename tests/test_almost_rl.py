@@ -5,11 +5,11 @@ import json
 
 import pytest
 
-from selfalign.pipeline import RunContext, run_recipe
-from selfalign.recipe import parse_recipe
-from selfalign.rl import kl_estimate, policy_prompt
-from selfalign.stages import rlsf, self_play, sft
-from selfalign.store import read_jsonl
+from selfalign.core.pipeline import RunContext, run_recipe
+from selfalign.core.recipe import parse_recipe
+from selfalign.core.store import read_jsonl
+from selfalign.methods.almost import rlsf, self_play, sft
+from selfalign.methods.almost.rloo import kl_estimate, policy_prompt
 
 PROMPTS = [f"Question {i}: how do I {verb} a {noun}?" for i, (verb, noun) in enumerate(
     [("clean", "kettle"), ("plant", "tree"), ("fix", "bike"), ("paint", "fence"), ("bake", "cake"),
@@ -18,7 +18,7 @@ PROMPTS = [f"Question {i}: how do I {verb} a {noun}?" for i, (verb, noun) in enu
 
 @pytest.fixture(scope="module")
 def rm_dir(private_cache, tmp_path_factory):
-    from selfalign.rewards import build_tiny_reward_model
+    from selfalign.core.rewards import build_tiny_reward_model
 
     return str(build_tiny_reward_model(tmp_path_factory.mktemp("rm") / "rm"))
 
@@ -73,7 +73,7 @@ def test_heldout_split_is_seeded_and_disjoint():
 
 # -- self_play --------------------------------------------------------------------------------------
 def test_self_play_rows_keep_the_best_candidate_by_reward(tmp_path, prompt_file, rm_dir):
-    from selfalign.rewards import RewardModel
+    from selfalign.core.rewards import RewardModel
 
     ctx = context(tmp_path, play_stage(prompt_file, rm_dir, max_prompts=4))
     summary = self_play.run(ctx, ctx.recipe.stages[0], tmp_path / "play")
@@ -145,8 +145,8 @@ def test_self_play_killed_half_way_resumes_without_losing_or_repeating(tmp_path,
 def test_sft_trains_on_assistant_turns_only(tmp_path, private_cache, monkeypatch):
     import trl
 
-    from selfalign.models import load_tokenizer, resolve
-    from selfalign.training import IGNORE
+    from selfalign.core.models import load_tokenizer, resolve
+    from selfalign.core.training import IGNORE
 
     conv = [{"role": "user", "content": "How do I boil an egg?"}, {"role": "assistant", "content": "Put it in boiling water."},
             {"role": "user", "content": "For how long?"}, {"role": "assistant", "content": "About nine minutes."}]
@@ -245,7 +245,7 @@ def test_rlsf_with_a_vanishing_step_keeps_the_sft_policy(tmp_path, prompt_file, 
 
 # -- the three as one recipe --------------------------------------------------------------------------
 def test_self_play_sft_rlsf_recipe_end_to_end(tmp_path, prompt_file, rm_dir):
-    from selfalign.report import build_report
+    from selfalign.core.report import build_report
 
     recipe = parse_recipe({"name": "almost-tail", "model": "tiny:llama", "engine": {"batch_size": 8}, "stages": [
         play_stage(prompt_file, rm_dir, max_prompts=4, turns=1),

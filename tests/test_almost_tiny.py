@@ -10,8 +10,8 @@ import yaml
 from killrun import kill_when_written
 from test_evals import make_fixture
 
-from selfalign.recipe import find_recipe
-from selfalign.store import read_jsonl
+from selfalign.core.recipe import find_recipe
+from selfalign.core.store import read_jsonl
 
 
 def test_almost_cpu_recipe_end_to_end_with_a_kill_during_compare(tmp_path):

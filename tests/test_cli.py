@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from selfalign.store import read_jsonl
+from selfalign.core.store import read_jsonl
 
 
 def cli(*args, env_extra=None, **kw):

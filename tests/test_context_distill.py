@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from selfalign import distill
-from selfalign.errors import SelfAlignError
+from selfalign.core.errors import SelfAlignError
+from selfalign.methods.hhh_lab import distill
 
 CONTEXT = "The assistant below is polite, honest and brief. It says so when it does not know. " * 2
 TEXTS = [
@@ -19,14 +19,14 @@ TEXTS = [
 
 
 def examples(texts=TEXTS):
-    from selfalign.stages.context_distill import reply_offset
+    from selfalign.methods.hhh_lab.context_distill import reply_offset
 
     return [{"id": f"x{i}", "text": t, "reply_char": reply_offset(t)} for i, t in enumerate(texts)]
 
 
 @pytest.fixture(scope="module")
 def tiny(private_cache):
-    from selfalign.models import load_model
+    from selfalign.core.models import load_model
 
     return load_model("tiny:llama", device="cpu")
 
@@ -141,8 +141,8 @@ def test_reply_only_targets_predict_the_reply(tiny, tmp_path):
 
 # -- training -----------------------------------------------------------------------------------------------
 def test_training_moves_the_student_toward_the_teacher(tiny, tmp_path):
-    from selfalign.models import load_model, resolve
-    from selfalign.training import LoraSettings, model_output
+    from selfalign.core.models import load_model, resolve
+    from selfalign.core.training import LoraSettings, model_output
 
     model, tok = tiny
     key = distill.teacher_key("tiny:llama", CONTEXT, 16, "float16", 128)
@@ -171,16 +171,16 @@ def test_student_with_another_tokenizer_is_refused(tiny, tmp_path):
 
 
 def resolve_tiny_folder():
-    from selfalign.models import resolve
+    from selfalign.core.models import resolve
 
     return resolve("tiny:llama").path
 
 
 # -- the stage ------------------------------------------------------------------------------------------
 def test_stage_end_to_end_resumes_a_killed_teacher_pass(private_cache, tmp_path, monkeypatch):
-    from selfalign.pipeline import run_recipe
-    from selfalign.recipe import parse_recipe
-    from selfalign.stages import context_distill
+    from selfalign.core.pipeline import run_recipe
+    from selfalign.core.recipe import parse_recipe
+    from selfalign.methods.hhh_lab import context_distill
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Say hello.\nName a colour.\nCount to three.\nWhat is rain?\nPick a number.\n")
@@ -231,7 +231,7 @@ def test_stage_end_to_end_resumes_a_killed_teacher_pass(private_cache, tmp_path,
     assert all(r["text"].startswith(f"Human: {r['prompt']}\n\nAssistant:") for r in rows if r["text"])
     assert record["stages"]["generate"]["summary"]["rows"] == 1  # @context_distill loads as a model
 
-    from selfalign.report import load_run
+    from selfalign.core.report import load_run
 
     stage = next(s for s in load_run(run_dir)["stages"] if s["label"] == "context_distill")
     anchor, title, html = context_distill.report_section(stage)
@@ -239,7 +239,7 @@ def test_stage_end_to_end_resumes_a_killed_teacher_pass(private_cache, tmp_path,
 
 
 def test_text_file_rows_and_reply_offsets(tmp_path):
-    from selfalign.stages.context_distill import dialogue_x, reply_offset, texts_from_file
+    from selfalign.methods.hhh_lab.context_distill import dialogue_x, reply_offset, texts_from_file
 
     text, at = dialogue_x("Hi?", "Hello.")
     assert text == "Human: Hi?\n\nAssistant: Hello." and text[at:] == " Hello."

@@ -4,8 +4,8 @@ import re
 import numpy as np
 import pytest
 
-import selfalign.dedup as dedup
-from selfalign.dedup import lcs_length, naive_dedup, rouge_dedup, rouge_l, rouge_tokens
+import selfalign.core.dedup as dedup
+from selfalign.core.dedup import lcs_length, naive_dedup, rouge_dedup, rouge_l, rouge_tokens
 
 
 def lcs_dp(a, b):

@@ -12,13 +12,13 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def gemma():
-    from selfalign.engines.hf import HFEngine
+    from selfalign.core.engines.hf import HFEngine
 
     return HFEngine("embedded:gemma-3-270m", batch_size=4)
 
 
 def test_embedded_model_is_gemma_and_cached(gemma):
-    from selfalign.models import MARKER, resolve
+    from selfalign.core.models import MARKER, resolve
 
     r = resolve("embedded:gemma-3-270m")
     assert (os.path.join(r.path, MARKER)) and os.path.exists(os.path.join(r.path, "model.safetensors"))

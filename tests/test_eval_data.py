@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from selfalign.errors import SelfAlignError
+from selfalign.core.errors import SelfAlignError
 from selfalign.evals import data
 from selfalign.evals.data import HHHItem, TruthfulQAItem, load_hhh, load_truthfulqa, write_fixture
 

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from selfalign.engines.base import Engine
+from selfalign.core.engines.base import Engine
 from selfalign.evals.common import resolve_system
 from selfalign.evals.data import HHHItem, TruthfulQAItem
 from selfalign.evals.hhh import evaluate_hhh, summarize, verdict

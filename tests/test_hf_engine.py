@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from selfalign.chat import PLAIN_STOPS, render_plain, truncate_at_stop
-from selfalign.engines import Sampling
+from selfalign.core.chat import PLAIN_STOPS, render_plain, truncate_at_stop
+from selfalign.core.engines import Sampling
 
 GREEDY = Sampling(temperature=0, max_new_tokens=24)
 
@@ -121,7 +121,7 @@ def test_shared_prefix_is_computed_once_and_changes_nothing(engine_name, request
 
 
 def test_shared_prefix_stops_before_scored_tokens():
-    from selfalign.engines.hf import HFEngine
+    from selfalign.core.engines.hf import HFEngine
 
     rows = [([1, 5, 6, 7, 8], 2), ([1, 5, 6, 9], 1), ([1, 5, 6, 7, 8, 9], 1)]
     assert HFEngine._shared_prefix(rows) == 2  # row 0 is scored from position 3: prefix may hold 0..1
@@ -175,7 +175,7 @@ def test_single_token_choices_share_one_forward(tiny_engine, monkeypatch):
 
 
 def test_context_window_and_the_kept_prefix_cache(tiny_engine):
-    from selfalign.engines.hf import context_window
+    from selfalign.core.engines.hf import context_window
 
     cfg = tiny_engine.model.config
     assert tiny_engine.max_length == context_window(tiny_engine.model) == min(cfg.max_position_embeddings, 32768)

@@ -1,7 +1,7 @@
 import pytest
 
-from selfalign.errors import SelfAlignError
-from selfalign.hhh_prompt import load_hhh_prompt, render_hhh_prompt
+from selfalign.core.errors import SelfAlignError
+from selfalign.core.hhh_prompt import load_hhh_prompt, render_hhh_prompt
 
 
 def test_shipped_hhh_prompt_has_14_well_formed_dialogues():
@@ -30,8 +30,8 @@ def test_bad_hhh_prompt_file_names_the_problem(tmp_path):
 def test_hhh_prompt_as_chat_messages_and_through_a_chat_template():
     from transformers import PreTrainedTokenizerFast
 
-    from selfalign.hhh_prompt import hhh_messages, render_hhh_chat
-    from selfalign.tiny import build_byte_tokenizer
+    from selfalign.core.hhh_prompt import hhh_messages, render_hhh_chat
+    from selfalign.core.tiny import build_byte_tokenizer
 
     data = load_hhh_prompt()
     msgs = hhh_messages(max_dialogues=2)

@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from selfalign.errors import SelfAlignError
-from selfalign.models import load_model, resolve
-from selfalign.tiny import save_tiny_model
+from selfalign.core.errors import SelfAlignError
+from selfalign.core.models import load_model, resolve
+from selfalign.core.tiny import save_tiny_model
 
 
 def test_tiny_reference_builds_once_and_is_cached():

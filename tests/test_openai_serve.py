@@ -18,9 +18,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
-from selfalign.engines.base import Sampling
-from selfalign.engines.openai import OpenAIEngine
-from selfalign.errors import SelfAlignError
+from selfalign.core.engines.base import Sampling
+from selfalign.core.engines.openai import OpenAIEngine
+from selfalign.core.errors import SelfAlignError
 
 HOST = "127.0.0.1"
 
@@ -36,7 +36,7 @@ def cache_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("selfalign-cache")
     old = os.environ.get("SELFALIGN_CACHE")
     os.environ["SELFALIGN_CACHE"] = str(path)
-    from selfalign.models import resolve
+    from selfalign.core.models import resolve
 
     resolve("tiny:llama")  # build the model once, before the server and the test both load it
     yield path
@@ -149,7 +149,7 @@ def test_generate_iter_chunks_and_completions_endpoint(server):
 
 
 def test_score_matches_hf_engine(engine, cache_dir):
-    from selfalign.engines.hf import HFEngine
+    from selfalign.core.engines.hf import HFEngine
 
     context, continuations = "Question: is the sky blue?\nAnswer:", [" yes", " no", " it depends on the hour"]
     chat = [{"role": "user", "content": "Pick a colour."}]

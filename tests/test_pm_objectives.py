@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from selfalign.errors import SelfAlignError
-from selfalign.pm_objectives import (
+from selfalign.core.errors import SelfAlignError
+from selfalign.methods.hhh_lab.pm_objectives import (
     accuracy_of,
     binary_loss,
     binary_samples,
@@ -16,7 +16,7 @@ from selfalign.pm_objectives import (
     imitation_loss,
     ranked_loss,
 )
-from selfalign.pmp import (
+from selfalign.methods.hhh_lab.pmp_data import (
     BAD_TAG,
     GOOD_TAG,
     binarise,
@@ -77,7 +77,7 @@ def test_imitation_loss_predicts_each_labelled_token_from_the_positions_before_i
 def test_imitation_loss_is_the_causal_lm_loss_the_sft_trainer_optimises(private_cache):
     import torch
 
-    from selfalign.models import load_model
+    from selfalign.core.models import load_model
 
     model, _ = load_model("tiny:llama", device="cpu", dtype="float32")
     ids = torch.tensor([[1, 40, 41, 42, 43, 44, 2]])
@@ -183,8 +183,8 @@ def toy_pairs(n=8):
 
 
 def test_binary_objective_trains_with_binary_loss_and_ranks_pairs(private_cache, tmp_path, monkeypatch):
-    from selfalign import pm_objectives
-    from selfalign.rewards import RewardModel
+    from selfalign.core.rewards import RewardModel
+    from selfalign.methods.hhh_lab import pm_objectives
 
     calls = []
     real = pm_objectives.binary_loss
@@ -212,10 +212,10 @@ def test_binary_objective_trains_with_binary_loss_and_ranks_pairs(private_cache,
 def test_imitation_objective_scores_replies_by_mean_log_probability(private_cache, tmp_path):
     import torch
 
-    from selfalign.engines.hf import HFEngine
-    from selfalign.models import load_model
-    from selfalign.pm_objectives import imitation_scores, pair_accuracy, train_pm
-    from selfalign.training import tokenize_examples
+    from selfalign.core.engines.hf import HFEngine
+    from selfalign.core.models import load_model
+    from selfalign.core.training import tokenize_examples
+    from selfalign.methods.hhh_lab.pm_objectives import imitation_scores, pair_accuracy, train_pm
 
     pairs = toy_pairs()
     result = train_pm("imitation", "tiny:llama", pairs, tmp_path / "imi", lr=1e-3, epochs=3, batch_size=4,
@@ -234,7 +234,7 @@ def test_imitation_objective_scores_replies_by_mean_log_probability(private_cach
 
 
 def test_unknown_objective_and_empty_pairs_are_errors(tmp_path):
-    from selfalign.pm_objectives import train_pm
+    from selfalign.methods.hhh_lab.pm_objectives import train_pm
 
     with pytest.raises(SelfAlignError, match="unknown preference-model objective"):
         train_pm("listwise", "tiny:llama", toy_pairs(), tmp_path)
@@ -262,10 +262,10 @@ def train_pairs(n=6):
 
 
 def test_pmp_then_pm_scaling_end_to_end(private_cache, tmp_path):
-    from selfalign.pipeline import run_recipe
-    from selfalign.recipe import parse_recipe
-    from selfalign.report import build_report
-    from selfalign.rewards import RewardModel
+    from selfalign.core.pipeline import run_recipe
+    from selfalign.core.recipe import parse_recipe
+    from selfalign.core.report import build_report
+    from selfalign.core.rewards import RewardModel
 
     corpus = stackexchange_fixture(tmp_path / "se.jsonl")
     data = write_jsonl(tmp_path / "pairs.jsonl", train_pairs(3))
@@ -304,10 +304,10 @@ def test_pmp_then_pm_scaling_end_to_end(private_cache, tmp_path):
 
 
 def test_pm_scaling_resumes_and_skips_finished_points(tmp_path, monkeypatch):
-    from selfalign import pm_objectives
-    from selfalign.pipeline import run_recipe
-    from selfalign.recipe import parse_recipe
-    from selfalign.stages.pm_scaling import report_section
+    from selfalign.core.pipeline import run_recipe
+    from selfalign.core.recipe import parse_recipe
+    from selfalign.methods.hhh_lab import pm_objectives
+    from selfalign.methods.hhh_lab.pm_scaling import report_section
 
     trained = []
 
@@ -350,7 +350,7 @@ def test_pm_scaling_resumes_and_skips_finished_points(tmp_path, monkeypatch):
 
 
 def test_pm_scaling_config_checks_its_fields():
-    from selfalign.recipe import parse_recipe
+    from selfalign.core.recipe import parse_recipe
 
     with pytest.raises(SelfAlignError, match="heldout"):
         parse_recipe({"name": "t", "stages": [{"stage": "pm_scaling", "data": "x", "heldout": 1.5}]})
@@ -361,9 +361,9 @@ def test_pm_scaling_config_checks_its_fields():
 
 
 def test_stage_data_refs_name_an_earlier_stage_with_or_without_at(tmp_path):
-    from selfalign.pipeline import RunContext
-    from selfalign.pmp import source_path
-    from selfalign.recipe import parse_recipe
+    from selfalign.core.pipeline import RunContext
+    from selfalign.core.recipe import parse_recipe
+    from selfalign.methods.hhh_lab.pmp_data import source_path
 
     rows = write_jsonl((tmp_path / "02-compare").mkdir() or tmp_path / "02-compare" / "rows.jsonl", train_pairs(2))
     recipe = parse_recipe({"name": "t", "stages": [{"stage": "pmp", "corpus": "@compare"}]})

@@ -10,8 +10,8 @@ import yaml
 from killrun import kill_when_written
 from test_evals import make_fixture
 
-from selfalign.recipe import find_recipe
-from selfalign.store import read_jsonl
+from selfalign.core.recipe import find_recipe
+from selfalign.core.store import read_jsonl
 
 
 def test_quickstart_end_to_end_with_a_kill_during_self_align(tmp_path):

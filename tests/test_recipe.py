@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from selfalign.errors import SelfAlignError
-from selfalign.recipe import load_recipe, parse_recipe
+from selfalign.core.errors import SelfAlignError
+from selfalign.core.recipe import load_recipe, parse_recipe
 
 RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
 
@@ -95,7 +95,7 @@ def test_cli_overrides_win(tmp_path):
 
 
 def test_partial_sampling_block_keeps_the_stage_defaults():
-    from selfalign.stages.self_align import Config
+    from selfalign.methods.self_align.self_align import Config
 
     config = Config(sampling={"max_new_tokens": 64})
     assert config.sampling.max_new_tokens == 64

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from selfalign.errors import SelfAlignError
-from selfalign.report import build_report
+from selfalign.core.errors import SelfAlignError
+from selfalign.core.report import build_report
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 CHROMIUM = "/usr/bin/chromium"

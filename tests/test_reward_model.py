@@ -1,14 +1,14 @@
-"""The shared reward-model trainer (selfalign.pm, TRL RewardTrainer) and the `reward_model` stage."""
+"""The shared reward-model trainer (selfalign.core.reward_training, TRL RewardTrainer) and the `reward_model` stage."""
 
 import json
 
 import pytest
 from test_evals import make_fixture
 
-from selfalign.pm import is_reward_model, tokenize_pairs, train_reward_model
-from selfalign.rewards import RewardModel
-from selfalign.stages.reward_model import split_by_prompt
-from selfalign.training import LoraSettings
+from selfalign.core.reward_training import is_reward_model, tokenize_pairs, train_reward_model
+from selfalign.core.rewards import RewardModel
+from selfalign.core.training import LoraSettings
+from selfalign.methods.almost.reward_model import split_by_prompt
 
 GOOD = ["Sure. Here is a short, careful answer to that.", "Happy to help. The steps are listed below.",
         "Good question. The answer depends on two things."]
@@ -82,8 +82,8 @@ def test_split_by_prompt_holds_out_whole_prompts():
 
 
 def test_reward_model_stage_and_judge_reference(tmp_path, private_cache):
-    from selfalign.pipeline import run_recipe
-    from selfalign.recipe import parse_recipe
+    from selfalign.core.pipeline import run_recipe
+    from selfalign.core.recipe import parse_recipe
 
     data = tmp_path / "pairs.jsonl"
     rows = pairs(20) + [{"prompt": "dropped", "chosen": "x", "rejected": "y", "kept": False}]

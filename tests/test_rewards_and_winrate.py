@@ -2,8 +2,9 @@ import json
 
 import pytest
 
-from selfalign.engines.base import Sampling
-from selfalign.errors import SelfAlignError
+from selfalign.core.engines.base import Sampling
+from selfalign.core.errors import SelfAlignError
+from selfalign.core.rewards import RewardModel, build_tiny_reward_model, reward_text, truncate_left
 from selfalign.evals.preference import load_comparisons, preference_accuracy
 from selfalign.evals.winrate import (
     JUDGE_ANSWER_PREFIX,
@@ -15,7 +16,6 @@ from selfalign.evals.winrate import (
     win_rate,
     winrate_eval,
 )
-from selfalign.rewards import RewardModel, build_tiny_reward_model, reward_text, truncate_left
 
 PROMPTS = ["Hi there", "What is the capital of France?", "Tell me a joke about cats, please.", "2+2?", "Why?"]
 REPLIES = ["Hello! How can I help?", "Paris.", "No.", "4", "Because the sky is blue and the grass is green."]
@@ -82,7 +82,7 @@ def test_not_a_reward_model(tmp_path):
         RewardModel("tiny:llama")
     from peft import LoraConfig, get_peft_model
 
-    from selfalign.models import load_model
+    from selfalign.core.models import load_model
 
     causal, _ = load_model("tiny:llama")
     get_peft_model(causal, LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM")).save_pretrained(tmp_path / "a")

@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
-from selfalign.engines.sampling import TemperatureTopP
+from selfalign.core.engines.sampling import TemperatureTopP
 
 
 @pytest.mark.parametrize("top_p", [0.05, 0.5, 0.9, 0.98, 0.999])

@@ -2,11 +2,11 @@ import json
 
 import pytest
 
-from selfalign.engines.base import Completion, Engine
-from selfalign.errors import SelfAlignError
-from selfalign.pipeline import RunContext
-from selfalign.recipe import parse_recipe
-from selfalign.stages import self_align as sa
+from selfalign.core.engines.base import Completion, Engine
+from selfalign.core.errors import SelfAlignError
+from selfalign.core.pipeline import RunContext
+from selfalign.core.recipe import parse_recipe
+from selfalign.methods.self_align import self_align as sa
 
 EXEMPLAR_NGRAMS = sa.word_ngrams("the quick brown fox jumps over the lazy dog near the river bank", sa.LEAK_NGRAM)
 
@@ -36,7 +36,7 @@ def test_repeated_sentence_ignores_short_fragments():
 
 
 def test_principle_prompt_shape_with_shipped_assets():
-    from selfalign.assets_io import load_yaml_list, yaml_key
+    from selfalign.core.assets_io import load_yaml_list, yaml_key
 
     principles = load_yaml_list("builtin:self_align/principles.yaml", ("name", "text"))
     exemplars = load_yaml_list("builtin:self_align/exemplars.yaml", ("user", "thoughts", "answer"))

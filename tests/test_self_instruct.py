@@ -3,11 +3,11 @@ import random
 
 import pytest
 
-from selfalign.engines.base import Completion, Engine
-from selfalign.errors import SelfAlignError
-from selfalign.pipeline import RunContext
-from selfalign.recipe import parse_recipe
-from selfalign.stages import self_instruct as si
+from selfalign.core.engines.base import Completion, Engine
+from selfalign.core.errors import SelfAlignError
+from selfalign.core.pipeline import RunContext
+from selfalign.core.recipe import parse_recipe
+from selfalign.methods.self_align import self_instruct as si
 
 
 def test_parse_list_continuation():

@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from selfalign.errors import SelfAlignError
-from selfalign.store import RowStore, read_jsonl, row_id
+from selfalign.core.errors import SelfAlignError
+from selfalign.core.store import RowStore, read_jsonl, row_id
 
 
 def test_row_id_is_stable_and_input_sensitive():

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from selfalign.errors import SelfAlignError
-from selfalign.training import (
+from selfalign.core.errors import SelfAlignError
+from selfalign.core.training import (
     IGNORE,
     LoraSettings,
     build_example,
@@ -36,7 +36,7 @@ def test_build_example_cuts_the_prompt_from_the_left_keeping_bos_and_the_answer(
 
 
 def test_tokenize_examples_labels_only_the_completion(private_cache):
-    from selfalign.models import load_tokenizer, resolve
+    from selfalign.core.models import load_tokenizer, resolve
 
     tok = load_tokenizer(resolve("tiny:llama"))
     long = {"prompt": "x" * 100 + qa(1)["prompt"], "completion": qa(1)["completion"]}
@@ -74,7 +74,7 @@ def lora_run(private_cache, tmp_path_factory):
 def test_lora_adapter_resolves_and_changes_the_model(lora_run):
     import torch
 
-    from selfalign.models import load_model, resolve
+    from selfalign.core.models import load_model, resolve
 
     out, result, _ = lora_run
     assert result["model"] == model_output(out) and result["model"].endswith("adapter")
@@ -130,7 +130,7 @@ def test_step_estimate_counts_a_short_last_accumulation_as_a_step():
 def test_progress_bar_total_matches_the_steps_trained_with_grad_accum(private_cache, tmp_path, monkeypatch):
     from contextlib import contextmanager
 
-    import selfalign.training as training
+    import selfalign.core.training as training
 
     bars = []
 
@@ -159,9 +159,9 @@ def write_rows(path, rows):
 
 
 def test_engrave_stage_end_to_end(private_cache, tmp_path):
-    from selfalign.assets_io import yaml_key
-    from selfalign.pipeline import run_recipe
-    from selfalign.recipe import parse_recipe
+    from selfalign.core.assets_io import yaml_key
+    from selfalign.core.pipeline import run_recipe
+    from selfalign.core.recipe import parse_recipe
 
     data = write_rows(tmp_path / "answers.jsonl", [
         {"id": f"r{i}", "prompt": f"Name a colour number {i}.", "answer": f"Colour {i} is blue.", "kept": i % 3 != 0,
@@ -190,8 +190,8 @@ def test_engrave_stage_end_to_end(private_cache, tmp_path):
 
 
 def test_engrave_without_usable_rows_names_the_file(private_cache, tmp_path):
-    from selfalign.pipeline import run_recipe
-    from selfalign.recipe import parse_recipe
+    from selfalign.core.pipeline import run_recipe
+    from selfalign.core.recipe import parse_recipe
 
     data = write_rows(tmp_path / "bad.jsonl", [{"id": "a", "prompt": "p", "answer": "a", "kept": False}])
     recipe = parse_recipe({"name": "t", "model": "tiny:llama", "stages": [{"stage": "engrave", "data": str(data)}]})
@@ -200,9 +200,9 @@ def test_engrave_without_usable_rows_names_the_file(private_cache, tmp_path):
 
 
 def test_engrave_reads_an_earlier_stage_and_literal_system_text(tmp_path):
-    from selfalign.pipeline import RunContext
-    from selfalign.recipe import parse_recipe
-    from selfalign.stages import engrave
+    from selfalign.core.pipeline import RunContext
+    from selfalign.core.recipe import parse_recipe
+    from selfalign.methods.self_align import engrave
 
     recipe = parse_recipe({"name": "t", "stages": [{"stage": "engrave", "data": "answers", "system": "Be kind."}]})
     ctx = RunContext(recipe=recipe, run_dir=tmp_path, stage_dirs={"answers": tmp_path / "02-answers"})

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from selfalign.engines import make_engine
-from selfalign.engines.base import Sampling
-from selfalign.errors import SelfAlignError
+from selfalign.core.engines import make_engine
+from selfalign.core.engines.base import Sampling
+from selfalign.core.errors import SelfAlignError
 
 # -- the fake vllm ------------------------------------------------------------------------------
 
@@ -92,7 +92,7 @@ class FakeLLM:
 def hf(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SELFALIGN_CACHE", str(tmp_path_factory.mktemp("cache")))
-        from selfalign.engines.hf import HFEngine
+        from selfalign.core.engines.hf import HFEngine
 
         yield HFEngine("tiny:llama")
 
@@ -130,7 +130,7 @@ def test_missing_vllm_says_how_to_install(monkeypatch):
 
 
 def test_llm_built_from_resolved_model(fake_vllm, hf):
-    from selfalign.models import resolve
+    from selfalign.core.models import resolve
 
     eng = make_engine("vllm", "tiny:llama", gpu_memory_utilization=0.5, max_model_len=512)
     llm = FakeLLM.last
@@ -202,7 +202,7 @@ def test_score_many_matches_hf(fake_vllm, hf):
 
 
 def test_peft_adapter_served_with_lora_request(fake_vllm, hf, tmp_path):
-    from selfalign.models import resolve
+    from selfalign.core.models import resolve
 
     adapter = tmp_path / "adapter"
     adapter.mkdir()

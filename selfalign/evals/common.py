@@ -13,10 +13,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from selfalign.assets_io import ASSETS
-from selfalign.errors import SelfAlignError
-from selfalign.progress import progress_bar
-from selfalign.store import RowStore
+from selfalign.core.assets_io import ASSETS
+from selfalign.core.errors import SelfAlignError
+from selfalign.core.progress import progress_bar
+from selfalign.core.store import RowStore
 
 
 def builtin_systems() -> list[str]:
@@ -30,13 +30,13 @@ def resolve_system(system: str | None) -> str | None:
     if not system:
         return None
     if "#" in system and system.split("#", 1)[0].endswith((".yaml", ".yml")):  # builtin:self_align/system_prompts.yaml#engraved
-        from selfalign.assets_io import yaml_key
+        from selfalign.core.assets_io import yaml_key
 
         ref, key = system.split("#", 1)
         return yaml_key(ref, key)
     name = system.split(":", 1)[1] if system.startswith("builtin:") else system
     if name == "hhh":
-        from selfalign.hhh_prompt import render_hhh_prompt
+        from selfalign.core.hhh_prompt import render_hhh_prompt
 
         return render_hhh_prompt()
     if (ASSETS / "system" / f"{name}.txt").exists():

@@ -50,8 +50,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from selfalign.errors import SelfAlignError
-from selfalign.paths import cache_dir
+from selfalign.core.errors import SelfAlignError
+from selfalign.core.paths import cache_dir
 
 HHH_CATEGORIES = ("harmless", "helpful", "honest", "other")
 HHH_COUNTS = {"harmless": 58, "helpful": 59, "honest": 61, "other": 43}
@@ -190,7 +190,7 @@ def _download_sdist(folder: Path) -> tuple[Path, str]:
     size and SHA-256. Returns (archive path, URL)."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
-    from selfalign.progress import console
+    from selfalign.core.progress import console
 
     url = _sdist_url()
     path = folder / SDIST_NAME

@@ -22,10 +22,10 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from selfalign.engines.base import Engine
+from selfalign.core.engines.base import Engine
+from selfalign.core.store import RowStore, row_id
 from selfalign.evals.common import score_rows_resumably
 from selfalign.evals.data import HHH_CATEGORIES, HHHItem
-from selfalign.store import RowStore, row_id
 
 SCORINGS = ("likelihood", "ab", "rm")
 

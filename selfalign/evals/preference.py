@@ -15,7 +15,7 @@ import json
 import time
 from pathlib import Path
 
-from selfalign.errors import SelfAlignError
+from selfalign.core.errors import SelfAlignError
 
 FIELDS = ("prompt", "chosen", "rejected")
 

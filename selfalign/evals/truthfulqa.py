@@ -16,10 +16,10 @@ import math
 import time
 from pathlib import Path
 
-from selfalign.engines.base import Engine
+from selfalign.core.engines.base import Engine
+from selfalign.core.store import RowStore, row_id
 from selfalign.evals.common import score_rows_resumably
 from selfalign.evals.data import TruthfulQAItem
-from selfalign.store import RowStore, row_id
 
 FEW_SHOT = [
     ("How many legs does a spider have?", "A spider has eight legs."),

@@ -33,8 +33,8 @@ import math
 import time
 from collections.abc import Sequence
 
-from selfalign.chat import Request, render_plain
-from selfalign.engines.base import Engine, Sampling
+from selfalign.core.chat import Request, render_plain
+from selfalign.core.engines.base import Engine, Sampling
 
 CI_METHOD = "wilson score interval, 95%, on (wins + ties/2) / n"
 OUTCOMES = ("win", "tie", "loss")

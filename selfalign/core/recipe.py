@@ -1,0 +1,225 @@
+"""Recipes: YAML files that name the model, the engine and the stages of a run, in order.
+
+    name: quickstart
+    model: embedded:gemma-3-270m
+    engine: {name: hf, batch_size: 8}
+    stages:
+      - stage: generate
+        prompts: builtin:quickstart
+        sampling: {temperature: 0.7, max_new_tokens: 96}
+
+Every mapping is a typed pydantic model that rejects unknown keys. Errors name the file, the key
+path (`stages[0].sampling.temprature`) and what was expected, in one line each.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from selfalign.core.errors import SelfAlignError
+from selfalign.core.models import DEFAULT_MODEL
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EngineConfig(Strict):
+    """Which engine runs the models, and its options (each engine ignores the others' options)."""
+
+    name: Literal["hf", "openai", "vllm"] = Field("hf", description="hf (transformers), vllm (GPU) or openai (a server)")
+    device: str = Field("auto", description="hf: auto, cpu, cuda, cuda:1, ...")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
+    batch_size: int | None = Field(None, ge=1, description="requests per generation batch (default: 8 on CPU, 32 on GPU)")
+    chat_format: Literal["plain", "model"] = Field("plain", description="plain Human:/Assistant: text, or the model's chat template")
+    trust_remote_code: bool = Field(False, description="allow a hub model's own code to run (off unless you trust it)")
+    base_url: str | None = Field(None, description="openai: server URL, default $OPENAI_BASE_URL or http://127.0.0.1:8000/v1")
+    api_key_env: str = Field("OPENAI_API_KEY", description="openai: environment variable holding the API key")
+    max_concurrency: int = Field(8, ge=1, description="openai: requests in flight at once")
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="vllm: fraction of GPU memory to use")
+
+    def options(self) -> dict[str, Any]:
+        """Keyword arguments for `make_engine` for the chosen engine."""
+        common = {"chat_format": self.chat_format, "batch_size": self.batch_size}
+        if self.name == "hf":
+            return {**common, "device": self.device, "dtype": self.dtype, "trust_remote_code": self.trust_remote_code}
+        if self.name == "vllm":
+            return {**common, "dtype": self.dtype, "trust_remote_code": self.trust_remote_code,
+                    "gpu_memory_utilization": self.gpu_memory_utilization}
+        return {**common, "base_url": self.base_url, "api_key_env": self.api_key_env,
+                "max_concurrency": self.max_concurrency}
+
+
+class StageConfig(Strict):
+    """Fields every stage has; each stage module subclasses this with its own settings."""
+
+    stage: str
+    name: str | None = Field(None, description="folder name of the stage in the run (default: the stage type)")
+    model: str | None = Field(None, description="model reference for this stage (default: the recipe's model)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _partial_blocks_keep_defaults(cls, data: Any) -> Any:
+        """`sampling: {max_new_tokens: 64}` changes that one setting: the stage's other defaults
+        (e.g. its paper temperature and top-p) stay, rather than falling back to the block's own."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for name, field in cls.model_fields.items():
+            given = data.get(name)
+            if isinstance(given, dict) and field.default_factory is not None:
+                default = field.default_factory()
+                if isinstance(default, BaseModel):
+                    data[name] = {**default.model_dump(exclude_unset=False), **given}
+        return data
+
+    @property
+    def label(self) -> str:
+        return self.name or self.stage
+
+    def human_inputs(self) -> list[tuple[str, str]]:
+        """(source, text) of every human-written input this stage uses: prompt files, system
+        prompts, principles, exemplars. The run report counts their lines: the papers' point is
+        how little of it there is."""
+        return []
+
+
+class Recipe(Strict):
+    name: str = Field(..., description="run name; the default run folder is runs/<name>")
+    description: str = ""
+    model: str = Field(DEFAULT_MODEL, description="the base model every stage uses unless it names its own")
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    seed: int = Field(0, description="seed for sampling and training")
+    out: str | None = Field(None, description="run folder (default runs/<name>)")
+    max_prompts: int | None = Field(None, ge=1, description="cap on prompts per stage, for quick runs")
+    stages: list[StageConfig] = Field(..., min_length=1)
+
+    def run_dir(self) -> Path:
+        return Path(self.out or f"runs/{self.name}")
+
+
+# -- error formatting -----------------------------------------------------------------------------
+def _model_class(annotation) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        if (cls := _model_class(arg)) is not None:
+            return cls
+    return None
+
+
+def _class_at(cls: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = cls.model_fields.get(part)
+        if field is None or (cls := _model_class(field.annotation)) is None:
+            return None
+    return cls
+
+
+def _loc_str(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def format_validation_error(source: str, exc: ValidationError, cls: type[BaseModel], prefix: tuple = ()) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        where = _loc_str(prefix + loc)
+        if err["type"] == "extra_forbidden":
+            parent = _class_at(cls, loc[:-1])
+            allowed = ", ".join(parent.model_fields) if parent else "?"
+            lines.append(f"{source}: {where}: unknown key (expected one of: {allowed})")
+        elif err["type"] == "missing":
+            lines.append(f"{source}: {where}: required key is missing")
+        else:
+            lines.append(f"{source}: {where}: {err['msg']} (got {err.get('input')!r})")
+    return "\n".join(lines)
+
+
+# -- loading --------------------------------------------------------------------------------------
+def parse_recipe(data: Any, source: str = "<recipe>", overrides: dict[str, Any] | None = None) -> Recipe:
+    """Validate a recipe mapping; `overrides` (from the CLI) win over the file."""
+    from selfalign.stages import STAGES
+
+    if not isinstance(data, dict):
+        raise SelfAlignError(f"{source}: a recipe must be a mapping of keys (name, model, stages, ...)")
+    data = dict(data)
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if key == "engine":
+            eng = data.get("engine") or {}
+            data["engine"] = {**eng, "name": value} if isinstance(eng, dict) else {"name": value}
+        else:
+            data[key] = value
+    raw_stages = data.pop("stages", None)
+    if not isinstance(raw_stages, list) or not raw_stages:
+        raise SelfAlignError(f"{source}: stages: a recipe needs a non-empty list of stages")
+    stages: list[StageConfig] = []
+    for i, raw in enumerate(raw_stages):
+        if not isinstance(raw, dict) or "stage" not in raw:
+            raise SelfAlignError(f"{source}: stages[{i}]: each stage needs a 'stage' key (one of: {', '.join(STAGES)})")
+        kind = raw["stage"]
+        if kind not in STAGES:
+            raise SelfAlignError(f"{source}: stages[{i}].stage: unknown stage {kind!r} (expected one of: {', '.join(STAGES)})")
+        config_cls = STAGES[kind].Config
+        try:
+            stages.append(config_cls.model_validate(raw))
+        except ValidationError as exc:
+            raise SelfAlignError(format_validation_error(source, exc, config_cls, ("stages", i))) from None
+    try:
+        recipe = Recipe.model_validate({**data, "stages": stages})
+    except ValidationError as exc:
+        raise SelfAlignError(format_validation_error(source, exc, Recipe)) from None
+    labels = [s.label for s in recipe.stages]
+    if dupes := sorted({x for x in labels if labels.count(x) > 1}):
+        raise SelfAlignError(f"{source}: stages: two stages share the name {dupes[0]!r}; give one a distinct `name`")
+    return recipe
+
+
+def builtin_recipes_dir() -> Path:
+    """`recipes/` of a source checkout, or the copy installed inside the package."""
+    here = Path(__file__).resolve().parent.parent
+    for candidate in (here.parent / "recipes", here / "assets" / "recipes"):
+        if candidate.is_dir():
+            return candidate
+    return here.parent / "recipes"
+
+
+def find_recipe(ref: str | None) -> Path:
+    """A path, or the name of a shipped recipe (`quickstart`, `self_align`, ...)."""
+    ref = ref or "quickstart"
+    path = Path(ref)
+    if path.exists():
+        return path
+    shipped = builtin_recipes_dir() / (ref if ref.endswith(".yaml") else f"{ref}.yaml")
+    if shipped.exists():
+        return shipped
+    names = sorted(p.stem for p in builtin_recipes_dir().glob("*.yaml"))
+    raise SelfAlignError(f"recipe {ref!r} not found", f"pass a YAML path or one of: {', '.join(names)}")
+
+
+def load_recipe(ref: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Recipe:
+    path = find_recipe(str(ref) if ref else None)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SelfAlignError(f"cannot read recipe {path}: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise SelfAlignError(f"{path}:{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        raise SelfAlignError(f"{path}: the recipe file is empty")
+    return parse_recipe(data, str(path), overrides)

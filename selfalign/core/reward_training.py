@@ -1,0 +1,204 @@
+"""Training scalar-head reward (preference) models on comparison pairs, with TRL's `RewardTrainer`.
+
+Shared by ALMoST's reward model (Kim et al. 2023, §2.3), its as-is post-validation, and the HHH
+laboratory's ranked preference models and preference-model pre-training (Askell et al. 2021).
+
+A comparison is `{"prompt", "chosen", "rejected"}`; the loss is Bradley–Terry,
+−log σ(r_chosen − r_rejected), TRL's own `RewardTrainer.compute_loss`. The texts are exactly the
+ones `selfalign.core.rewards.RewardModel` reads at scoring time (`encode_reward`: plain dialogue, a
+space, the reply, EOS; truncated from the left keeping the BOS), tokenized here and handed to TRL
+already processed, so training and scoring can never disagree on the format and nothing is
+silently dropped for length (TRL drops pairs longer than `max_length`; here the left of the
+prompt is cut instead).
+
+The starting point `base` may be:
+- a causal LM (any selfalign reference: `embedded:...`, `tiny:llama`, a folder, a hub id, or a
+  causal-LM LoRA adapter, merged first): its body is loaded under a fresh scalar head
+  (transformers' `AutoModelForSequenceClassification`, `num_labels=1`, head read at the last
+  non-pad token);
+- a reward model already (a `ForSequenceClassification` folder, or a SEQ_CLS adapter, merged
+  first): training continues from it, head included. This is how a PMP'd model is fine-tuned.
+
+Defaults are ALMoST's published reward-model settings: lr 2e-5, weight decay 0.1, 1 epoch,
+max length 1024, cosine schedule, 3% warmup (its batch of 128 is `batch_size × grad_accum`).
+With LoRA (task type SEQ_CLS) the new head is trained in full beside the adapter (PEFT's
+`modules_to_save`), and the result is an `adapter/` folder that `RewardModel` loads on its base.
+
+Simplifications: no margin term and no reward centring; a pair whose chosen and rejected texts
+are identical after truncation is still trained on (its loss gradient is zero).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from selfalign.core.errors import SelfAlignError
+from selfalign.core.progress import console
+from selfalign.core.training import (
+    LoraSettings,
+    _is_peft,
+    common_training_args,
+    device_and_dtype,
+    estimate_steps,
+    lora_label,
+    loss_summary,
+    quiet_datasets,
+    run_trainer,
+    save_trained,
+)
+
+
+def is_reward_model(ref: str) -> bool:
+    """True when `ref` is already a scalar-head reward model (seq-cls folder or SEQ_CLS adapter)."""
+    from selfalign.core.models import resolve
+
+    resolved = resolve(ref)
+    path = Path(resolved.path)
+    if resolved.kind == "peft":
+        cfg = json.loads((path / "adapter_config.json").read_text())
+        return cfg.get("task_type") == "SEQ_CLS"
+    if resolved.is_local and (path / "config.json").exists():
+        archs = json.loads((path / "config.json").read_text()).get("architectures") or []
+        return any(a.endswith("ForSequenceClassification") for a in archs)
+    return False
+
+
+def load_for_reward_training(ref: str, device: str, dtype: str):
+    """(seq-cls model with one label, tokenizer, started_from) for `ref`; adapters are merged."""
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    from selfalign.core.models import _from_pretrained, load_model, load_tokenizer, pick_dtype, resolve
+    from selfalign.core.rewards import _load_seq_cls
+
+    hf_logging.disable_progress_bar()
+    resolved = resolve(ref)
+    if is_reward_model(ref):
+        model, tok = _load_seq_cls(ref, device, dtype)
+        if _is_peft(model):
+            model = model.merge_and_unload()
+        return model, tok, "reward model"
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "score.weight newly initialised" is the point here, not a warning
+    try:
+        if resolved.kind == "peft":  # a causal-LM adapter: merge it, then move its body under a scalar head
+            causal, tok = load_model(resolved, device=device, dtype=dtype)
+            causal = causal.merge_and_unload()
+            config = causal.config
+            config.num_labels = 1
+            model = AutoModelForSequenceClassification.from_config(config, dtype=causal.dtype)
+            missing, _ = model.load_state_dict(causal.state_dict(), strict=False)
+            if any(not k.startswith("score") for k in missing):
+                raise SelfAlignError(f"{ref}: its weights do not fit a sequence classifier (missing {missing[:3]})")
+            del causal
+        else:
+            model = _from_pretrained(AutoModelForSequenceClassification, resolved.path, resolved, num_labels=1,
+                                     dtype=pick_dtype(dtype, device))
+            tok = load_tokenizer(resolved)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return model.to(device), tok, "causal LM"
+
+
+def prepare_for_training(base: str, lora: LoraSettings | None, merge: bool, seed: int, what: str = "reward model"):
+    """(scalar-head model in training mode, tokenizer, started_from, merge) to train a `what` from `base`.
+
+    A LoRA adapter cannot sit on an adapter: with an adapter `base`, the new model is saved merged
+    (`merge` comes back true). The fresh score head is drawn from the global generator, seeded here;
+    the pad token is set, since the head is read at the last non-pad token."""
+    from transformers import set_seed
+
+    from selfalign.core.models import resolve
+
+    if lora is not None and not merge and resolve(base).kind == "peft":
+        console.print(f"  note: {base} is an adapter; the new {what} is saved merged (an adapter cannot sit on an adapter)")
+        merge = True
+    set_seed(seed)
+    model, tokenizer, started_from = load_for_reward_training(base, *device_and_dtype())
+    text_cfg = model.config.get_text_config()
+    if text_cfg.pad_token_id is None:  # the head is read at the last non-pad token
+        text_cfg.pad_token_id = tokenizer.pad_token_id
+    model.config.pad_token_id = text_cfg.pad_token_id
+    model.train()
+    return model, tokenizer, started_from, merge
+
+
+def tokenize_pairs(tokenizer, pairs: list[dict], max_length: int) -> list[dict]:
+    """`chosen_ids` / `rejected_ids` exactly as `RewardModel` encodes them at scoring time."""
+    from selfalign.core.rewards import encode_reward
+
+    return [{"chosen_ids": encode_reward(tokenizer, p["prompt"], p["chosen"], max_length),
+             "rejected_ids": encode_reward(tokenizer, p["prompt"], p["rejected"], max_length)} for p in pairs]
+
+
+def check_pairs(pairs: list[dict], source: str = "pairs") -> None:
+    for i, p in enumerate(pairs):
+        for key in ("prompt", "chosen", "rejected"):
+            if key not in p:
+                raise SelfAlignError(f"{source}[{i}]: missing field {key!r}", "each comparison needs prompt, chosen, rejected")
+        for key in ("chosen", "rejected"):
+            if not isinstance(p[key], str):
+                raise SelfAlignError(f"{source}[{i}].{key}: must be a string, got {type(p[key]).__name__}")
+
+
+def train_reward_model(
+    base: str,
+    pairs: list[dict],
+    out_dir: Path,
+    *,
+    lora: LoraSettings | None,
+    lr: float = 2e-5,
+    epochs: float = 1.0,
+    max_length: int = 1024,
+    batch_size: int = 4,
+    grad_accum: int = 1,
+    warmup_ratio: float = 0.03,
+    weight_decay: float = 0.1,
+    scheduler: str = "cosine",
+    seed: int = 0,
+    merge: bool = False,
+    max_steps: int = -1,
+) -> dict:
+    """Train a scalar reward model on `pairs` from `base`; save it into `out_dir` (see the module docstring).
+
+    Returns `{"model": folder RewardModel loads, "train_loss", "first_loss", "last_loss", "steps",
+    "pairs", "tokens", "started_from", "lora", "wall_s"}`.
+    """
+    from datasets import Dataset
+    from trl import RewardConfig, RewardTrainer
+
+    if not pairs:
+        raise SelfAlignError("no comparison pairs to train a reward model on")
+    check_pairs(pairs)
+    t0 = time.time()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model, tokenizer, started_from, merge = prepare_for_training(base, lora, merge, seed)
+    rows = tokenize_pairs(tokenizer, pairs, max_length)
+    total_steps = estimate_steps(len(rows), batch_size, grad_accum, epochs, max_steps)
+    args = RewardConfig(
+        **common_training_args(out_dir, lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
+                               grad_accum=grad_accum, warmup_ratio=warmup_ratio, seed=seed, total_steps=total_steps,
+                               scheduler=scheduler),
+        weight_decay=weight_decay,
+        max_length=None,  # already truncated from the left above; TRL would drop long pairs instead
+    )
+    with quiet_datasets():
+        trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                                processing_class=tokenizer, peft_config=lora.peft_config("SEQ_CLS") if lora else None)
+    kind = lora_label(lora)
+    console.print(f"  training a reward model from {base} ({started_from}, {kind}) on {len(rows)} pairs, "
+                  f"{total_steps} steps, lr {lr:g}")
+    result = run_trainer(trainer, "reward model", total_steps, batch_size * grad_accum, out_dir)
+    dest = save_trained(trainer.model, tokenizer, base, out_dir, adapter=lora is not None and not merge)
+    return {
+        "model": str(dest.resolve()),
+        **loss_summary(trainer, result),
+        "pairs": len(rows),
+        "tokens": sum(len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows),
+        "started_from": started_from,
+        "lora": kind,
+        "wall_s": round(time.time() - t0, 1),
+    }

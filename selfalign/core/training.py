@@ -1,0 +1,393 @@
+"""Supervised fine-tuning, shared by every training stage: TRL's `SFTTrainer`, LoRA or full.
+
+Every stage that fine-tunes (Principle Engraving, Verbose Cloning, ALMoST's SFT) hands
+`sft_train` a list of `{"prompt", "completion"}` examples: the prompt is the full text the model
+sees before its answer (the caller renders system prompt and dialogue with `render_plain`), the
+completion is `" " + answer + eos`. The loss is on the completion tokens only.
+
+Tokenization is done here, not by TRL, for one reason: truncation. TRL 1.16 tokenizes
+prompt + completion and cuts long sequences at `max_length` keeping the *start* (its only
+supported mode; `keep_end` is deprecated), which cuts the end of the answer and its EOS, and drops
+examples whose prompt alone fills `max_length`. Here instead:
+
+- the prompt is cut from the left (the BOS token, when the tokenizer adds one, stays first), so
+  the answer and its EOS are always trained on whole;
+- an example whose completion alone (plus BOS) is longer than `max_length` is dropped and counted
+  (`dropped_too_long` in the result), rather than trained on a headless fragment.
+
+The mask follows TRL's own rule: the whole text is tokenized once, and the completion starts where
+the tokenized prompt and the tokenized prompt + completion diverge (`common_prefix_length`), so
+tokens merging across the boundary are handled the way TRL handles them. The result is a dataset
+of `input_ids` + `labels` (prompt positions -100), which `SFTTrainer` takes as already processed.
+
+Simplification: a multi-turn dialogue with loss on every assistant turn (ALMoST's SFT) is given
+as several examples, one per assistant turn, each prompt holding the dialogue so far. The
+gradient is the same as one masked sequence up to how turns are weighted in the mean, at the cost
+of recomputing the shared prefix once per turn.
+
+Outputs in `out_dir`: `adapter/` (LoRA, PEFT format, with `selfalign_base.json` beside it naming
+the base as a selfalign reference, which `selfalign.core.models.resolve` prefers) or `model/` (full fine-tuning or
+`merge=True`: a plain `save_pretrained` folder), the tokenizer beside either, and
+`trainer_state.json` (the HF trainer state, whose `log_history` the run report plots).
+
+The other trainers (`selfalign.core.reward_training` reward models, `selfalign.methods.hhh_lab.pm_objectives` binary PMs,
+`selfalign.methods.almost.rloo` RLOO, `selfalign.methods.hhh_lab.distill` context distillation) set up their Hugging Face / TRL
+trainer with the helpers here: `common_training_args` (the shared `TrainingArguments` keywords),
+`quiet_datasets`, `run_trainer` (progress bar, trainer state), `loss_summary`, `estimate_steps`,
+`load_for_training`, `save_trained`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from selfalign.core.errors import SelfAlignError
+from selfalign.core.models import load_model, resolve
+from selfalign.core.progress import console, progress_bar
+
+IGNORE = -100  # the label the loss ignores
+ADAPTER_DIR = "adapter"
+MODEL_DIR = "model"
+STATE_FILE = "trainer_state.json"
+BASE_FILE = "selfalign_base.json"
+
+
+@dataclass
+class LoraSettings:
+    """LoRA on the attention projections; defaults are Self-Align's (r 16, alpha 16, dropout 0.05)."""
+
+    r: int = 16
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+    def peft_config(self, task_type: str):
+        """PEFT's `LoraConfig` of these settings for `task_type` (CAUSAL_LM, SEQ_CLS)."""
+        from peft import LoraConfig
+
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
+                          target_modules=list(self.target_modules), task_type=task_type)
+
+
+def lora_settings(config) -> LoraSettings | None:
+    """The LoRA settings of a stage config with `lora`, `r`, `alpha`, `dropout` fields; None for full fine-tuning."""
+    return LoraSettings(r=config.r, alpha=config.alpha, dropout=config.dropout) if config.lora else None
+
+
+def lora_label(lora: LoraSettings | None) -> str:
+    """How a summary names the kind of training: `LoRA r16` or `full`."""
+    return f"LoRA r{lora.r}" if lora else "full"
+
+
+# -- tokenization (pure, unit-tested) ---------------------------------------------------------------
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def build_example(prompt_ids: list[int], full_ids: list[int], max_length: int, bos_id: int | None,
+                  eos_id: int | None) -> tuple[dict | None, bool]:
+    """(`{"input_ids", "labels"}` or None if the completion cannot fit, whether the prompt was cut).
+
+    `full_ids` is the tokenized prompt + completion; the completion starts where it and `prompt_ids`
+    diverge. An EOS is appended if the completion does not end with one. A too-long example loses
+    prompt tokens from the left, after a leading BOS.
+    """
+    split = common_prefix_length(prompt_ids, full_ids)
+    head, completion = list(full_ids[:split]), list(full_ids[split:])
+    if eos_id is not None and (not completion or completion[-1] != eos_id):
+        completion.append(eos_id)
+    bos = [head.pop(0)] if head and bos_id is not None and head[0] == bos_id else []
+    room = max_length - len(bos) - len(completion)
+    if room < 0 or not completion:
+        return None, False
+    cut = len(head) > room
+    head = head[len(head) - room:] if cut else head
+    ids = bos + head + completion
+    labels = [IGNORE] * (len(bos) + len(head)) + completion
+    return {"input_ids": ids, "labels": labels}, cut
+
+
+def tokenize_examples(tokenizer, examples: list[dict], max_length: int) -> tuple[list[dict], dict]:
+    """Tokenize prompt/completion examples into input_ids + labels; also counts of what was cut."""
+    rows, dropped, cut = [], 0, 0
+    for ex in examples:
+        prompt_ids = tokenizer(ex["prompt"], add_special_tokens=True)["input_ids"]
+        full_ids = tokenizer(ex["prompt"] + ex["completion"], add_special_tokens=True)["input_ids"]
+        row, was_cut = build_example(prompt_ids, full_ids, max_length, tokenizer.bos_token_id, tokenizer.eos_token_id)
+        if row is None:
+            dropped += 1
+            continue
+        cut += was_cut
+        rows.append(row)
+    return rows, {"dropped_too_long": dropped, "prompt_truncated": cut}
+
+
+# -- training -----------------------------------------------------------------------------------------
+def _base_reference(base: str) -> str:
+    """The base reference as later runs should see it: an existing path made absolute."""
+    path = Path(base).expanduser()
+    return str(path.resolve()) if path.exists() else base
+
+
+def _progress_callback(examples_per_step: int):
+    from transformers import TrainerCallback
+
+    class _Progress(TrainerCallback):
+        """Drives selfalign's progress bar (examples/s, tokens/s) instead of tqdm; `advance` is the bar's."""
+
+        tokens = 0
+
+        def advance(self, rows: int, tokens: int) -> None:
+            pass
+
+        def on_step_end(self, args, state, control, **kwargs):
+            seen = int(getattr(state, "num_input_tokens_seen", 0) or 0)
+            self.advance(examples_per_step, seen - self.tokens)
+            self.tokens = seen
+
+    return _Progress()
+
+
+def _is_peft(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def _atomic_save(dest: Path, write) -> None:
+    tmp = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.replace(dest)
+
+
+def save_trained(trained, tokenizer, base: str, out_dir: Path, adapter: bool) -> Path:
+    """Save a trained model into `out_dir`: `adapter/` (PEFT, with `selfalign_base.json` naming the base
+    as a selfalign reference, which `selfalign.core.models.resolve` prefers) or `model/` (a plain
+    `save_pretrained` folder; an adapter is merged first), the tokenizer beside either. Written to a
+    temporary folder and renamed, so a killed save never leaves a half-written model."""
+    if adapter:
+        dest = out_dir / ADAPTER_DIR
+
+        def write(folder: Path) -> None:
+            trained.save_pretrained(folder)
+            (folder / BASE_FILE).write_text(json.dumps({"base": _base_reference(base)}, indent=2))
+            tokenizer.save_pretrained(folder)
+    else:
+        dest = out_dir / MODEL_DIR
+        plain = trained.merge_and_unload() if _is_peft(trained) else trained
+
+        def write(folder: Path) -> None:
+            plain.save_pretrained(folder, safe_serialization=True)
+            tokenizer.save_pretrained(folder)
+    _atomic_save(dest, write)
+    return dest
+
+
+def device_and_dtype() -> tuple[str, str]:
+    """Where and in what precision a model is trained: bfloat16 on a GPU, float32 on the CPU."""
+    import torch
+
+    return ("cuda", "bfloat16") if torch.cuda.is_available() else ("cpu", "float32")
+
+
+def estimate_steps(examples: int, batch_size: int, grad_accum: int, epochs: float, max_steps: int = -1) -> int:
+    """Optimizer steps as the Trainer counts them: a last, short accumulation still makes a step."""
+    if max_steps > 0:
+        return max_steps
+    return math.ceil(epochs * math.ceil(math.ceil(examples / batch_size) / grad_accum))
+
+
+def common_training_args(out_dir: Path, *, lr: float, epochs: float, max_steps: int, batch_size: int, grad_accum: int,
+                         warmup_ratio: float, seed: int, total_steps: int, scheduler: str | None = None,
+                         logging_steps: int | None = None, checkpointing: bool = True,
+                         count_tokens: bool = True) -> dict:
+    """The `TrainingArguments` keywords every selfalign trainer shares (TRL's configs take them too).
+
+    bf16 on a GPU, the CPU otherwise; no saving, no reporting, no tqdm (`run_trainer` draws the
+    progress bar); a loss logged about 50 times a run, at least every 10 steps (`logging_steps`
+    overrides); `scheduler` None keeps the trainer's default; `checkpointing`: activation
+    checkpointing on a GPU (on the CPU it only costs time); `count_tokens`: count the non-padding
+    input tokens, which the progress bar shows as tokens/s.
+    """
+    import torch
+
+    cuda = torch.cuda.is_available()
+    args = dict(
+        output_dir=str(out_dir),
+        learning_rate=lr,
+        num_train_epochs=epochs,
+        max_steps=max_steps,
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=grad_accum,
+        warmup_steps=warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of the total steps
+        seed=seed,
+        data_seed=seed,
+        bf16=cuda,
+        use_cpu=not cuda,
+        report_to="none",
+        logging_steps=logging_steps if logging_steps is not None else max(1, min(10, total_steps // 50)),
+        save_strategy="no",
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    if scheduler is not None:
+        args["lr_scheduler_type"] = scheduler
+    if checkpointing:
+        args["activation_checkpointing"] = cuda
+    if count_tokens:
+        args["include_num_input_tokens_seen"] = "non_padding"
+    return args
+
+
+@contextmanager
+def quiet_datasets() -> Iterator[None]:
+    """Hide `datasets`' progress bars for a while: TRL's passes over an already tokenized dataset take milliseconds."""
+    import datasets
+
+    bars = not datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
+
+
+def run_trainer(trainer, label: str, total_steps: int, examples_per_step: int, out_dir: Path):
+    """`trainer.train()` under selfalign's progress bar (`label`, `total_steps` × `examples_per_step`
+    examples), without the trainer's log line a step; then the trainer state, whose `log_history`
+    the run report plots, saved as `out_dir/trainer_state.json`. Returns what `train()` returns."""
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # one log line a step is noise; the losses go to trainer_state.json
+    progress = _progress_callback(examples_per_step)
+    trainer.add_callback(progress)
+    with progress_bar(label, total=total_steps * examples_per_step) as advance:
+        progress.advance = advance
+        result = trainer.train()
+    trainer.state.save_to_json(str(Path(out_dir) / STATE_FILE))
+    return result
+
+
+def loss_summary(trainer, result, digits: int = 4) -> dict:
+    """`train_loss` (the run's mean), `first_loss` and `last_loss` (the first and last logged), `steps`."""
+    losses = [x["loss"] for x in trainer.state.log_history if "loss" in x]
+    return {
+        "train_loss": round(float(result.training_loss), digits),
+        "first_loss": round(losses[0], digits) if losses else None,
+        "last_loss": round(losses[-1], digits) if losses else None,
+        "steps": int(trainer.state.global_step),
+    }
+
+
+def load_for_training(base: str, lora: LoraSettings | None, merge: bool):
+    """(causal LM in training mode, tokenizer) to fine-tune from `base`; an adapter is merged first, so
+    training continues from the adapted weights. A new adapter on an adapter is refused unless `merge`."""
+    resolved = resolve(base)
+    if resolved.kind == "peft" and lora is not None and not merge:
+        raise SelfAlignError(
+            f"{base} is a LoRA adapter; a new adapter on top of it could not be loaded on its own",
+            "train with merge: true, or train on a merged model (merge: true on the stage that made it)",
+        )
+    device, dtype = device_and_dtype()
+    model, tokenizer = load_model(resolved, device=device, dtype=dtype)
+    if _is_peft(model):
+        model = model.merge_and_unload()  # train on top of the adapted weights
+    model.train()
+    return model, tokenizer
+
+
+def write_examples(folder: Path, examples: list[dict]) -> None:
+    """`folder/examples.jsonl`: exactly what a stage trains on, written whole or not at all."""
+    tmp = Path(folder) / "examples.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in examples), encoding="utf-8")
+    tmp.replace(Path(folder) / "examples.jsonl")
+
+
+def sft_train(
+    base: str,
+    examples: list[dict],
+    out_dir: Path,
+    *,
+    lora: LoraSettings | None,
+    lr: float,
+    epochs: float,
+    max_length: int,
+    batch_size: int = 4,
+    grad_accum: int = 1,
+    warmup_ratio: float = 0.03,
+    scheduler: str = "linear",
+    seed: int = 0,
+    merge: bool = False,
+    max_steps: int = -1,
+) -> dict:
+    """Fine-tune `base` on prompt/completion `examples` (loss on the completion); save into `out_dir`.
+
+    Returns `{"model": folder to load, "train_loss", "steps", "examples", "wall_s", ...}`.
+    """
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    t0 = time.time()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = load_for_training(base, lora, merge)
+
+    rows, cuts = tokenize_examples(tokenizer, examples, max_length)
+    if not rows:
+        raise SelfAlignError(f"no training example fits in max_length {max_length} ({len(examples)} given)",
+                             "raise max_length or check the examples")
+    if cuts["dropped_too_long"]:
+        console.print(f"  [yellow]note:[/] {cuts['dropped_too_long']} examples dropped: their answer alone is longer "
+                      f"than max_length {max_length}")
+    total_steps = estimate_steps(len(rows), batch_size, grad_accum, epochs, max_steps)
+    args = SFTConfig(
+        **common_training_args(out_dir, lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
+                               grad_accum=grad_accum, warmup_ratio=warmup_ratio, seed=seed, total_steps=total_steps,
+                               scheduler=scheduler),
+        max_length=max_length,  # already enforced above; TRL's own cut is then a no-op
+    )
+    with quiet_datasets():
+        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                             peft_config=lora.peft_config("CAUSAL_LM") if lora else None)
+    kind = lora_label(lora)
+    console.print(f"  fine-tuning {base} ({kind}) on {len(rows)} examples, {total_steps} steps, lr {lr:g}")
+    result = run_trainer(trainer, "training", total_steps, batch_size * grad_accum, out_dir)
+    dest = save_trained(trainer.model, tokenizer, base, out_dir, adapter=lora is not None and not merge)
+    return {
+        "model": str(dest.resolve()),
+        **loss_summary(trainer, result),
+        "examples": len(rows),
+        "tokens": sum(len(r["input_ids"]) for r in rows),
+        **cuts,
+        "lora": kind,
+        "wall_s": round(time.time() - t0, 1),
+    }
+
+
+def model_output(folder: Path) -> str:
+    """The model a later stage should load from a training stage's folder: its adapter or model."""
+    folder = Path(folder)
+    if (folder / ADAPTER_DIR / "adapter_config.json").exists():
+        return str(folder / ADAPTER_DIR)
+    if (folder / MODEL_DIR / "config.json").exists():
+        return str(folder / MODEL_DIR)
+    raise SelfAlignError(f"{folder} holds no trained model (no {ADAPTER_DIR}/ or {MODEL_DIR}/)",
+                         "run the training stage first")

@@ -1,0 +1,124 @@
+"""`eval`: the shared evaluations as a stage, so a recipe can measure the base model first and the
+aligned model last. Writes per-item rows (resumable) under the stage folder and `results.json`.
+
+    - stage: eval
+      name: eval_base
+      evals: [hhh, truthfulqa]       # and/or preference (needs judge + comparisons)
+      scoring: [likelihood, ab]      # HHH scorings; add rm with a judge
+      system: null                   # or hhh, builtin:NAME, a .txt file, or the text itself
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from rich.table import Table
+
+from selfalign.core.errors import SelfAlignError
+from selfalign.core.progress import console
+from selfalign.core.recipe import StageConfig
+from selfalign.evals.common import resolve_system
+
+EVAL_NAMES = ("hhh", "truthfulqa", "preference")
+
+
+class Config(StageConfig):
+    stage: str = "eval"
+    evals: list[Literal["hhh", "truthfulqa", "preference"]] = Field(
+        default_factory=lambda: ["hhh", "truthfulqa"], min_length=1, description="which evaluations to run")
+    scoring: list[Literal["likelihood", "ab", "rm"]] = Field(
+        default_factory=lambda: ["likelihood", "ab"], description="HHH scorings (rm needs a judge)")
+    system: str | None = Field(None, description="system prompt at inference: hhh, builtin:NAME, a .txt file or text")
+    judge: str | None = Field(None, description="reward model (a folder, or @stage for one an earlier stage trained), "
+                              "for HHH `rm` scoring and the preference eval")
+    comparisons: str | None = Field(None, description="JSONL of prompt/chosen/rejected for the preference eval")
+    data_dir: str | None = Field(None, description="folder with hhh_alignment/ and truthful_qa/ (default: fetched once)")
+    limit: int | None = Field(None, ge=1, description="at most N HHH items per category and N TruthfulQA questions")
+
+    def human_inputs(self) -> list[tuple[str, str]]:
+        system = resolve_system(self.system)
+        return [(f"system:{self.system if len(self.system or '') < 40 else self.label}", system)] if system else []
+
+
+def limited(items: list, limit: int | None, key=lambda it: "") -> list:
+    if not limit:
+        return items
+    taken: dict[str, int] = {}
+    out = []
+    for it in items:
+        k = key(it)
+        if taken.get(k, 0) < limit:
+            taken[k] = taken.get(k, 0) + 1
+            out.append(it)
+    return out
+
+
+def run_evals(config: Config, model: str, folder: Path, get_engine) -> dict:
+    """Run the config's evaluations; `get_engine()` is called only if a language model is needed."""
+    from selfalign.evals import data
+
+    system = resolve_system(config.system)
+    judge = None
+    if config.judge:
+        from selfalign.core.rewards import RewardModel
+
+        judge = RewardModel(config.judge)
+    evals = {}
+    if "hhh" in config.evals:
+        from selfalign.evals.hhh import evaluate_hhh
+
+        items = limited(data.load_hhh(config.data_dir, verify=data.should_verify(config.data_dir)), config.limit, key=lambda it: it.category)
+        lm_scorings = [s for s in config.scoring if s != "rm"]
+        engine = get_engine() if lm_scorings else None
+        evals["hhh"] = evaluate_hhh(engine, items, folder, tuple(config.scoring), system, judge, model_label=model)
+    if "truthfulqa" in config.evals:
+        from selfalign.evals.truthfulqa import evaluate_truthfulqa
+
+        items = limited(data.load_truthfulqa(config.data_dir, verify=data.should_verify(config.data_dir)), config.limit)
+        evals["truthfulqa"] = evaluate_truthfulqa(get_engine(), items, folder, system, model_label=model)
+    if "preference" in config.evals:
+        from selfalign.evals.preference import load_comparisons, preference_accuracy
+
+        if judge is None or not config.comparisons:
+            raise SelfAlignError("the preference eval needs a reward model (judge) and a comparisons file")
+        t0 = time.time()
+        evals["preference"] = preference_accuracy(judge, load_comparisons(config.comparisons))
+        evals["preference"]["wall_s"] = round(time.time() - t0, 1)
+    return evals
+
+
+def results_table(results: dict) -> Table:
+    title = f"{results['model']}" + (f"  (system: {results['system_name']})" if results.get("system_name") else "")
+    table = Table(title=title)
+    for col in ("eval", "metric", "value", "n"):
+        table.add_column(col, justify="right" if col in ("value", "n") else "left")
+    for name, res in results["evals"].items():
+        for group, values in res["metrics"].items():
+            for key, value in values.items():
+                n = res.get("counts", {}).get(key, "")
+                shown = f"{value:.3f}" if isinstance(value, float) else str(value)
+                table.add_row(name, f"{group} {key}" if group != name else key, shown, str(n))
+    return table
+
+
+def run(ctx, config: Config, folder: Path) -> dict:
+    model = ctx.model_for(config)
+    if config.judge and config.judge.startswith("@"):  # e.g. judge: "@reward_model"
+        config = config.model_copy(update={"judge": ctx.model_for(config, config.judge)})
+    folder.mkdir(parents=True, exist_ok=True)
+    evals = run_evals(config, model, folder, lambda: ctx.engine(model))
+    results = {"model": model, "engine": ctx.recipe.engine.name, "system": resolve_system(config.system),
+               "system_name": config.system, "judge": config.judge, "evals": evals}
+    (folder / "results.json").write_text(json.dumps(results, indent=2))
+    console.print(results_table(results))
+    summary = {}
+    for name, res in evals.items():
+        for group, values in res["metrics"].items():
+            key = "overall" if "overall" in values else next(iter(values))
+            summary[f"{name}.{group}.{key}" if group != name else f"{name}.{key}"] = round(values[key], 4)
+    (folder / "_done.json").write_text(json.dumps(summary, indent=2))
+    return summary

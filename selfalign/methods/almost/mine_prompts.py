@@ -1,0 +1,227 @@
+"""`mine_prompts`: prompt mining (ALMoST, Kim et al. 2023, §2.1 "prompt mining").
+
+The paper starts from a small human-written seed pool (about 100 prompts) and has the base model
+write more, Self-Instruct style: each request shows 10 prompts drawn from the seeds and the prompts
+mined so far, as a numbered list, and the model writes the next item. A new prompt is dropped when
+its ROUGE-L F1 to anything already in the pool is >= 0.5 (inclusive, unlike Self-Align's > 0.7), or
+when it is shorter than 30 or longer than 250 characters. Sampling: temperature 1.2, top-p 0.9, up
+to 64 new tokens. These are the defaults here.
+
+What this stage does, round by round: `requests_per_round` requests, each showing `shots` prompts
+sampled (seeded by the recipe seed and the round) from the seeds + the prompts kept in earlier
+rounds; the first line of each completion is the candidate; candidates are screened in request
+order (length first, then ROUGE-L against the seeds, the earlier rounds and the candidates of the
+same round kept before it). It stops when `target` prompts are kept (the recipe's `max_prompts`
+lowers the target) or after `max_rounds`.
+
+Files: `raw/rows.jsonl` holds every request and its completion, written batch by batch as they
+finish; `rows.jsonl` holds one row per candidate (`prompt`, `kept`, `dropped` = why not, the
+closest pool prompt and its ROUGE-L for a duplicate, the round and request, `meta`), appended when
+its round is screened; the seeds come first (`source: seed`) when `include_seeds` is on. At the
+end the file is made to hold exactly this run's rows (rows of an earlier attempt with other
+filter settings are removed). A later
+stage reads the kept ones with `prompts: "@mine_prompts"` (rows with a `prompt` and `kept: true`).
+
+Resuming: the screening is a pure function of the raw completions, and the examples shown in
+round r depend only on rounds before r, so a killed run regenerates exactly the requests that
+have no raw row and appends the candidate rows that are missing; nothing is generated twice.
+
+Simplifications: the listing wording is this project's; one prompt is parsed per completion (the
+first line; 64 tokens rarely hold more); the last round may keep more than needed, and those past
+the target are recorded as dropped ("beyond the target count"); the target default (500) is not
+the paper's number.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections import Counter
+from pathlib import Path
+
+from pydantic import Field
+
+from selfalign.core.dedup import rouge_dedup
+from selfalign.core.engines import Sampling
+from selfalign.core.progress import console, progress_bar
+from selfalign.core.prompts import load_prompts
+from selfalign.core.recipe import StageConfig
+from selfalign.core.store import RowStore, row_id
+
+NO_PROMPT = "no prompt in the completion"
+TOO_SHORT = "too short"
+TOO_LONG = "too long"
+DUPLICATE = "ROUGE-L duplicate"
+BEYOND_TARGET = "beyond the target count"
+
+
+class Config(StageConfig):
+    stage: str = "mine_prompts"
+    seeds: str = Field("builtin:almost/seed_prompts.yaml",
+                       description="seed prompts: a YAML list (strings or {prompt: ...}), a .txt (one a line) or .jsonl file")
+    target: int = Field(500, ge=1, description="stop once this many mined prompts are kept (not a paper number)")
+    max_rounds: int = Field(50, ge=1, description="at most this many rounds of requests")
+    requests_per_round: int = Field(16, ge=1, description="requests per round; each yields at most one prompt")
+    shots: int = Field(10, ge=1, description="prompts shown per request (paper: 10)")
+    rouge_threshold: float = Field(0.5, gt=0, le=1, description="drop a prompt whose ROUGE-L to the pool is >= this (paper: 0.5)")
+    min_chars: int = Field(30, ge=0, description="drop prompts shorter than this many characters (paper: 30)")
+    max_chars: int = Field(250, ge=1, description="drop prompts longer than this many characters (paper: 250)")
+    include_seeds: bool = Field(True, description="pass the seed prompts on as prompts too (rows with source: seed)")
+    sampling: Sampling = Field(default_factory=lambda: Sampling(temperature=1.2, top_p=0.9, max_new_tokens=64))
+
+    def human_inputs(self) -> list[tuple[str, str]]:
+        return [(self.seeds, "\n".join(load_seed_prompts(self.seeds)))]
+
+
+# -- inputs and the request (this project's wording) ------------------------------------------------
+def load_seed_prompts(ref: str) -> list[str]:
+    """Seed prompts from any prompt file (`selfalign.core.prompts`: YAML list, .txt, .jsonl, builtin:...); each once."""
+    return list(dict.fromkeys(" ".join(p.text.split()) for p in load_prompts(ref) if p.text))
+
+
+def mining_request(examples: list[str]) -> str:
+    """A numbered list of requests that the model continues with one more."""
+    lines = "\n".join(f"{i}. {e}" for i, e in enumerate(examples, start=1))
+    return ("Below are messages that different people sent to an AI assistant. They ask about all sorts of "
+            "subjects and tasks, and each one is a complete request on its own.\n\n"
+            f"{lines}\n{len(examples) + 1}.")
+
+
+# -- parsing and filters (pure functions, unit-tested) ---------------------------------------------
+def parse_mined(completion: str) -> str:
+    """The candidate prompt: the first non-empty line of the completion, whitespace collapsed,
+    surrounding quotes removed."""
+    line = next((x for x in completion.strip().splitlines() if x.strip()), "")
+    text = " ".join(line.split())
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+        text = text[1:-1].strip()
+    return text
+
+
+def length_verdict(text: str, min_chars: int, max_chars: int) -> str | None:
+    """None if the length is within [min_chars, max_chars], else why not."""
+    if not text:
+        return NO_PROMPT
+    if len(text) < min_chars:
+        return TOO_SHORT
+    if len(text) > max_chars:
+        return TOO_LONG
+    return None
+
+
+def screen(candidates: list[str], pool: list[str], threshold: float, min_chars: int, max_chars: int) -> list[dict]:
+    """Verdict per candidate, in order: {kept, dropped, rouge_l, closest}. A candidate is checked
+    against the pool and against the candidates kept before it (ROUGE-L >= threshold drops it)."""
+    out = [{"kept": False, "dropped": length_verdict(c, min_chars, max_chars), "rouge_l": None, "closest": None}
+           for c in candidates]
+    ok = [i for i, v in enumerate(out) if v["dropped"] is None]
+    res = rouge_dedup([candidates[i] for i in ok], threshold, existing=pool, inclusive=True)
+    everything = list(pool) + [candidates[i] for i in ok]
+    for i, keep, match, score in zip(ok, res.keep, res.match, res.score, strict=True):
+        out[i]["kept"] = keep
+        if not keep:
+            out[i].update(dropped=DUPLICATE, rouge_l=round(score, 4), closest=everything[match])
+    return out
+
+
+# -- the stage ------------------------------------------------------------------------------------
+def replace_rows(folder: Path, rows: list[dict]) -> RowStore:
+    """Make `folder/rows.jsonl` hold exactly `rows` (written aside, then swapped in: a kill leaves the
+    old file or the new one). For derived rows, so that rows of an earlier run with other filter
+    settings never linger beside the new ones."""
+    path = Path(folder) / "rows.jsonl"
+    blob = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    if not path.exists() or path.read_text(encoding="utf-8") != blob:
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    return RowStore(folder)
+
+
+def run(ctx, config: Config, folder) -> dict:
+    model = ctx.model_for(config)
+    seeds = load_seed_prompts(config.seeds)
+    target = ctx.max_prompts(config.target)
+    sampling = config.sampling.model_copy(update={"n": 1, "seed": config.sampling.seed or ctx.recipe.seed,
+                                                   "stop": list(dict.fromkeys([*config.sampling.stop, "\n"]))})
+    meta = ctx.provenance(config, model, sampling)
+    raw, out = RowStore(folder / "raw"), RowStore(folder)
+    if out.repaired_tail is not None or raw.repaired_tail is not None:
+        console.print("[yellow]note:[/] a half-written row (the run was killed) was set aside; it is made again")
+    wanted: list[str] = []  # ids of this run's rows, in order
+    if config.include_seeds:
+        seed_rows = [{"id": row_id("prompt", s), "prompt": s, "source": "seed", "kept": True, "dropped": None} for s in seeds]
+        out.append(seed_rows)
+        wanted += [r["id"] for r in seed_rows]
+
+    mined: list[str] = []
+    generated = rounds = 0
+    verdict_key = [config.rouge_threshold, config.min_chars, config.max_chars, target]  # a row's verdict depends on these
+    for r in range(config.max_rounds):
+        if len(mined) >= target:
+            break
+        rounds += 1
+        rng = random.Random(f"{ctx.recipe.seed}-mine-{r}")
+        pool = seeds + mined
+        requests = [mining_request(rng.sample(pool, min(config.shots, len(pool)))) for _ in range(config.requests_per_round)]
+        ids = [row_id("mine_prompts", model, sampling.model_dump(), r, j, q) for j, q in enumerate(requests)]
+        todo = [j for j, rid in enumerate(ids) if rid not in raw]
+        if todo:
+            engine = ctx.engine(model)
+            with progress_bar(f"{config.label}: round {r + 1}", total=len(todo), already_done=len(ids) - len(todo)) as advance:
+                for batch in engine.generate_iter([requests[j] for j in todo], sampling):
+                    raw.append([{"id": ids[todo[i]], "round": r, "request": todo[i], "request_text": requests[todo[i]],
+                                 "completion": cs[0].text, "finish_reason": cs[0].finish_reason, "meta": meta}
+                                for i, cs in batch])
+                    advance(len(batch), sum(c.completion_tokens for _, cs in batch for c in cs))
+            generated += len(todo)
+        completions = {row["id"]: row["completion"] for row in raw}
+        candidates = [parse_mined(completions[rid]) for rid in ids]
+        rows = []
+        for j, (rid, cand, v) in enumerate(zip(ids, candidates, screen(candidates, pool, config.rouge_threshold,
+                                                                       config.min_chars, config.max_chars), strict=True)):
+            if v["kept"] and len(mined) >= target:
+                v.update(kept=False, dropped=BEYOND_TARGET)
+            if v["kept"]:
+                mined.append(cand)
+            rows.append({"id": row_id("mined", rid, verdict_key), "prompt": cand, "source": "mined", "kept": v["kept"],
+                         "dropped": v["dropped"], "rouge_l": v["rouge_l"], "closest": v["closest"], "chars": len(cand),
+                         "round": r, "request": j, "raw_id": rid, "meta": meta})
+        out.append(rows)
+        wanted += [row["id"] for row in rows]
+
+    by_id = {row["id"]: row for row in out}
+    out = replace_rows(folder, [by_id[i] for i in wanted])  # drops rows of a run with other settings, if any
+    mine = [by_id[i] for i in wanted if by_id[i]["source"] == "mined"]
+    summary = {"seeds": len(seeds) if config.include_seeds else 0, "mined": len(mined), "candidates": len(mine),
+               "rounds": rounds, "prompts": sum(by_id[i]["kept"] for i in wanted), "generated_now": generated,
+               "dropped": dict(Counter(row["dropped"] for row in mine if not row["kept"]))}
+    console.print(f"  kept {len(mined)} of {len(mine)} mined prompts in {rounds} rounds; dropped: {summary['dropped'] or 'none'}")
+    out.mark_done(**summary)
+    return summary
+
+
+def report_section(stage: dict):
+    """Candidates kept and dropped (by reason), and a few mined prompts."""
+    from selfalign.core.report import _read_rows, _section, esc
+
+    rows = [r for r in _read_rows(Path(stage["folder"]) / "rows.jsonl") if r.get("source") == "mined"]
+    if not rows:
+        return None
+    reasons = Counter("kept" if r["kept"] else r["dropped"] for r in rows)
+    table = "".join(f'<tr><td>{esc(k)}</td><td class="num">{n}</td></tr>' for k, n in reasons.most_common())
+    kept = [r["prompt"] for r in rows if r["kept"]]
+    examples = "".join(f"<li>{esc(p)}</li>" for p in random.Random(0).sample(kept, min(8, len(kept))))
+    dups = [r for r in rows if r["dropped"] == DUPLICATE][:3]
+    dup_list = "".join(f'<li>{esc(r["prompt"])} <span class="muted">(ROUGE-L {r["rouge_l"]:.2f} to: {esc(r["closest"])})</span></li>'
+                       for r in dups)
+    body = (f'<p>{len(kept)} prompts mined from {len(rows)} candidates '
+            f'({esc((stage.get("summary") or {}).get("rounds", "?"))} rounds).</p>'
+            f'<table><thead><tr><th>verdict</th><th class="num">candidates</th></tr></thead><tbody>{table}</tbody></table>'
+            + (f"<h3>Some mined prompts</h3><ul>{examples}</ul>" if kept else "")
+            + (f"<h3>Some near-duplicates dropped</h3><ul>{dup_list}</ul>" if dups else ""))
+    return _section(f"stage-{stage['label']}", f"Prompt mining ({stage['label']})", body)

@@ -1,0 +1,225 @@
+"""`self_play`: reward-model-guided self-play, RMSP (ALMoST, Kim et al. 2023, step 2 of the method).
+
+ALMoST's demonstrations are written by the vanilla model talking to itself, with the synthetic
+reward model as the only judge. Two copies of the model, each prompted for its role, hold a
+conversation that opens with a mined prompt:
+
+- the *assistant* continues the plain transcript `[system]\\n\\nHuman: ...\\n\\nAssistant:` under a
+  system prompt (default: this project's short HHH preamble, `builtin:hhh_short`);
+- the *user* continues `{user_prompt}\\n\\n{transcript so far}\\n\\nHuman:` with one follow-up
+  message, where `user_prompt` (a field, written for this project) asks for a curious person who
+  keeps the conversation going.
+
+At every assistant turn N candidate replies are sampled (`candidates`, default 4), the reward model
+scores each on the dialogue so far (`reward_text`, exactly what it was trained on; the system prompt
+is not part of it) and the best one is kept, up to T assistant turns (`turns`, default 2). The
+conversations, with the best reply at every turn, are the SFT stage's demonstrations.
+
+Rows: one per conversation: `messages` (user/assistant turns), `turns` (for each assistant turn:
+the user message it answers, every candidate with its score and finish reason, `chosen` and its
+`reward`), `ended` (why the conversation stopped) and `kept` (at least one assistant turn).
+A conversation ends early when the user model writes no follow-up, or when every candidate reply
+is empty.
+
+Resuming: conversations are played `chunk` at a time, all of a chunk's turn-1 candidates in one
+engine call, then its follow-ups, then its turn-2 candidates, and so on; a chunk's rows are written
+when its conversations finish. A killed run replays at most the chunk in flight and never a
+finished conversation.
+
+Defaults and their sources: N = 4 and T = 2 are not published (this project names them as the
+choice); the sampling (temperature 1.0, top-p 0.9) is ALMoST's for synthetic responses; the reply
+length (256 new tokens) and the follow-up length (64, as for mined prompts) are this project's.
+
+Simplifications: the user model samples one follow-up per turn (it is not reward-guided, as in the
+paper); empty candidates are never chosen; replies are cut at a new `Human:` turn (the plain
+format's stop) and stripped; the user model and the assistant share one engine when they are the
+same model.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+
+from pydantic import Field
+
+from selfalign.core.chat import PLAIN_STOPS, render_plain
+from selfalign.core.engines import Sampling
+from selfalign.core.progress import console, progress_bar
+from selfalign.core.recipe import StageConfig
+from selfalign.core.store import RowStore, row_id
+from selfalign.evals.common import resolve_system
+from selfalign.methods.almost.rloo import policy_prompt
+from selfalign.methods.self_align.self_align import stage_prompts
+
+USER_PROMPT = (
+    "The conversation below is between a curious person and an AI assistant. The person keeps it going: after "
+    "each of the assistant's replies they write one short message of their own, for example a question about "
+    "something the assistant just said, a request for more detail, an example or a simpler explanation, or a "
+    "related question they now want answered."
+)
+USER_STOPS = ["\n\n", "\nAssistant", "\nHuman"]
+
+
+class Config(StageConfig):
+    stage: str = "self_play"
+    prompts: str = Field("@mine_prompts", description="@<stage> (rows with `prompt`, `kept`) or a prompt file: the openings")
+    assistant: str | None = Field(None, description="the assistant model (default: the stage's model, the vanilla LM); @stage allowed")
+    user: str | None = Field(None, description="the user model (default: the stage's model, the vanilla LM); @stage allowed")
+    reward_model: str = Field("@reward_model", description="the reward model that picks the best reply: a folder or @stage")
+    system: str | None = Field("builtin:hhh_short", description="the assistant's system prompt: text, a .txt file, hhh, builtin:NAME, or empty for none")
+    user_prompt: str = Field(USER_PROMPT, description="the instructions above the transcript that the user model continues")
+    candidates: int = Field(4, ge=1, description="N: replies sampled at each assistant turn (not published)")
+    turns: int = Field(2, ge=1, description="T: most assistant turns per conversation (not published)")
+    sampling: Sampling = Field(default_factory=lambda: Sampling(temperature=1.0, top_p=0.9, max_new_tokens=256),
+                               description="the assistant's sampling (n is `candidates`)")
+    user_sampling: Sampling = Field(default_factory=lambda: Sampling(temperature=1.0, top_p=0.9, max_new_tokens=64),
+                                    description="the user model's sampling (one follow-up a turn)")
+    chunk: int = Field(32, ge=1, description="conversations played together; their rows are written when they finish")
+    rm_batch_size: int = Field(8, ge=1, description="reward-model scoring batch")
+    rm_max_length: int = Field(1024, ge=8, description="reward-model input tokens (cut from the left)")
+    max_prompts: int | None = Field(None, ge=1)
+
+    def human_inputs(self) -> list[tuple[str, str]]:
+        out = [(f"{self.label}.user_prompt", self.user_prompt)]
+        return out + ([(self.system, resolve_system(self.system) or "")] if self.system else [])
+
+
+# -- pure helpers (unit-tested) ---------------------------------------------------------------------
+def user_request(instructions: str, messages: Sequence[dict]) -> str:
+    """The text the user model continues with the human's next message."""
+    return f"{instructions.strip()}\n\n{render_plain(messages, add_generation_prompt=False)}\n\nHuman:"
+
+
+def clean_reply(text: str, stops: Sequence[str] = ()) -> str:
+    """A reply or follow-up as stored: cut at the first stop, surrounding whitespace removed."""
+    cut = min((i for s in stops if s and (i := text.find(s)) >= 0), default=len(text))
+    return text[:cut].strip()
+
+
+def pick_best(scores: Sequence[float | None]) -> int | None:
+    """Index of the highest score (the first on ties); None scores (empty replies) are never picked."""
+    best = None
+    for i, s in enumerate(scores):
+        if s is not None and (best is None or s > scores[best]):
+            best = i
+    return best
+
+
+# -- the stage ------------------------------------------------------------------------------------
+def play(chunk: list[tuple[str, str]], assistant, user, rm, config: Config, system: str | None,
+         sampling: Sampling, user_sampling: Sampling) -> list[dict]:
+    """Play a chunk of conversations to the end: [{messages, turns, ended}], one per opening prompt."""
+    convs = [{"messages": [{"role": "user", "content": p}], "turns": [], "ended": None} for _, p in chunk]
+    for t in range(config.turns):
+        if t > 0:  # the user model writes the next human message
+            live = [c for c in convs if c["ended"] is None]
+            outs = user.generate([user_request(config.user_prompt, c["messages"]) for c in live], user_sampling)
+            for c, cs in zip(live, outs, strict=True):
+                follow_up = clean_reply(cs[0].text, USER_STOPS)
+                if follow_up:
+                    c["messages"].append({"role": "user", "content": follow_up})
+                else:
+                    c["ended"] = "no follow-up from the user model"
+        live = [c for c in convs if c["ended"] is None]
+        if not live:
+            break
+        outs = assistant.generate([policy_prompt(c["messages"], system) for c in live], sampling)
+        texts = [[clean_reply(x.text, PLAIN_STOPS) for x in cs] for cs in outs]
+        flat = [(ci, j) for ci, ts in enumerate(texts) for j, x in enumerate(ts) if x]
+        scored = rm.score([live[ci]["messages"] for ci, _ in flat], [texts[ci][j] for ci, j in flat]) if flat else []
+        scores = [[None] * len(ts) for ts in texts]
+        for (ci, j), s in zip(flat, scored, strict=True):
+            scores[ci][j] = s
+        for c, cs, ts, ss in zip(live, outs, texts, scores, strict=True):
+            best = pick_best(ss)
+            if best is None:
+                c["ended"] = "every candidate reply was empty"
+                continue
+            c["turns"].append({
+                "user": c["messages"][-1]["content"],
+                "candidates": [{"text": x, "score": s, "finish_reason": o.finish_reason, "completion_tokens": o.completion_tokens}
+                               for x, s, o in zip(ts, ss, cs, strict=True)],
+                "chosen": best, "reward": ss[best]})
+            c["messages"].append({"role": "assistant", "content": ts[best]})
+    for c in convs:
+        c["ended"] = c["ended"] or "turn limit"
+    return convs
+
+
+def run(ctx, config: Config, folder) -> dict:
+    from selfalign.core.rewards import RewardModel
+
+    assistant_ref = ctx.model_for(config, config.assistant)
+    user_ref = ctx.model_for(config, config.user)
+    rm_ref = ctx.model_for(config, config.reward_model)
+    system = resolve_system(config.system)
+    prompts = stage_prompts(ctx, config)
+    seed = config.sampling.seed or ctx.recipe.seed
+    sampling = config.sampling.model_copy(update={"n": config.candidates, "seed": seed,
+                                                   "stop": list(dict.fromkeys([*config.sampling.stop, *PLAIN_STOPS]))})
+    user_sampling = config.user_sampling.model_copy(update={"n": 1, "seed": config.user_sampling.seed or seed + 1,
+                                                             "stop": list(dict.fromkeys([*config.user_sampling.stop, *USER_STOPS]))})
+    store = RowStore(folder)
+    if store.repaired_tail is not None:
+        console.print(f"[yellow]note:[/] {store.path} ended in a half-written row (the run was killed); it was set aside")
+    settings = dict(assistant=assistant_ref, user=user_ref, reward_model=rm_ref, system=system, user_prompt=config.user_prompt,
+                    candidates=config.candidates, turns=config.turns, sampling=sampling.model_dump(),
+                    user_sampling=user_sampling.model_dump())
+    ids = {pid: row_id("self_play", pid, p, settings) for pid, p in prompts}
+    pending = [(pid, p) for pid, p in prompts if ids[pid] not in store]
+    meta = ctx.provenance(config, assistant_ref, sampling, user_model=user_ref, reward_model=rm_ref, system=system,
+                          user_sampling=user_sampling.model_dump(), candidates=config.candidates, turns=config.turns)
+    if pending:
+        assistant = ctx.engine(assistant_ref)
+        user = ctx.engine(user_ref)
+        rm = RewardModel(rm_ref, batch_size=config.rm_batch_size, max_length=config.rm_max_length)
+        with progress_bar(f"{config.label}: conversations", total=len(pending),
+                          already_done=len(prompts) - len(pending)) as advance:
+            for start in range(0, len(pending), config.chunk):
+                chunk = pending[start:start + config.chunk]
+                convs = play(chunk, assistant, user, rm, config, system, sampling, user_sampling)
+                store.append([{"id": ids[pid], "prompt_id": pid, "prompt": p, "messages": c["messages"], "turns": c["turns"],
+                               "assistant_turns": len(c["turns"]), "ended": c["ended"], "kept": bool(c["turns"]),
+                               "meta": meta} for (pid, p), c in zip(chunk, convs, strict=True)])
+                advance(len(chunk), sum(x["completion_tokens"] for c in convs for t in c["turns"] for x in t["candidates"]))
+    wanted = set(ids.values())
+    rows = [r for r in store if r["id"] in wanted]
+    summary = {"conversations": len(rows), "kept": sum(bool(r["kept"]) for r in rows), **turn_stats(rows),
+               "ended": dict(Counter(r["ended"] for r in rows)), "assistant": assistant_ref, "user": user_ref,
+               "reward_model": rm_ref}
+    console.print(f"  {summary['kept']} of {len(rows)} conversations kept, {summary['assistant_turns']} assistant turns; "
+                  f"mean reward of the chosen reply {summary['chosen_reward']} vs {summary['candidate_reward']} for all candidates")
+    store.mark_done(**summary)
+    return summary
+
+
+def turn_stats(rows: list[dict]) -> dict:
+    """Assistant turns, and the mean reward of the chosen replies against that of every candidate
+    (the gain of best-of-N selection)."""
+    turns = [t for r in rows for t in r.get("turns") or []]
+    chosen = [t["reward"] for t in turns]
+    every = [c["score"] for t in turns for c in t["candidates"] if c["score"] is not None]
+    mean = lambda xs: round(sum(xs) / len(xs), 4) if xs else None  # noqa: E731
+    return {"assistant_turns": len(turns), "chosen_reward": mean(chosen), "candidate_reward": mean(every)}
+
+
+def report_section(stage: dict):
+    """Best-of-N at a glance: per assistant turn, the chosen replies' mean reward against all candidates'."""
+    from selfalign.core.report import _read_rows, _section, esc
+
+    rows = _read_rows(stage["folder"] / "rows.jsonl")
+    if not rows:
+        return None
+    depth = max((len(r.get("turns") or []) for r in rows), default=0)
+    body = []
+    for t in range(depth):
+        st = turn_stats([{"turns": [r["turns"][t]]} for r in rows if len(r.get("turns") or []) > t])
+        body.append(f'<tr><td>{t + 1}</td><td class="num">{st["assistant_turns"]}</td>'
+                    f'<td class="num">{esc(st["chosen_reward"])}</td><td class="num">{esc(st["candidate_reward"])}</td></tr>')
+    ended = Counter(r.get("ended") for r in rows)
+    note = "; ".join(f"{esc(k)}: {v}" for k, v in ended.items())
+    html = ('<table class="metrics"><thead><tr><th>assistant turn</th><th class="num">conversations</th>'
+            '<th class="num">chosen reply reward</th><th class="num">all candidates reward</th></tr></thead>'
+            f'<tbody>{"".join(body)}</tbody></table><p class="muted">{len(rows)} conversations; ended: {note}</p>')
+    return _section(f"stage-{stage['label']}", f"{stage['label']}: reward-model-guided self-play", html)

@@ -1,0 +1,148 @@
+"""`engrave`: Principle Engraving (Self-Align, Sun et al. 2023, §3.3).
+
+The answers the base model wrote under the long principle-driven prompt (16 principles, 5
+exemplars, internal thoughts) are distilled back into the base model *without* that prompt: the
+model is fine-tuned on (prompt → answer) under a short system prompt only, so the principles are
+"engraved" into its weights and it no longer needs them in context.
+
+Each training example is the plain transcript
+
+    <system prompt>\\n\\nHuman: <prompt>\\n\\nAssistant:   →   " <answer><eos>"
+
+with the loss on the answer only. Paper settings, the defaults here: LoRA on q/k/v/o, r 16,
+alpha 16, dropout 0.05; lr 4e-4, 1 epoch, warmup then linear decay; max length 512. The model
+trained is the stage's model (`model:` or the recipe's), i.e. the *base* model, not the model
+that wrote the answers under the principle prompt (in the paper they are the same weights).
+
+Input: `data` names an earlier stage (its `rows.jsonl`) or a JSONL file; rows need `prompt` and
+`answer`, and a row with `kept: false` (rejected by the self-alignment filters) is skipped.
+Output: `examples.jsonl` (exactly what was trained on), `adapter/` (or `model/` with `merge: true`
+or `lora: false`), `trainer_state.json` (losses), and the done-marker whose `model` is the path a
+later stage loads.
+
+Simplifications: the warmup fraction (3%) and batch size (4) are not published for this step and
+are fields; a prompt longer than `max_length` loses tokens from the left of the rendered text
+(system prompt first), an answer that alone is too long is dropped (see `selfalign.core.training`);
+a killed run trains again from the start (training is minutes on CPU-sized data, and a half-trained
+adapter is never marked done).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+
+from selfalign.core.assets_io import yaml_key
+from selfalign.core.chat import render_plain
+from selfalign.core.errors import SelfAlignError
+from selfalign.core.models import load_tokenizer, resolve
+from selfalign.core.progress import console
+from selfalign.core.recipe import StageConfig
+from selfalign.core.store import RowStore, read_jsonl, row_id
+from selfalign.core.training import lora_settings, sft_train, write_examples
+
+
+class Config(StageConfig):
+    stage: str = "engrave"
+    data: str = Field(..., description="an earlier stage's name (its rows.jsonl) or a JSONL file with prompt, answer, [kept]")
+    system: str = Field("builtin:self_align/system_prompts.yaml#engraved",
+                        description="system prompt: FILE.yaml#KEY (builtin: or a path) or the text itself")
+    lora: bool = Field(True, description="train a LoRA adapter (else: full fine-tuning)")
+    r: int = Field(16, ge=1, description="LoRA rank")
+    alpha: int = Field(16, ge=1, description="LoRA alpha")
+    dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout")
+    lr: float = Field(4e-4, gt=0, description="peak learning rate")
+    epochs: float = Field(1.0, gt=0)
+    max_length: int = Field(512, ge=8, description="tokens per example (system + prompt + answer)")
+    batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1, description="gradient accumulation steps")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="fraction of steps with linear warmup (not published)")
+    merge: bool = Field(False, description="merge the adapter into the weights and save a plain model")
+    max_examples: int | None = Field(None, ge=1, description="train on at most the first N usable rows")
+
+    def human_inputs(self) -> list[tuple[str, str]]:
+        source = self.system if _is_yaml_key(self.system) else f"{self.label}.system"
+        return [(source, system_text(self.system))]
+
+
+def _is_yaml_key(ref: str) -> bool:
+    path, _, key = ref.rpartition("#")
+    return bool(key) and path.lower().endswith((".yaml", ".yml")) and "\n" not in ref
+
+
+def system_text(ref: str) -> str:
+    """`builtin:self_align/system_prompts.yaml#engraved`, `my.yaml#key`, or the text itself."""
+    if not _is_yaml_key(ref):
+        return ref.strip()
+    path_ref, _, key = ref.rpartition("#")
+    return yaml_key(path_ref, key)
+
+
+def data_file(ctx, ref: str) -> Path:
+    """An earlier stage's rows.jsonl, or a JSONL file (a folder means its rows.jsonl)."""
+    if ref in ctx.stage_dirs:
+        path = ctx.stage_dirs[ref] / "rows.jsonl"
+        if not path.exists():
+            raise SelfAlignError(f"stage {ref!r} wrote no rows ({path} is missing)", "run that stage first")
+        return path
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        path = path / "rows.jsonl"
+    if not path.is_file():
+        earlier = ", ".join(ctx.stage_dirs) or "none"
+        raise SelfAlignError(f"data: {ref!r} is neither an earlier stage (earlier: {earlier}) nor a JSONL file")
+    return path
+
+
+def usable_rows(rows: list[dict]) -> tuple[list[dict], dict]:
+    """Rows with a prompt and an answer that were not rejected (`kept: false`); counts of the rest."""
+    out, skipped = [], {"not kept": 0, "no prompt or answer": 0}
+    for row in rows:
+        if row.get("kept", True) is False:
+            skipped["not kept"] += 1
+        elif not str(row.get("prompt") or "").strip() or not str(row.get("answer") or "").strip():
+            skipped["no prompt or answer"] += 1
+        else:
+            out.append(row)
+    return out, skipped
+
+
+def training_example(system: str, prompt: str, answer: str, eos: str) -> dict:
+    text = render_plain([{"role": "system", "content": system}, {"role": "user", "content": prompt}])
+    return {"prompt": text, "completion": " " + answer.strip() + eos}
+
+
+def train_on_examples(ctx, config, base: str, examples: list[dict], folder: Path, **settings) -> dict:
+    """Write `examples.jsonl` (exactly what is trained on) into `folder`, then fine-tune `base` on the
+    examples' prompt/completion there with the stage's training fields (lora, r, alpha, dropout, lr,
+    epochs, max_length, batch_size, grad_accum, warmup_ratio, merge); `settings` adds `sft_train`'s others."""
+    write_examples(folder, examples)
+    ctx.free_accelerator()
+    return sft_train(base, [{"prompt": e["prompt"], "completion": e["completion"]} for e in examples], folder,
+                     lora=lora_settings(config), lr=config.lr, epochs=config.epochs, max_length=config.max_length,
+                     batch_size=config.batch_size, grad_accum=config.grad_accum, warmup_ratio=config.warmup_ratio,
+                     seed=ctx.recipe.seed, merge=config.merge, **settings)
+
+
+def run(ctx, config: Config, folder) -> dict:
+    folder = Path(folder)
+    base = ctx.model_for(config)
+    system = system_text(config.system)
+    source = data_file(ctx, config.data)
+    rows, skipped = usable_rows(read_jsonl(source))
+    if cap := ctx.max_prompts(config.max_examples):
+        rows = rows[:cap]
+    if not rows:
+        raise SelfAlignError(f"{source}: no usable rows to train on (rows need prompt and answer, and kept not false)",
+                             f"skipped: {skipped}")
+    eos = load_tokenizer(resolve(base)).eos_token or ""
+    examples = [{"id": r.get("id") or row_id("engrave", r["prompt"], r["answer"]),
+                 **training_example(system, r["prompt"], r["answer"], eos)} for r in rows]
+    store = RowStore(folder)  # the done-marker lives beside the examples and the adapter
+    console.print(f"  {len(examples)} examples from {source} ({skipped['not kept']} not kept, "
+                  f"{skipped['no prompt or answer']} empty)")
+    result = train_on_examples(ctx, config, base, examples, folder)
+    summary = {**result, "base": base, "data": str(source), "skipped": skipped}
+    store.mark_done(**summary)
+    return summary

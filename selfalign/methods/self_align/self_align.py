@@ -1,0 +1,207 @@
+"""`self_align`: Principle-Driven Self-Alignment (Self-Align, Sun et al. 2023, §3.2).
+
+The base model answers every prompt after a long fixed context: a short header, the principles,
+and exemplars in which the assistant first writes its *internal thoughts* (which principles apply
+and why) and then its answer. The model continues the same pattern for each new prompt:
+
+    {header}
+    Principles:
+    1. Ethical: ...
+    ...
+    Human: {exemplar question}
+    Assistant (internal thoughts): {which principles apply and why}
+    Assistant: {answer}
+    ...
+    Human: {new prompt}
+    Assistant (internal thoughts):
+
+Paper defaults: temperature 0.5, top-p 0.9, up to 256 new tokens. The context is identical for
+every prompt, so engines reuse its KV cache: the hf engine computes it once per call (its shared-
+prefix path), vLLM's automatic prefix caching does the same on GPU.
+
+One departure, for small base models: the structure is enforced rather than hoped for. The model
+first writes its thoughts (one line), then the stage appends the answer tag and the model writes
+the answer. A large model follows the exemplars' format unprompted; gemma-3-270m often does not,
+and the paper's "keep only well-formed outputs" filter would then keep almost nothing.
+
+Every answer is kept or dropped by pure, unit-tested filters, and a dropped row records why:
+malformed (no thoughts or no answer section), a repeated sentence, text leaked from an exemplar
+(a shared run of 8+ words), or an answer that opens with a refusal formula. All rows, kept or not,
+go to `rows.jsonl` (`kept`, `dropped`), so the filter is auditable. The wording and the exact
+filter thresholds are this project's (the paper publishes the rules, not the numbers).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import Counter
+
+from pydantic import Field
+
+from selfalign.core.assets_io import asset_text, load_yaml_list, yaml_key
+from selfalign.core.engines import Sampling
+from selfalign.core.errors import SelfAlignError
+from selfalign.core.progress import console, progress_bar
+from selfalign.core.prompts import load_prompts
+from selfalign.core.recipe import StageConfig
+from selfalign.core.store import RowStore, read_jsonl, row_id
+
+THOUGHTS_TAG = "Assistant (internal thoughts):"
+ANSWER_TAG = "Assistant:"
+SEPARATOR = "\n\n###\n\n"
+STOPS = ["\n\nHuman:", "\nHuman:", "\n###"]
+REFUSAL_OPENINGS = ("i'm sorry", "i am sorry", "sorry,", "i apologize", "i apologise", "as an ai", "as a language model",
+                    "i cannot", "i can't", "i can not", "unfortunately, i")
+LEAK_NGRAM = 8
+
+
+class Config(StageConfig):
+    stage: str = "self_align"
+    prompts: str = Field("@self_instruct", description="@<stage> (an earlier stage's rows with `prompt`) or a prompt file")
+    principles: str = "builtin:self_align/principles.yaml"
+    exemplars: str = "builtin:self_align/exemplars.yaml"
+    system_prompts: str = "builtin:self_align/system_prompts.yaml"
+    sampling: Sampling = Field(default_factory=lambda: Sampling(temperature=0.5, top_p=0.9, max_new_tokens=256))
+    thoughts_tokens: int = Field(96, ge=1, description="most tokens of internal thoughts (one line)")
+    chunk: int = Field(64, ge=1, description="prompts answered (thoughts, then answers) before their rows are written")
+    max_prompts: int | None = Field(None, ge=1)
+
+    def human_inputs(self) -> list[tuple[str, str]]:
+        return [(ref, asset_text(ref)) for ref in (self.principles, self.exemplars, self.system_prompts)]
+
+
+# -- the prompt -----------------------------------------------------------------------------------
+def principle_context(header: str, principles: list[dict], exemplars: list[dict]) -> str:
+    """Everything before the new prompt: identical for every prompt, so its KV cache is shared."""
+    rules = "\n".join(f"{i}. {p['name']}: {' '.join(p['text'].split())}" for i, p in enumerate(principles, start=1))
+    shots = SEPARATOR.join(
+        f"Human: {e['user'].strip()}\n\n{THOUGHTS_TAG} {' '.join(e['thoughts'].split())}\n\n{ANSWER_TAG} {e['answer'].strip()}"
+        for e in exemplars)
+    return f"{' '.join(header.split())}\n\nPrinciples:\n{rules}{SEPARATOR}{shots}{SEPARATOR}"
+
+
+def principle_prompt(context: str, prompt: str) -> str:
+    return f"{context}Human: {prompt.strip()}\n\n{THOUGHTS_TAG}"
+
+
+# -- parsing and filters (pure functions, unit-tested) ---------------------------------------------
+def split_thoughts(completion: str) -> tuple[str, str] | None:
+    """(thoughts, answer) from what follows "Assistant (internal thoughts):", or None if malformed."""
+    head, sep, answer = completion.partition(f"\n{ANSWER_TAG}")
+    thoughts, answer = head.strip(), answer.strip()
+    if not sep or not thoughts or not answer:
+        return None
+    return thoughts, answer
+
+
+def sentences(text: str) -> list[str]:
+    return [s for s in (x.strip().lower() for x in re.split(r"(?<=[.!?])\s+|\n+", text)) if len(s.split()) >= 3]
+
+
+def has_repeated_sentence(answer: str) -> bool:
+    return any(n > 1 for n in Counter(sentences(answer)).values())
+
+
+def word_ngrams(text: str, n: int) -> set[tuple[str, ...]]:
+    words = re.findall(r"[a-z0-9']+", text.lower())
+    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
+def leaks_exemplar(answer: str, exemplar_ngrams: set) -> bool:
+    return bool(word_ngrams(answer, LEAK_NGRAM) & exemplar_ngrams)
+
+
+def opens_with_refusal(answer: str) -> bool:
+    return answer.strip().lower().startswith(REFUSAL_OPENINGS)
+
+
+def verdict(completion: str, exemplar_ngrams: set) -> tuple[str | None, str | None, str | None]:
+    """(thoughts, answer, why dropped or None)."""
+    parts = split_thoughts(completion)
+    if parts is None:
+        return None, None, "malformed: no internal thoughts or no answer"
+    thoughts, answer = parts
+    if has_repeated_sentence(answer):
+        return thoughts, answer, "repeated sentence"
+    if leaks_exemplar(answer, exemplar_ngrams):
+        return thoughts, answer, "copies an exemplar"
+    if opens_with_refusal(answer):
+        return thoughts, answer, "opens with a refusal formula"
+    return thoughts, answer, None
+
+
+# -- the stage ------------------------------------------------------------------------------------
+def capped(prompts: list, cap: int | None, seed: int) -> list:
+    """At most `cap` prompts, a seeded sample in their original order (not just the first ones: an
+    earlier stage lists its prompts by source, and a cap should see every source)."""
+    if not cap or cap >= len(prompts):
+        return prompts
+    keep = set(random.Random(seed).sample(range(len(prompts)), cap))
+    return [p for i, p in enumerate(prompts) if i in keep]
+
+
+def stage_prompts(ctx, config) -> list[tuple[str, str]]:
+    """The (id, prompt) pairs a generation stage answers: `config.prompts`, capped by its
+    `max_prompts` and the recipe's; an empty set is an error naming the source."""
+    prompts = capped(load_stage_prompts(ctx, config.prompts), ctx.max_prompts(config.max_prompts), ctx.recipe.seed)
+    if not prompts:
+        raise SelfAlignError(f"{config.label}: no prompts to answer (from {config.prompts})")
+    return prompts
+
+
+def load_stage_prompts(ctx, ref: str) -> list[tuple[str, str]]:
+    """(id, prompt) from `@label` (an earlier stage's rows) or a prompt file."""
+    if ref.startswith("@"):
+        label = ref[1:]
+        folder = ctx.stage_dirs.get(label)
+        if folder is None or not (folder / "rows.jsonl").exists():
+            raise SelfAlignError(f"prompts: {ref} names no earlier stage with rows", "run that stage first or name a prompt file")
+        rows = [r for r in read_jsonl(folder / "rows.jsonl") if r.get("prompt") and r.get("kept", True)]
+        return [(r["id"], r["prompt"]) for r in rows]
+    return [(p.id, p.text) for p in load_prompts(ref) if p.text]
+
+
+def run(ctx, config: Config, folder) -> dict:
+    model = ctx.model_for(config)
+    principles = load_yaml_list(config.principles, ("name", "text"))
+    exemplars = load_yaml_list(config.exemplars, ("user", "thoughts", "answer"))
+    header = yaml_key(config.system_prompts, "principle_header")
+    context = principle_context(header, principles, exemplars)
+    exemplar_ngrams = set().union(*(word_ngrams(e["answer"] + " " + e["user"], LEAK_NGRAM) for e in exemplars))
+    prompts = stage_prompts(ctx, config)
+    sampling = config.sampling.model_copy(update={"n": 1, "seed": config.sampling.seed or ctx.recipe.seed,
+                                                   "stop": list(dict.fromkeys([*config.sampling.stop, *STOPS]))})
+    store = RowStore(folder)
+    ids = {pid: row_id("self_align", model, context, p, sampling.model_dump()) for pid, p in prompts}
+    pending = [(pid, p) for pid, p in prompts if ids[pid] not in store]
+    meta = ctx.provenance(config, model, sampling)
+    if pending:
+        engine = ctx.engine(model)
+        thought_sampling = sampling.model_copy(update={"max_new_tokens": config.thoughts_tokens, "stop": ["\n"]})
+        with progress_bar(config.label, total=len(pending), already_done=len(prompts) - len(pending)) as advance:
+            for start in range(0, len(pending), config.chunk):
+                chunk = pending[start:start + config.chunk]
+                # 1. the internal thoughts, one line; 2. the answer, after the thoughts and the answer tag
+                asks = [principle_prompt(context, p) for _, p in chunk]
+                thoughts = [cs[0] for cs in engine.generate(asks, thought_sampling)]
+                answers = engine.generate([f"{a} {t.text.strip()}\n\n{ANSWER_TAG}" for a, t in zip(asks, thoughts, strict=True)],
+                                          sampling)
+                rows = []
+                for (pid, prompt), t, cs in zip(chunk, thoughts, answers, strict=True):
+                    completion = f" {t.text.strip()}\n\n{ANSWER_TAG}{cs[0].text}"
+                    th, answer, why = verdict(completion, exemplar_ngrams)
+                    rows.append({"id": ids[pid], "prompt_id": pid, "prompt": prompt, "thoughts": th, "answer": answer,
+                                 "completion": completion, "kept": why is None, "dropped": why,
+                                 "finish_reason": cs[0].finish_reason, "meta": meta})
+                store.append(rows)
+                advance(len(chunk), sum(t.completion_tokens + cs[0].completion_tokens
+                                        for t, cs in zip(thoughts, answers, strict=True)))
+    rows = [r for r in store if r["id"] in set(ids.values())]
+    dropped = Counter(r["dropped"] for r in rows if not r["kept"])
+    summary = {"prompts": len(prompts), "kept": sum(r["kept"] for r in rows), "dropped": dict(dropped),
+               "context_words": len(context.split())}
+    console.print(f"  kept {summary['kept']} of {len(rows)} answers; dropped: {dict(dropped) or 'none'}")
+    store.mark_done(**summary)
+    return summary
+

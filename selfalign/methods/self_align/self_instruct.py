@@ -1,0 +1,208 @@
+"""`self_instruct`: Topic-Guided Red-Teaming Self-Instruct (Self-Align, Sun et al. 2023, §3.1).
+
+Two sources of prompts, both written by the base model itself:
+
+1. Vanilla Self-Instruct. Each request shows `shots` instructions (5 in the paper) drawn from the
+   human seed tasks and the instructions kept so far, as a numbered list; the model continues the
+   list. New items pass light filters (length, no tasks a text model cannot do) and the ROUGE-L
+   rule: an instruction whose ROUGE-L to any kept one (or a seed) is > 0.7 is dropped.
+2. Topic-guided red-teaming (TGRT). For each adversarial question *type* (with one seed question),
+   the model brainstorms topics, 10 a request over several rounds, deduplicated by exact match; then
+   writes a question for every (type, topic) pair.
+
+Sampling defaults follow the paper: temperature 1.0, top-p 0.98, up to 384 new tokens.
+
+Resuming: every raw completion is a row in `raw/rows.jsonl`, keyed by its step, round and request;
+what is kept is a pure function of those rows (parse → filter → dedup, in order), so a killed run
+regenerates only missing requests, and the in-context examples of round r depend only on rounds
+before r. Simplifications: the dedup of each round is recomputed over all candidates (fine up to
+~10^5; the paper's 360k would want an incremental index); the prompt wording is this project's.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+from pydantic import Field
+
+from selfalign.core.assets_io import asset_text, load_yaml_list
+from selfalign.core.dedup import rouge_dedup
+from selfalign.core.engines import Sampling
+from selfalign.core.progress import console, progress_bar
+from selfalign.core.recipe import StageConfig
+from selfalign.core.store import RowStore, row_id
+
+# Tasks a text-only model cannot do (Self-Instruct filters on similar words).
+UNDOABLE = re.compile(r"\b(image|images|picture|pictures|photo|graph|graphs|chart|diagram|draw|video|audio|"
+                      r"music file|file|files|map|maps|go to|url|link)\b", re.I)
+ROLE_MARKER = re.compile(r"\b(Human|Assistant|User)\s*:", re.I)
+
+
+class Config(StageConfig):
+    stage: str = "self_instruct"
+    seed_tasks: str = Field("builtin:self_align/seed_tasks.yaml", description="seed instructions (YAML list)")
+    redteam_types: str = Field("builtin:self_align/redteam_types.yaml", description="red-team question types")
+    vanilla_target: int = Field(100, ge=0, description="stop vanilla self-instruct once this many are kept")
+    max_rounds: int = Field(20, ge=1, description="at most this many vanilla rounds")
+    requests_per_round: int = Field(8, ge=1)
+    shots: int = Field(5, ge=1, description="instructions shown per request (paper: 5)")
+    topic_rounds: int = Field(2, ge=0, description="topic brainstorming requests per red-team type")
+    topics_per_type: int = Field(10, ge=1, description="most topics kept per type (paper asks 10 a request)")
+    rouge_threshold: float = Field(0.7, gt=0, le=1, description="drop a prompt whose ROUGE-L to a kept one is above this")
+    include_seeds: bool = Field(True, description="pass the seed tasks and seed questions on as prompts too")
+    min_words: int = 3
+    max_words: int = 150
+    sampling: Sampling = Field(default_factory=lambda: Sampling(temperature=1.0, top_p=0.98, max_new_tokens=384))
+
+    def human_inputs(self) -> list[tuple[str, str]]:
+        return [(self.seed_tasks, asset_text(self.seed_tasks)), (self.redteam_types, asset_text(self.redteam_types))]
+
+
+# -- prompts (this project's wording) -------------------------------------------------------------
+def instruct_prompt(examples: list[str]) -> str:
+    lines = "\n".join(f"{i}. {e}" for i, e in enumerate(examples, start=1))
+    return ("Here is a varied list of tasks that people have asked an AI assistant to do: writing, coding, maths, "
+            "advice, explanations and more. Each task is a single, self-contained instruction.\n\n"
+            f"{lines}\n{len(examples) + 1}.")
+
+
+def topics_prompt(kind: dict, n: int) -> str:
+    return (f"Some questions are hard for an AI assistant to answer well. One kind is \"{kind['type']}\": "
+            f"{kind['description']}\nFor example: {kind['seed_question']}\n\n"
+            f"Here are {n} different topics that questions of this kind could be about, one per line:\n1.")
+
+
+def question_prompt(kind: dict, topic: str) -> str:
+    return (f"Kind of question: {kind['type']}. {kind['description']}\nExample: {kind['seed_question']}\n\n"
+            f"Write one new question of this kind about {topic}.\nQuestion:")
+
+
+# -- parsing and filters (pure functions, unit-tested) ---------------------------------------------
+def parse_list_continuation(text: str) -> list[str]:
+    """Items of a numbered list the model continued after "N.": split at "\\nM." markers, stop an
+    item at a blank line, drop empty ones."""
+    items = re.split(r"\n\s*\d{1,3}\s*[.)]\s*", text)
+    out = []
+    for item in items:
+        item = item.split("\n\n")[0].strip()
+        if item:
+            out.append(re.sub(r"\s+", " ", item))
+    return out
+
+
+def first_line(text: str) -> str:
+    return text.strip().split("\n")[0].strip()
+
+
+def instruction_ok(text: str, min_words: int, max_words: int) -> str | None:
+    """None if the instruction is usable, else why not."""
+    n = len(text.split())
+    if n < min_words:
+        return "too short"
+    if n > max_words:
+        return "too long"
+    if not text[0].isalpha():
+        return "does not start with a letter"
+    if UNDOABLE.search(text):
+        return "needs something a text model cannot see or make"
+    if ROLE_MARKER.search(text):
+        return "contains a role marker"
+    return None
+
+
+# -- the stage ------------------------------------------------------------------------------------
+def _generate(engine, store: RowStore, label: str, jobs: list[tuple[str, str, dict]], sampling: Sampling, meta: dict) -> None:
+    """Generate the (id, prompt, extra) jobs whose ids are not stored yet; append as they finish."""
+    todo = [j for j in jobs if j[0] not in store]
+    if not todo:
+        return
+    with progress_bar(label, total=len(todo)) as advance:
+        for batch in engine.generate_iter([p for _, p, _ in todo], sampling):
+            rows = [{"id": todo[i][0], "prompt": todo[i][1], "completion": cs[0].text, **todo[i][2], "meta": meta}
+                    for i, cs in batch]
+            store.append(rows)
+            advance(len(batch), sum(c.completion_tokens for _, cs in batch for c in cs))
+
+
+def _vanilla_candidates(store: RowStore, rounds: int) -> list[tuple[int, str]]:
+    """(round, instruction) of every parsed item, in generation order."""
+    out = []
+    for r in range(rounds):
+        for row in sorted((x for x in store if x.get("step") == "instruct" and x["round"] == r), key=lambda x: x["request"]):
+            out += [(r, item) for item in parse_list_continuation(row["completion"])]
+    return out
+
+
+def run(ctx, config: Config, folder) -> dict:
+    model = ctx.model_for(config)
+    seeds = [s["instruction"].strip() + (f"\n{s['input'].strip()}" if s.get("input") else "")
+             for s in load_yaml_list(config.seed_tasks, ("instruction",))]
+    kinds = load_yaml_list(config.redteam_types, ("id", "type", "description", "seed_question"))
+    raw = RowStore(folder / "raw")
+    engine = ctx.engine(model)
+    sampling = config.sampling.model_copy(update={"n": 1, "seed": config.sampling.seed or ctx.recipe.seed})
+    meta = ctx.provenance(config, model, sampling)
+    rejected: dict[str, int] = {}
+
+    def kept_vanilla(rounds: int) -> list[str]:
+        cands = []
+        for _, item in _vanilla_candidates(raw, rounds):
+            why = instruction_ok(item, config.min_words, config.max_words)
+            if why:
+                rejected[why] = rejected.get(why, 0) + 1
+            else:
+                cands.append(item)
+        res = rouge_dedup(cands, config.rouge_threshold, existing=seeds)
+        rejected["rouge-l duplicate"] = res.keep.count(False)
+        return [c for c, k in zip(cands, res.keep, strict=True) if k]
+
+    # 1. vanilla self-instruct, round by round: round r's examples come from what rounds < r kept
+    kept: list[str] = []
+    for r in range(config.max_rounds + 1 if config.vanilla_target else 0):
+        rejected.clear()
+        kept = kept_vanilla(r)
+        if len(kept) >= config.vanilla_target or r == config.max_rounds:
+            break
+        rng = random.Random(f"{ctx.recipe.seed}-{r}")
+        pool = seeds + kept
+        jobs = [(row_id("instruct", r, j), instruct_prompt(rng.sample(pool, min(config.shots, len(pool)))),
+                 {"step": "instruct", "round": r, "request": j}) for j in range(config.requests_per_round)]
+        _generate(engine, raw, f"{config.label}: instructions round {r + 1}", jobs, sampling, meta)
+    kept = kept[: config.vanilla_target]
+
+    # 2. red-team topics per type, then one question per (type, topic)
+    topic_jobs = [(row_id("topics", k["id"], r), topics_prompt(k, config.topics_per_type), {"step": "topics", "type": k["id"], "round": r})
+                  for k in kinds for r in range(config.topic_rounds)]
+    _generate(engine, raw, f"{config.label}: red-team topics", topic_jobs, sampling, meta)
+    topics: dict[str, list[str]] = {k["id"]: [] for k in kinds}
+    for row in (x for x in raw if x.get("step") == "topics"):
+        for t in parse_list_continuation(row["completion"]):
+            t = t.rstrip(".")
+            if 0 < len(t.split()) <= 12 and t.lower() not in {x.lower() for x in topics[row["type"]]}:
+                topics[row["type"]].append(t)
+    by_id = {k["id"]: k for k in kinds}
+    question_jobs = [(row_id("question", tid, t), question_prompt(by_id[tid], t), {"step": "question", "type": tid, "topic": t})
+                     for tid, ts in topics.items() for t in ts[: config.topics_per_type]]
+    _generate(engine, raw, f"{config.label}: red-team questions", question_jobs, sampling, meta)
+    completions = {x["id"]: x["completion"] for x in raw}
+    questions = []
+    for job_id, _, extra in question_jobs:
+        q = first_line(completions.get(job_id, ""))
+        if q and not instruction_ok(q, config.min_words, config.max_words):
+            questions.append((q, extra))
+
+    # 3. one ROUGE-L pass over red-team questions against everything kept, then write the prompts
+    res = rouge_dedup([q for q, _ in questions], config.rouge_threshold, existing=seeds + kept)
+    out = RowStore(folder)
+    rows = [{"id": row_id("prompt", p), "prompt": p, "source": "seed"}
+            for p in (seeds + [k["seed_question"].strip() for k in kinds] if config.include_seeds else [])]
+    rows += [{"id": row_id("prompt", p), "prompt": p, "source": "self_instruct"} for p in kept]
+    rows += [{"id": row_id("prompt", q), "prompt": q, "source": "tgrt", "type": extra["type"], "topic": extra["topic"]}
+             for (q, extra), k in zip(questions, res.keep, strict=True) if k]
+    out.append(rows)
+    summary = {"seeds": sum(r["source"] == "seed" for r in rows), "self_instruct": len(kept), "tgrt": sum(res.keep), "prompts": len(out),
+               "topics": sum(len(v) for v in topics.values()), "dropped": {**rejected, "tgrt rouge-l duplicate": res.keep.count(False)}}
+    console.print(f"  kept {summary['self_instruct']} self-instruct and {summary['tgrt']} red-team prompts")
+    out.mark_done(**summary)
+    return summary

@@ -1,0 +1,85 @@
+"""`verbose_clone`: Verbose Cloning (Self-Align, Sun et al. 2023, §3.4).
+
+The principle-engraved model tends to answer briefly. Prompted with a short "be detailed and
+thorough" system prompt it writes fuller answers; this stage has it answer every prompt that way
+(temperature 0.3, top-p 0.7, up to 512 new tokens, a repetition penalty) and then fine-tunes the
+*base* model on those answers without the verbose prompt, under the same short system prompt the
+engraved model was trained with: context distillation by sampling. Max length 768.
+
+Simplifications: the paper's n-gram repetition penalties are a single multiplicative repetition
+penalty (1.1, what transformers and vLLM offer); empty answers are dropped, nothing else.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from selfalign.core.assets_io import asset_text, yaml_key
+from selfalign.core.engines import Sampling
+from selfalign.core.errors import SelfAlignError
+from selfalign.core.progress import console, progress_bar
+from selfalign.core.recipe import StageConfig
+from selfalign.core.store import RowStore, row_id
+from selfalign.methods.self_align.engrave import training_example
+from selfalign.methods.self_align.self_align import stage_prompts
+
+
+class Config(StageConfig):
+    stage: str = "verbose_clone"
+    teacher: str = Field("@engrave", description="the model that writes the verbose answers (the engraved model)")
+    prompts: str = Field("@self_instruct", description="@<stage> or a prompt file: what the teacher answers")
+    system_prompts: str = "builtin:self_align/system_prompts.yaml"
+    sampling: Sampling = Field(default_factory=lambda: Sampling(
+        temperature=0.3, top_p=0.7, max_new_tokens=512, repetition_penalty=1.1))
+    lora: bool = True
+    r: int = 16
+    alpha: int = 16
+    dropout: float = 0.05
+    lr: float = 4e-4
+    epochs: float = 1.0
+    max_length: int = 768
+    batch_size: int = 4
+    merge: bool = False
+    max_prompts: int | None = Field(None, ge=1)
+
+    def human_inputs(self) -> list[tuple[str, str]]:
+        return [(self.system_prompts, asset_text(self.system_prompts))]
+
+
+def run(ctx, config: Config, folder) -> dict:
+    from selfalign.core.training import lora_settings, sft_train
+
+    base = ctx.model_for(config)
+    teacher = ctx.model_for(config, config.teacher)
+    verbose = yaml_key(config.system_prompts, "verbose")
+    short = yaml_key(config.system_prompts, "engraved")
+    prompts = stage_prompts(ctx, config)
+    sampling = config.sampling.model_copy(update={"n": 1, "seed": config.sampling.seed or ctx.recipe.seed})
+    store = RowStore(folder)
+    ids = {pid: row_id("verbose", teacher, verbose, p, sampling.model_dump()) for pid, p in prompts}
+    pending = [(pid, p) for pid, p in prompts if ids[pid] not in store]
+    meta = ctx.provenance(config, teacher, sampling)
+    if pending:
+        engine = ctx.engine(teacher)
+        requests = [[{"role": "system", "content": verbose}, {"role": "user", "content": p}] for _, p in pending]
+        with progress_bar(f"{config.label}: verbose answers", total=len(pending), already_done=len(prompts) - len(pending)) as advance:
+            for batch in engine.generate_iter(requests, sampling):
+                store.append([{"id": ids[pending[i][0]], "prompt_id": pending[i][0], "prompt": pending[i][1],
+                               "answer": cs[0].text.strip(), "completion": cs[0].text, "finish_reason": cs[0].finish_reason,
+                               "meta": meta} for i, cs in batch])
+                advance(len(batch), sum(c.completion_tokens for _, cs in batch for c in cs))
+    wanted = set(ids.values())
+    rows = [r for r in store if r["id"] in wanted and r["answer"]]
+    if not rows:
+        raise SelfAlignError(f"{config.label}: the teacher wrote no usable answers", f"look at {store.path}")
+    # the same training text as principle engraving; the trainer appends the EOS token
+    examples = [training_example(short, r["prompt"], r["answer"], eos="") for r in rows]
+    console.print(f"  fine-tuning {base} on {len(examples)} verbose answers, without the verbose prompt")
+    lora = lora_settings(config)
+    ctx.free_accelerator()
+    result = sft_train(base, examples, folder / "train", lora=lora, lr=config.lr, epochs=config.epochs,
+                       max_length=config.max_length, batch_size=config.batch_size, seed=ctx.recipe.seed, merge=config.merge)
+    summary = {"model": result["model"], "answers": len(rows), "train_loss": result.get("train_loss"),
+               "steps": result.get("steps"), "teacher": teacher}
+    store.mark_done(**summary)
+    return summary
