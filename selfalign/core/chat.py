@@ -65,6 +65,46 @@ def render(messages: Sequence[Message], tokenizer=None, chat_format: str = "plai
     return render_plain(messages)
 
 
+def plain_chat_template(bos_token: str | None = None) -> str:
+    """A Jinja chat template that renders exactly what `render_plain` renders.
+
+    Saved with every trained model and export, so `tokenizer.apply_chat_template`, vLLM, llama.cpp
+    and Ollama give the model the transcript format it was trained on. `bos_token` is written first
+    when the tokenizer adds one itself (`tokenizer(text)` starts with it): servers tokenize a
+    rendered chat without special tokens, so the template must carry the BOS training saw.
+    Roles other than system/user/assistant, or a system message that is not first, raise.
+    """
+    lines = [
+        "{%- for message in messages -%}",
+        "{%- if message['role'] == 'system' and not loop.first -%}"
+        "{{ raise_exception('a system message may only come first') }}{%- endif -%}",
+        "{%- if not loop.first -%}{{ '\\n\\n' }}{%- endif -%}",
+        "{%- if message['role'] == 'system' -%}{{ message['content'] | trim }}",
+        f"{{%- elif message['role'] == 'user' -%}}{{{{ '{USER_TAG} ' + (message['content'] | trim) }}}}",
+        f"{{%- elif message['role'] == 'assistant' -%}}{{{{ '{ASSISTANT_TAG} ' + (message['content'] | trim) }}}}",
+        "{%- else -%}{{ raise_exception('unknown role ' + message['role'] + ' (system, user or assistant)') }}",
+        "{%- endif -%}",
+        "{%- endfor -%}",
+        f"{{%- if add_generation_prompt -%}}{{{{ '\\n\\n{ASSISTANT_TAG}' }}}}{{%- endif -%}}",
+    ]
+    head = "{{- bos_token -}}" if bos_token else ""
+    return head + "".join(lines)
+
+
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts its BOS token in front of plain text by itself."""
+    bos = tokenizer.bos_token_id
+    ids = tokenizer("x", add_special_tokens=True)["input_ids"]
+    return bos is not None and bool(ids) and ids[0] == bos
+
+
+def attach_plain_template(tokenizer):
+    """Give `tokenizer` the plain-transcript chat template (replacing any other): a model trained on
+    `render_plain` text should be prompted with it everywhere it is loaded. Returns the tokenizer."""
+    tokenizer.chat_template = plain_chat_template(tokenizer.bos_token if adds_bos(tokenizer) else None)
+    return tokenizer
+
+
 def truncate_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     """Cut `text` at the earliest stop string; say whether one was found."""
     cut = min((i for s in stops if s and (i := text.find(s)) >= 0), default=-1)

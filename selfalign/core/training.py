@@ -48,6 +48,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from selfalign.core.chat import attach_plain_template
 from selfalign.core.errors import SelfAlignError
 from selfalign.core.models import load_model, resolve
 from selfalign.core.progress import console, progress_bar
@@ -181,7 +182,9 @@ def save_trained(trained, tokenizer, base: str, out_dir: Path, adapter: bool) ->
     """Save a trained model into `out_dir`: `adapter/` (PEFT, with `selfalign_base.json` naming the base
     as a selfalign reference, which `selfalign.core.models.resolve` prefers) or `model/` (a plain
     `save_pretrained` folder; an adapter is merged first), the tokenizer beside either. Written to a
-    temporary folder and renamed, so a killed save never leaves a half-written model."""
+    temporary folder and renamed, so a killed save never leaves a half-written model. The tokenizer
+    carries the plain-transcript chat template the stages trained on, so any loader prompts alike."""
+    attach_plain_template(tokenizer)
     if adapter:
         dest = out_dir / ADAPTER_DIR
 
