@@ -187,6 +187,48 @@ def serve(
 
 
 @app.command()
+def export(
+    run_dir: Annotated[str, typer.Argument(help="a run folder (its last trained model), or any model reference")],
+    to: Annotated[str, typer.Option("--to", help="folder to write the Hugging Face model into")],
+    stage: Annotated[str | None, typer.Option(help="export this training stage's model instead of the last one")] = None,
+    adapter_only: Annotated[bool, typer.Option("--adapter-only", help="keep the PEFT adapter instead of merging it")] = False,
+    gguf: Annotated[str | None, typer.Option(help="also write one GGUF file (f16 or q8_0) and an Ollama Modelfile")] = None,
+):
+    """Export a run's aligned model as a plain Hugging Face folder (merged safetensors, tokenizer with
+    the training chat template, generation_config.json, model card), optionally with a GGUF for
+    llama.cpp/Ollama/LM Studio.
+
+    Example: selfalign export runs/quickstart --to out/ --gguf q8_0
+    """
+    from selfalign.export import export as do_export
+
+    written = do_export(run_dir, to, stage=stage, adapter_only=adapter_only, gguf=gguf)
+    for key, value in written.items():
+        console.print(f"{key}: {value}")
+
+
+@app.command()
+def chat(
+    model: Annotated[str, typer.Argument(help="a run folder (its last trained model), an exported folder or any model reference")],
+    system: Annotated[str | None, typer.Option(help="system text above the dialogue")] = None,
+    stage: Annotated[str | None, typer.Option(help="with a run folder: chat with this training stage's model")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="most tokens per reply")] = 256,
+    temperature: Annotated[float, typer.Option(help="0 for greedy")] = 0.7,
+    top_p: Annotated[float, typer.Option(help="nucleus sampling mass")] = 0.9,
+    seed: Annotated[int | None, typer.Option(help="sampling seed")] = None,
+):
+    """Chat with a model in the terminal, prompted in the format it was trained on. Replies stream;
+    /reset forgets the conversation, /exit quits.
+
+    Example: selfalign chat runs/quickstart --system "You are a helpful assistant."
+    """
+    from selfalign.chat_cli import run_chat
+
+    run_chat(model, system=system, stage=stage, max_new_tokens=max_new_tokens, temperature=temperature,
+             top_p=top_p, seed=seed)
+
+
+@app.command()
 def report(
     run_dir: Annotated[str, typer.Argument(help="a run folder (runs/NAME)")],
     out: Annotated[str | None, typer.Option("--out", "-o", help="HTML file to write (default: RUN/report.html)")] = None,
