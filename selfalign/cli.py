@@ -321,7 +321,17 @@ def models():
     console.print(f"engines: {engines}")
 
 
+def _quiet_library_deprecations() -> None:
+    """Hide deprecation notices that libraries raise about each other's APIs, which a selfalign user
+    can do nothing about (PEFT reads transformers' renamed `is_gradient_checkpointing`). Matched by
+    message, so any other warning still shows."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
 def main() -> None:
+    _quiet_library_deprecations()
     debug = "--debug" in sys.argv or os.environ.get("SELFALIGN_DEBUG") == "1"
     sys.argv = [a for a in sys.argv if a != "--debug"]
     try:

@@ -365,6 +365,34 @@ def _trainer_states(folder: Path) -> list[Path]:
     return final or sorted(found, key=step)[-1:]
 
 
+MIN_CURVE_POINTS = 5  # fewer logged steps than this make a table: two dots joined by a line are no curve
+
+
+def has_curve(log: list[dict]) -> bool:
+    """Whether some logged series has enough steps to be drawn as a curve."""
+    steps: dict[str, int] = {}
+    for e in log:
+        if _is_num(e.get("step")):
+            for k, v in e.items():
+                if _is_num(v) and k != "step" and not k.startswith("train_"):
+                    steps[k] = steps.get(k, 0) + 1
+    return max(steps.values(), default=0) >= MIN_CURVE_POINTS
+
+
+def table_training(title: str, log: list[dict]) -> str | None:
+    """The few logged steps as a small table (step, loss and reward/KL values)."""
+    keys = [k for k in dict.fromkeys(k for e in log for k, v in e.items() if _is_num(v))
+            if k != "step" and not k.startswith("train_") and re.search(r"loss|reward|kl", k)][:6]
+    rows = [e for e in log if _is_num(e.get("step")) and any(_is_num(e.get(k)) for k in keys)]
+    if not keys or not rows:
+        return None
+    head = "".join(f"<th>{esc(k)}</th>" for k in keys)
+    body = "".join("<tr><td>{}</td>{}</tr>".format(esc(e["step"]), "".join(f"<td>{_fmt(e.get(k))}</td>" for k in keys))
+                   for e in rows)
+    return (f'<p><b>{esc(title)}</b> <span class="muted">({len(rows)} logged step(s): too few for a curve)</span></p>'
+            f"<table><thead><tr><th>step</th>{head}</tr></thead><tbody>{body}</tbody></table>")
+
+
 def section_training(run: dict) -> tuple | None:
     charts = []
     for s in run["stages"]:
@@ -372,9 +400,21 @@ def section_training(run: dict) -> tuple | None:
             state = _read_json(path)
             log = [e for e in (state or {}).get("log_history") or [] if isinstance(e, dict)]
             title = f"{s['label']}/{path.relative_to(s['folder']).parent}".rstrip("/.")
-            if log and (chart := chart_training(title, log)):
+            if log and (chart := (chart_training(title, log) if has_curve(log) else table_training(title, log))):
                 charts.append(chart)
     return _section("training", "Training curves", "".join(charts)) if charts else None
+
+
+def model_label(model: str | None, stage_of: dict[str, str]) -> str:
+    """How a sample column names its model: `@engrave` for a model a stage of this run trained (its
+    full path would overflow the column), the reference as written otherwise."""
+    if not model:
+        return ""
+    path = Path(model)
+    for parent in [path, *path.parents] if path.is_absolute() else []:
+        if str(parent) in stage_of:
+            return f"@{stage_of[str(parent)]}"
+    return model
 
 
 def section_samples(run: dict) -> tuple | None:
@@ -391,8 +431,10 @@ def section_samples(run: dict) -> tuple | None:
         return None
     order = list(gens[0][1])
     shared = [p for p in order if all(p in g for _, g in gens)] or order
-    head = "".join(f'<th>{esc(s["label"])}<br><span class="muted">{esc((next(iter(g.values())).get("meta") or {}).get("model") or "")}'
-                   '</span></th>' for s, g in gens)
+    stage_of = {str(s["folder"].resolve()): s["label"] for s in run["stages"] if s["folder"]}
+    head = "".join(f'<th>{esc(s["label"])}<br><span class="muted">'
+                   f'{esc(model_label((next(iter(g.values())).get("meta") or {}).get("model"), stage_of))}</span></th>'
+                   for s, g in gens)
     body = []
     for pid in shared[:MAX_SAMPLES]:
         first = next(g[pid] for _, g in gens if pid in g)

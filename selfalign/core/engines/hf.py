@@ -16,6 +16,7 @@ import hashlib
 from collections.abc import Iterator, Sequence
 
 from selfalign.core.chat import Request, truncate_at_stop
+from selfalign.core.compat import kv_cache_name
 from selfalign.core.engines.base import Completion, Engine, Sampling, score_token_rows
 
 
@@ -126,7 +127,7 @@ class HFEngine(Engine):
                 ids, mask = self._pad_after_prefix(rows, prefix)
                 past = copy.deepcopy(prefix_cache)
                 past.batch_repeat_interleave(len(rows))
-                kwargs.update(past_key_values=past)
+                kwargs[kv_cache_name()] = past
             else:
                 ids, mask = self._left_pad(rows)
             batch_stops = list(stops[batch[0]])
@@ -167,7 +168,7 @@ class HFEngine(Engine):
         if self._kept_prefix is not None and self._kept_prefix[0] == key:
             return self._kept_prefix[1]
         with torch.inference_mode():
-            cache = self.model(input_ids=torch.tensor([tokens], device=self.device), use_cache=True).past_key_values
+            cache = self.model(input_ids=torch.tensor([tokens], device=self.device), use_cache=True)[kv_cache_name()]
         self._kept_prefix = (key, cache)
         return cache
 
@@ -280,10 +281,11 @@ class HFEngine(Engine):
         with torch.inference_mode():
             if self._head() is not None:
                 return self.model.get_decoder()(
-                    input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=past is not None
+                    input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=past is not None,
+                    **{kv_cache_name(): past}
                 ).last_hidden_state
-            return self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=past,
-                              use_cache=past is not None).logits
+            return self.model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                              use_cache=past is not None, **{kv_cache_name(): past}).logits
 
     def _sums(self, out, picks):
         import torch

@@ -43,6 +43,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from selfalign.core.compat import kv_cache_name
 from selfalign.core.errors import SelfAlignError
 from selfalign.core.progress import console, progress_bar
 from selfalign.core.training import (
@@ -247,7 +248,7 @@ def teacher_pass(model, tokenizer, context: str, examples: list[dict], folder: P
     split = output_head(model, fp32=True)
     cached = ctx[:-1]
     with torch.inference_mode():
-        cache = model(input_ids=torch.tensor([cached], device=device), use_cache=True).past_key_values if cached else None
+        cache = model(input_ids=torch.tensor([cached], device=device), use_cache=True)[kv_cache_name()] if cached else None
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     next_index = 1 + max((int(p.stem.split("-")[1]) for p in folder.glob(SHARD_GLOB)), default=-1)
 
@@ -267,7 +268,7 @@ def teacher_pass(model, tokenizer, context: str, examples: list[dict], folder: P
             past = copy.deepcopy(cache)
             past.batch_repeat_interleave(len(batch))
         kw = dict(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
-                  past_key_values=past, use_cache=past is not None)
+                  use_cache=past is not None, **{kv_cache_name(): past})
         with torch.inference_mode():
             out = split[0](**kw).last_hidden_state if split else model(**kw).logits
             rows = torch.cat([torch.full((e.n_targets,), b) for b, e in enumerate(batch)])
