@@ -172,6 +172,17 @@ def test_unsupported_architecture_and_missing_stage_are_one_line_errors(exported
     assert run_model(exported["run"])[0] == "engrave"
 
 
+def test_gemma3_layouts_llama_cpp_cannot_express_are_refused():
+    from selfalign.core.tiny import build_tiny_model
+    from selfalign.export.gguf_writer import _check_gemma3_fixed_hparams
+
+    config = build_tiny_model("gemma3").config
+    _check_gemma3_fixed_hparams(config)  # the default pattern passes
+    config.layer_types = ["full_attention", "sliding_attention"]
+    with pytest.raises(SelfAlignError, match="every 6th layer global"):
+        _check_gemma3_fixed_hparams(config)
+
+
 def test_cli_export_rejects_an_unknown_gguf_format(exported, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "selfalign.cli", "export", str(exported["run"]), "--to",
                            str(tmp_path / "o"), "--gguf", "q4"], capture_output=True, text=True)
@@ -185,3 +196,23 @@ def test_wilson_interval():
     lo, hi = wilson_interval(0.5, 32)
     assert lo == pytest.approx(0.3363, abs=1e-3) and hi == pytest.approx(0.6637, abs=1e-3)
     assert wilson_interval(1.0, 10)[1] == 1.0 and wilson_interval(0.0, 10)[0] == 0.0
+
+
+@pytest.mark.slow
+def test_embedded_gemma_round_trips_through_gguf_f16(tmp_path):
+    """GGUF in, GGUF out: the embedded gemma-3-270m exported at f16 reads back (transformers' reader,
+    vocabulary copied from the GGUF it came from) to the f16-rounded model's logits and token ids."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from selfalign.export import export
+
+    out = tmp_path / "gemma"
+    export("embedded:gemma-3-270m", out, gguf="f16")
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(out)
+    model.load_state_dict({k: (v.half().float() if v.dim() > 1 else v) for k, v in model.state_dict().items()})
+    back = AutoModelForCausalLM.from_pretrained(out, gguf_file="model-f16.gguf", dtype=torch.float32)
+    back_tok = AutoTokenizer.from_pretrained(out, gguf_file="model-f16.gguf")
+    for text in PROMPTS:
+        assert back_tok(text)["input_ids"] == tok(text)["input_ids"]
+        torch.testing.assert_close(logits(back, tok, text), logits(model, tok, text), atol=1e-3, rtol=1e-4)

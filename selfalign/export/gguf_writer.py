@@ -67,6 +67,20 @@ def _rope_theta(config, layer_type: str = "full_attention") -> float:
     return float(theta)
 
 
+def _check_gemma3_fixed_hparams(config) -> None:
+    """llama.cpp's gemma3 reads no metadata for these and assumes Gemma 3's values: every 6th layer
+    global, a local rope base of 10000. A model that differs would load and silently compute wrong."""
+    n = config.num_hidden_layers
+    pattern = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(n)]
+    if getattr(config, "layer_types", None) and list(config.layer_types) != pattern:
+        raise SelfAlignError("GGUF export: this gemma3 model's sliding/global layer pattern is not llama.cpp's "
+                             "fixed one (every 6th layer global)")
+    local = _rope_theta(config, "sliding_attention") if "sliding_attention" in (
+        getattr(config, "rope_parameters", None) or {}) else 10000.0
+    if local != 10000.0:
+        raise SelfAlignError(f"GGUF export: gemma3 local rope base {local} differs from llama.cpp's fixed 10000")
+
+
 def _write_hparams(writer, arch: str, config) -> None:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     writer.add_context_length(config.max_position_embeddings)
@@ -84,6 +98,7 @@ def _write_hparams(writer, arch: str, config) -> None:
             writer.add_key_length(head_dim)
             writer.add_value_length(head_dim)
     elif arch == "gemma3":
+        _check_gemma3_fixed_hparams(config)
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
         writer.add_sliding_window(config.sliding_window)
