@@ -183,8 +183,8 @@ def test_gemma3_layouts_llama_cpp_cannot_express_are_refused():
         _check_gemma3_fixed_hparams(config)
 
 
-def test_cli_export_rejects_an_unknown_gguf_format(exported, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "selfalign.cli", "export", str(exported["run"]), "--to",
+def test_cli_export_rejects_an_unknown_gguf_format(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "selfalign.cli", "export", str(tmp_path), "--to",
                            str(tmp_path / "o"), "--gguf", "q4"], capture_output=True, text=True)
     assert proc.returncode == 2 and "unknown --gguf format 'q4'" in proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
