@@ -15,8 +15,9 @@ USER_TAG = "Human:"
 ASSISTANT_TAG = "Assistant:"
 ROLE_TAGS = {"user": USER_TAG, "assistant": ASSISTANT_TAG}
 
-# Stops a base model from writing the user's next turn itself.
-PLAIN_STOPS = ["\nHuman:", "\n\nHuman"]
+# Stop a base model from writing the next turn itself: the user's, or a second turn of its own (a
+# base model often answers "...\n\nAssistant: <the question again>" and loops; issue #13).
+PLAIN_STOPS = ["\nHuman:", "\n\nHuman", "\nAssistant:"]
 
 Message = dict[str, Any]
 Request = str | Sequence[Message]
@@ -103,6 +104,12 @@ def attach_plain_template(tokenizer):
     `render_plain` text should be prompted with it everywhere it is loaded. Returns the tokenizer."""
     tokenizer.chat_template = plain_chat_template(tokenizer.bos_token if adds_bos(tokenizer) else None)
     return tokenizer
+
+
+def first_stop(text: str, stops: Sequence[str]) -> str | None:
+    """The stop string that occurs earliest in `text` (what ended a completion), or None."""
+    hits = [(i, s) for s in stops if s and (i := text.find(s)) >= 0]
+    return min(hits)[1] if hits else None
 
 
 def truncate_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:

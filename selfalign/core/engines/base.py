@@ -38,6 +38,7 @@ class Completion:
     finish_reason: str  # "stop" (stop string or end of text) or "length"
     completion_tokens: int
     prompt_tokens: int = 0
+    stop_string: str | None = None  # the stop string that ended it, where the engine can tell
 
 
 class Engine(ABC):

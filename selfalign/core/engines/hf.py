@@ -15,7 +15,7 @@ import copy
 import hashlib
 from collections.abc import Iterator, Sequence
 
-from selfalign.core.chat import Request, truncate_at_stop
+from selfalign.core.chat import Request, first_stop, truncate_at_stop
 from selfalign.core.compat import kv_cache_name
 from selfalign.core.engines.base import Completion, Engine, Sampling, score_token_rows
 
@@ -152,9 +152,10 @@ class HFEngine(Engine):
                     if ended is not None:
                         toks = toks[:ended]
                     text = self.tokenizer.decode(toks, skip_special_tokens=True)
+                    hit = first_stop(text, stops[i])
                     text, stopped = truncate_at_stop(text, stops[i])
                     reason = "stop" if (ended is not None or stopped) else "length"
-                    comps.append(Completion(text, reason, len(toks), len(encoded[i])))
+                    comps.append(Completion(text, reason, len(toks), len(encoded[i]), stop_string=hit))
                 results.append((i, comps))
             yield results
 

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import httpx
 
-from selfalign.core.chat import Request, is_chat, render, truncate_at_stop
+from selfalign.core.chat import Request, first_stop, is_chat, render, truncate_at_stop
 from selfalign.core.engines.base import Completion, Engine, Sampling, split_context
 from selfalign.core.errors import SelfAlignError
 
@@ -184,10 +184,11 @@ class OpenAIEngine(Engine):
         out = []
         for j, choice in enumerate(choices):
             text = ((choice.get("message") or {}).get("content") if chat else choice.get("text")) or ""
+            hit = first_stop(text, stops)  # a server that applied the stop itself leaves no trace (None)
             text, stopped = truncate_at_stop(text, stops)
             reason = "stop" if stopped or choice.get("finish_reason") != "length" else "length"
             tokens = spent // sampling.n + (j < spent % sampling.n)  # usage is per request: share it out
-            out.append(Completion(text, reason, tokens, prompt_tokens))
+            out.append(Completion(text, reason, tokens, prompt_tokens, stop_string=hit))
         return out
 
     def generate_iter(

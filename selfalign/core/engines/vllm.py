@@ -133,7 +133,8 @@ class VLLMEngine(Engine):
             for i, prompt, out in zip(indices, prompts, outputs, strict=True):
                 n_prompt = len(prompt["prompt_token_ids"])
                 comps = [
-                    Completion(o.text, "length" if o.finish_reason == "length" else "stop", len(o.token_ids), n_prompt)
+                    Completion(o.text, "length" if o.finish_reason == "length" else "stop", len(o.token_ids), n_prompt,
+                               stop_string=o.stop_reason if isinstance(o.stop_reason, str) else None)
                     for o in out.outputs
                 ]
                 batch.append((i, comps))
