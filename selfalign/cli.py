@@ -128,20 +128,23 @@ def _slug(text: str) -> str:
 
 @app.command("eval")
 def eval_(
-    evals: Annotated[list[str], typer.Argument(help="hhh, truthfulqa and/or preference")],
+    evals: Annotated[list[str], typer.Argument(help="hhh, truthfulqa, behaviour and/or preference")],
     model: ModelOpt = None,
     system: Annotated[str | None, typer.Option(help="system prompt at inference: hhh, builtin:NAME, a .txt file, or the text")] = None,
     scoring: Annotated[str, typer.Option(help="HHH scorings, comma-separated: likelihood, ab, rm (rm needs --judge)")] = "likelihood,ab",
     judge: Annotated[str | None, typer.Option(help="reward model folder: HHH rm scoring and the preference eval")] = None,
     comparisons: Annotated[str | None, typer.Option(help="JSONL of prompt/chosen/rejected, for the preference eval")] = None,
     data_dir: Annotated[str | None, typer.Option(help="folder holding hhh_alignment/ and truthful_qa/ (default: fetched from the bigbench package once)")] = None,
-    limit: Annotated[int | None, typer.Option(help="at most N HHH items per category and N TruthfulQA questions (quick looks)")] = None,
+    limit: Annotated[int | None, typer.Option(help="at most N HHH items per category, N TruthfulQA questions, N behaviour prompts per kind (quick looks)")] = None,
+    heldout: Annotated[str | None, typer.Option(help="behaviour eval: your own held-out prompt YAML (id, kind, prompt)")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="behaviour eval: token cap per answer")] = 128,
     out: Annotated[str | None, typer.Option("--out", "-o", help="folder for results (default: runs/eval-<model>)")] = None,
     engine: EngineOpt = None,
     batch_size: Annotated[int | None, typer.Option(help="hf engine batch size")] = None,
     base_url: Annotated[str | None, typer.Option(help="openai engine: server URL")] = None,
 ):
     """Evaluate a model: BIG-bench HHH (likelihood and A/B scorings, per category), TruthfulQA MC1/MC2,
+    behaviour on held-out prompts (echo, loops, turn leaks, clean stops, refusals; each with a 95% interval),
     reward-model preference accuracy. Prints a table and writes results.json.
 
     Per-item scores are saved as they are computed: an interrupted eval resumes, and a rerun with the
@@ -156,7 +159,8 @@ def eval_(
     model = model or DEFAULT_MODEL
     stage = {"stage": "eval", "name": "eval" + (f"-{_slug(system)}" if system else ""), "evals": evals,
              "scoring": [s.strip() for s in scoring.split(",") if s.strip()], "system": system, "judge": judge,
-             "comparisons": comparisons, "data_dir": data_dir, "limit": limit}
+             "comparisons": comparisons, "data_dir": data_dir, "limit": limit, "heldout": heldout,
+             "max_new_tokens": max_new_tokens}
     data = {"name": f"eval-{_slug(model)}", "model": model, "out": out, "stages": [stage],
             "engine": {k: v for k, v in {"name": engine or "hf", "batch_size": batch_size, "base_url": base_url}.items() if v is not None}}
     rec = parse_recipe(data, "selfalign eval")

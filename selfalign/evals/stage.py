@@ -3,9 +3,10 @@ aligned model last. Writes per-item rows (resumable) under the stage folder and 
 
     - stage: eval
       name: eval_base
-      evals: [hhh, truthfulqa]       # and/or preference (needs judge + comparisons)
+      evals: [hhh, truthfulqa]       # and/or behaviour, preference (needs judge + comparisons)
       scoring: [likelihood, ab]      # HHH scorings; add rm with a judge
       system: null                   # or hhh, builtin:NAME, a .txt file, or the text itself
+                                     # (behaviour: null means the engraved assistant prompt)
 """
 
 from __future__ import annotations
@@ -23,12 +24,12 @@ from selfalign.core.progress import console
 from selfalign.core.recipe import StageConfig
 from selfalign.evals.common import resolve_system
 
-EVAL_NAMES = ("hhh", "truthfulqa", "preference")
+EVAL_NAMES = ("hhh", "truthfulqa", "preference", "behaviour")
 
 
 class Config(StageConfig):
     stage: str = "eval"
-    evals: list[Literal["hhh", "truthfulqa", "preference"]] = Field(
+    evals: list[Literal["hhh", "truthfulqa", "preference", "behaviour"]] = Field(
         default_factory=lambda: ["hhh", "truthfulqa"], min_length=1, description="which evaluations to run")
     scoring: list[Literal["likelihood", "ab", "rm"]] = Field(
         default_factory=lambda: ["likelihood", "ab"], description="HHH scorings (rm needs a judge)")
@@ -37,7 +38,10 @@ class Config(StageConfig):
                               "for HHH `rm` scoring and the preference eval")
     comparisons: str | None = Field(None, description="JSONL of prompt/chosen/rejected for the preference eval")
     data_dir: str | None = Field(None, description="folder with hhh_alignment/ and truthful_qa/ (default: fetched once)")
-    limit: int | None = Field(None, ge=1, description="at most N HHH items per category and N TruthfulQA questions")
+    limit: int | None = Field(None, ge=1, description="at most N HHH items per category, N TruthfulQA questions "
+                              "and N behaviour prompts per kind")
+    heldout: str | None = Field(None, description="behaviour eval: held-out prompt YAML (default: the shipped set)")
+    max_new_tokens: int = Field(128, ge=1, description="behaviour eval: token cap per answer (greedy decoding)")
 
     def human_inputs(self) -> list[tuple[str, str]]:
         system = resolve_system(self.system)
@@ -80,6 +84,18 @@ def run_evals(config: Config, model: str, folder: Path, get_engine) -> dict:
 
         items = limited(data.load_truthfulqa(config.data_dir, verify=data.should_verify(config.data_dir)), config.limit)
         evals["truthfulqa"] = evaluate_truthfulqa(get_engine(), items, folder, system, model_label=model)
+    if "behaviour" in config.evals:
+        from selfalign.evals.behaviour import (
+            DEFAULT_SYSTEM,
+            behaviour_sampling,
+            evaluate_behaviour,
+            load_heldout,
+        )
+
+        items = limited(load_heldout(config.heldout), config.limit, key=lambda it: it.kind)
+        sampling = behaviour_sampling(config.max_new_tokens)
+        evals["behaviour"] = evaluate_behaviour(get_engine(), items, folder, resolve_system(config.system or DEFAULT_SYSTEM),
+                                                sampling, model_label=model)
     if "preference" in config.evals:
         from selfalign.evals.preference import load_comparisons, preference_accuracy
 
