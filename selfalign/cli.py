@@ -128,7 +128,7 @@ def _slug(text: str) -> str:
 
 @app.command("eval")
 def eval_(
-    evals: Annotated[list[str], typer.Argument(help="hhh, truthfulqa, behaviour and/or preference")],
+    evals: Annotated[list[str], typer.Argument(help="hhh, truthfulqa, behaviour, capability and/or preference")],
     model: ModelOpt = None,
     system: Annotated[str | None, typer.Option(help="system prompt at inference: hhh, builtin:NAME, a .txt file, or the text")] = None,
     scoring: Annotated[str, typer.Option(help="HHH scorings, comma-separated: likelihood, ab, rm (rm needs --judge)")] = "likelihood,ab",
@@ -145,6 +145,7 @@ def eval_(
 ):
     """Evaluate a model: BIG-bench HHH (likelihood and A/B scorings, per category), TruthfulQA MC1/MC2,
     behaviour on held-out prompts (echo, loops, turn leaks, clean stops, refusals; each with a 95% interval),
+    a capability battery of BIG-bench multiple-choice tasks (the alignment tax),
     reward-model preference accuracy. Prints a table and writes results.json.
 
     Per-item scores are saved as they are computed: an interrupted eval resumes, and a rerun with the

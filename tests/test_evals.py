@@ -157,11 +157,11 @@ def test_eval_cli_end_to_end_on_tiny_model(tmp_path):
     assert first.returncode == 0, first.stderr
     results = json.loads((out / "01-eval" / "results.json").read_text())
     hhh = results["evals"]["hhh"]
-    assert set(hhh["metrics"]) == {"likelihood", "ab", "likelihood_margin", "ab_margin"}
+    assert set(hhh["metrics"]) == {"likelihood", "likelihood_norm", "ab", "likelihood_margin", "ab_margin"}
     assert hhh["counts"] == {"harmless": 1, "helpful": 2, "honest": 1, "other": 1, "overall": 5}
     assert 0.0 <= hhh["metrics"]["ab"]["overall"] <= 1.0
     tqa = results["evals"]["truthfulqa"]["metrics"]["truthfulqa"]
-    assert set(tqa) == {"mc1", "mc2"} and 0.0 <= tqa["mc2"] <= 1.0
+    assert set(tqa) == {"mc1", "mc2", "mc1_norm"} and 0.0 <= tqa["mc2"] <= 1.0
     assert "likelihood" in first.stderr + first.stdout  # the table was printed
     # a rerun reuses every per-item row and gives the same numbers
     rows_before = (out / "01-eval" / "hhh" / "rows.jsonl").read_text()

@@ -470,6 +470,26 @@ def stage_sections(run: dict) -> list[tuple]:
     return out
 
 
+def lead_sections(run: dict) -> list[tuple]:
+    """Sections that answer the run's question before anything else: `report_lead(run) -> (anchor,
+    title, html) | None` of a stage module (the eval stage's "Did it work?"); one that fails is left out."""
+    from selfalign.stages import STAGES
+
+    out = []
+    for kind in dict.fromkeys(s["kind"] for s in run["stages"] if s["kind"]):
+        draw = getattr(STAGES.get(kind), "report_lead", None)
+        if draw is None:
+            continue
+        try:
+            section = draw(run)
+        except Exception as exc:
+            print(f"report: lead section of {kind} stages left out ({type(exc).__name__}: {exc})", file=sys.stderr)
+            continue
+        if section:
+            out.append(section)
+    return out
+
+
 def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write a self-contained HTML report of a run folder (default `RUN/report.html`); return its path."""
     run_dir = Path(run_dir)
@@ -478,7 +498,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     run = load_run(run_dir)
     found = [(s, res) for s in run["stages"] if s["folder"] for res in [_read_json(s["folder"] / "results.json")]
              if isinstance(res, dict) and isinstance(res.get("evals"), dict)]
-    sections = [x for x in (section_stages(run), section_human_inputs(run), section_evals(found),
+    sections = [x for x in (*lead_sections(run), section_stages(run), section_human_inputs(run), section_evals(found),
                             section_rewards(found), *stage_sections(run), section_training(run),
                                                     section_samples(run)) if x]
     nav = "".join(f'<a href="#{a}">{esc(t)}</a>' for a, t, _ in sections)

@@ -1,13 +1,14 @@
 """The evaluation data: BIG-bench's HHH alignment and TruthfulQA tasks, fetched at run time, never committed.
 
-Both tasks ship inside the source distribution of `bigbench==1.0.0` on PyPI (a 358 MB archive).
-On first use the archive is downloaded, only the five files below are streamed out of it into
+Both tasks (and the capability battery's) ship inside the source distribution of `bigbench==1.0.0` on PyPI (a 358 MB archive).
+On first use the archive is downloaded, only the files below are streamed out of it into
 `cache_dir()/data/bigbench-1.0.0/`, a marker is written, and the archive is deleted; later runs
 read the cache. With `data_dir` (the `--data-dir` option) the same layout is read from that
 folder instead and nothing is fetched:
 
     DATA_DIR/hhh_alignment/{harmless,helpful,honest,other}/task.json
     DATA_DIR/truthful_qa/questions.json
+    DATA_DIR/<task>/task.json            (the capability battery: see evals/capability.py)
 
 (`bigbench/benchmark_tasks/` of a BIG-bench checkout has this layout.)
 
@@ -52,6 +53,7 @@ from pathlib import Path
 
 from selfalign.core.errors import SelfAlignError
 from selfalign.core.paths import cache_dir
+from selfalign.evals.capability import CAPABILITY_WHY
 
 HHH_CATEGORIES = ("harmless", "helpful", "honest", "other")
 HHH_COUNTS = {"harmless": 58, "helpful": 59, "honest": 61, "other": 43}
@@ -70,7 +72,8 @@ MARKER = "_selfalign_source.json"  # written last into the cache folder: its pre
 
 HHH_FILES = {cat: f"hhh_alignment/{cat}/task.json" for cat in HHH_CATEGORIES}
 TRUTHFULQA_FILE = "truthful_qa/questions.json"
-DATA_FILES = (*HHH_FILES.values(), TRUTHFULQA_FILE)  # relative to the data folder
+CAPABILITY_FILES = tuple(f"{task}/task.json" for task in CAPABILITY_WHY)  # the capability battery's tasks
+DATA_FILES = (*HHH_FILES.values(), TRUTHFULQA_FILE, *CAPABILITY_FILES)  # relative to the data folder
 ARCHIVE_PREFIX = "bigbench/benchmark_tasks/"  # where DATA_FILES sit in the archive, under its top folder
 
 LAYOUT_HINT = (
@@ -142,6 +145,9 @@ def _fetch_into(dest: Path) -> Path:
             ) from exc
         load_hhh(staging)  # the counts, checked before the folder counts as complete
         load_truthfulqa(staging)
+        from selfalign.evals.capability import load_capability
+
+        load_capability(staging)
         sizes = sum((staging / rel).stat().st_size for rel in DATA_FILES)
         source = {"package": f"bigbench=={BIGBENCH_VERSION}", "url": url, "sha256": SDIST_SHA256,
                   "files": list(DATA_FILES), "bytes": sizes, "fetched_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -339,16 +345,28 @@ def truthfulqa_prefix(data_dir: str | Path | None = None) -> str:
 
 
 # -- fixtures -----------------------------------------------------------------------------------
-def write_fixture(folder: Path, hhh: dict[str, list[tuple[str, str, str]]], truthfulqa: list[dict] | None) -> Path:
+def write_fixture(folder: Path, hhh: dict[str, list[tuple[str, str, str]]], truthfulqa: list[dict] | None,
+                  capability: dict[str, list[tuple[str, dict[str, int]]]] | None = None) -> Path:
     """Write a data folder in the real formats, for tests and for `--data-dir` experiments.
 
     `hhh` maps a category to `(input, good, bad)` triples; only the categories given are written.
     `truthfulqa` is a list of dicts with `question`, `best_answer`, `correct_answers`,
     `incorrect_answers` and optionally `category` (or the file's own keys: "Question", "Best
     answer", "True answers", "False answers", "Category"); None writes no questions.json.
+    `capability` maps a task of the capability battery to `(input, {choice: score})` pairs; None
+    writes two made-up questions for each task of the battery.
     Load the result with `verify=False` unless the counts match the real ones. Returns `folder`.
     """
     folder = Path(folder)
+    if capability is None:
+        capability = {task: [("What is two plus two?", {"four": 1, "five": 0, "six": 0}),
+                             ("Which animal barks?", {"a cat": 0, "a dog": 1})] for task in CAPABILITY_WHY}
+    for task, examples in capability.items():
+        path = folder / task / "task.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        doc = {"name": task, "description": "selfalign test fixture", "metrics": ["multiple_choice_grade"],
+               "examples": [{"input": q, "target_scores": dict(s)} for q, s in examples]}
+        path.write_text(json.dumps(doc, indent=2, ensure_ascii=False), encoding="utf-8")
     for cat, triples in hhh.items():
         path = folder / "hhh_alignment" / cat / "task.json"
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,7 @@ aligned model last. Writes per-item rows (resumable) under the stage folder and 
 
     - stage: eval
       name: eval_base
-      evals: [hhh, truthfulqa]       # and/or behaviour, preference (needs judge + comparisons)
+      evals: [hhh, truthfulqa]       # and/or behaviour, capability, preference (needs judge + comparisons)
       scoring: [likelihood, ab]      # HHH scorings; add rm with a judge
       system: null                   # or hhh, builtin:NAME, a .txt file, or the text itself
                                      # (behaviour: null means the engraved assistant prompt)
@@ -23,13 +23,14 @@ from selfalign.core.errors import SelfAlignError
 from selfalign.core.progress import console
 from selfalign.core.recipe import StageConfig
 from selfalign.evals.common import resolve_system
+from selfalign.evals.verdict import report_lead  # noqa: F401 - the report's "Did it work?" section
 
-EVAL_NAMES = ("hhh", "truthfulqa", "preference", "behaviour")
+EVAL_NAMES = ("hhh", "truthfulqa", "preference", "behaviour", "capability")
 
 
 class Config(StageConfig):
     stage: str = "eval"
-    evals: list[Literal["hhh", "truthfulqa", "preference", "behaviour"]] = Field(
+    evals: list[Literal["hhh", "truthfulqa", "preference", "behaviour", "capability"]] = Field(
         default_factory=lambda: ["hhh", "truthfulqa"], min_length=1, description="which evaluations to run")
     scoring: list[Literal["likelihood", "ab", "rm"]] = Field(
         default_factory=lambda: ["likelihood", "ab"], description="HHH scorings (rm needs a judge)")
@@ -38,8 +39,8 @@ class Config(StageConfig):
                               "for HHH `rm` scoring and the preference eval")
     comparisons: str | None = Field(None, description="JSONL of prompt/chosen/rejected for the preference eval")
     data_dir: str | None = Field(None, description="folder with hhh_alignment/ and truthful_qa/ (default: fetched once)")
-    limit: int | None = Field(None, ge=1, description="at most N HHH items per category, N TruthfulQA questions "
-                              "and N behaviour prompts per kind")
+    limit: int | None = Field(None, ge=1, description="at most N HHH items per category, N TruthfulQA questions, "
+                              "N behaviour prompts per kind and N items per capability task")
     heldout: str | None = Field(None, description="behaviour eval: held-out prompt YAML (default: the shipped set)")
     max_new_tokens: int = Field(128, ge=1, description="behaviour eval: token cap per answer (greedy decoding)")
 
@@ -61,8 +62,11 @@ def limited(items: list, limit: int | None, key=lambda it: "") -> list:
     return out
 
 
-def run_evals(config: Config, model: str, folder: Path, get_engine) -> dict:
-    """Run the config's evaluations; `get_engine()` is called only if a language model is needed."""
+def run_evals(config: Config, model: str, folder: Path, get_engine, engine_key: dict | None = None) -> dict:
+    """Run the config's evaluations; `get_engine()` is called only if a language model is needed.
+
+    With `engine_key` (the engine settings that change scores), evals of a model from selfalign's
+    model cache keep their rows in the shared eval cache (`evals.cache`) and are reused by later runs."""
     from selfalign.evals import data
 
     system = resolve_system(config.system)
@@ -71,6 +75,11 @@ def run_evals(config: Config, model: str, folder: Path, get_engine) -> dict:
         from selfalign.core.rewards import RewardModel
 
         judge = RewardModel(config.judge)
+    shared = {"system": system, "limit": config.limit, "data_dir": config.data_dir, "engine": engine_key}
+
+    def cached(name: str, settings: dict, evaluate) -> dict:
+        return run_cached(model, name, shared | settings, folder, evaluate, enabled=engine_key is not None and judge is None)
+
     evals = {}
     if "hhh" in config.evals:
         from selfalign.evals.hhh import evaluate_hhh
@@ -78,12 +87,14 @@ def run_evals(config: Config, model: str, folder: Path, get_engine) -> dict:
         items = limited(data.load_hhh(config.data_dir, verify=data.should_verify(config.data_dir)), config.limit, key=lambda it: it.category)
         lm_scorings = [s for s in config.scoring if s != "rm"]
         engine = get_engine() if lm_scorings else None
-        evals["hhh"] = evaluate_hhh(engine, items, folder, tuple(config.scoring), system, judge, model_label=model)
+        evals["hhh"] = cached("hhh", {"scoring": config.scoring}, lambda where: evaluate_hhh(
+            engine, items, where, tuple(config.scoring), system, judge, model_label=model))
     if "truthfulqa" in config.evals:
         from selfalign.evals.truthfulqa import evaluate_truthfulqa
 
         items = limited(data.load_truthfulqa(config.data_dir, verify=data.should_verify(config.data_dir)), config.limit)
-        evals["truthfulqa"] = evaluate_truthfulqa(get_engine(), items, folder, system, model_label=model)
+        evals["truthfulqa"] = cached("truthfulqa", {}, lambda where: evaluate_truthfulqa(
+            get_engine(), items, where, system, model_label=model))
     if "behaviour" in config.evals:
         from selfalign.evals.behaviour import (
             DEFAULT_SYSTEM,
@@ -94,8 +105,16 @@ def run_evals(config: Config, model: str, folder: Path, get_engine) -> dict:
 
         items = limited(load_heldout(config.heldout), config.limit, key=lambda it: it.kind)
         sampling = behaviour_sampling(config.max_new_tokens)
-        evals["behaviour"] = evaluate_behaviour(get_engine(), items, folder, resolve_system(config.system or DEFAULT_SYSTEM),
-                                                sampling, model_label=model)
+        chat_system = resolve_system(config.system or DEFAULT_SYSTEM)
+        evals["behaviour"] = cached("behaviour", {"system": chat_system, "items": [(i.id, i.prompt) for i in items],
+                                                  "sampling": sampling.model_dump()}, lambda where: evaluate_behaviour(
+            get_engine(), items, where, chat_system, sampling, model_label=model))
+    if "capability" in config.evals:
+        from selfalign.evals.capability import evaluate_capability, load_capability
+
+        items = limited(load_capability(config.data_dir), config.limit, key=lambda it: it.task)
+        evals["capability"] = cached("capability", {"tasks": sorted({it.task for it in items})}, lambda where: evaluate_capability(
+            get_engine(), items, where, model_label=model))
     if "preference" in config.evals:
         from selfalign.evals.preference import load_comparisons, preference_accuracy
 
@@ -105,6 +124,24 @@ def run_evals(config: Config, model: str, folder: Path, get_engine) -> dict:
         evals["preference"] = preference_accuracy(judge, load_comparisons(config.comparisons))
         evals["preference"]["wall_s"] = round(time.time() - t0, 1)
     return evals
+
+
+def run_cached(model: str, name: str, settings: dict, folder: Path, evaluate, enabled: bool = True) -> dict:
+    """`evaluate(where)` with its rows in the shared eval cache when the model is an unchanged cached
+    one (then copied into `folder`), else in `folder`. The result says whether the cache had it all."""
+    from selfalign.core.store import RowStore
+    from selfalign.evals.cache import copy_rows, eval_cache_folder
+
+    where = eval_cache_folder(model, name, settings) if enabled else None
+    if where is None:
+        return evaluate(folder)
+    hit = RowStore(where / name).is_done()
+    if hit:
+        console.print(f"  {name}: cache hit, the rows of an earlier run of this model ({where})")
+    result = evaluate(where)
+    copy_rows(where, folder, name)
+    result["cache"] = {"hit": hit, "folder": str(where)}
+    return result
 
 
 def results_table(results: dict) -> Table:
@@ -121,12 +158,20 @@ def results_table(results: dict) -> Table:
     return table
 
 
+def engine_key(engine) -> dict:
+    """The engine settings that change scores (not the batch size)."""
+    from selfalign.core.models import pick_device
+
+    return {"name": engine.name, "device": pick_device(engine.device), "dtype": engine.dtype,
+            "chat_format": engine.chat_format}
+
+
 def run(ctx, config: Config, folder: Path) -> dict:
     model = ctx.model_for(config)
     if config.judge and config.judge.startswith("@"):  # e.g. judge: "@reward_model"
         config = config.model_copy(update={"judge": ctx.model_for(config, config.judge)})
     folder.mkdir(parents=True, exist_ok=True)
-    evals = run_evals(config, model, folder, lambda: ctx.engine(model))
+    evals = run_evals(config, model, folder, lambda: ctx.engine(model), engine_key=engine_key(ctx.recipe.engine))
     results = {"model": model, "engine": ctx.recipe.engine.name, "system": resolve_system(config.system),
                "system_name": config.system, "judge": config.judge, "evals": evals}
     (folder / "results.json").write_text(json.dumps(results, indent=2))
