@@ -122,3 +122,17 @@ def test_capability_eval_on_a_stub_scorer(tmp_path):
     res = evaluate_capability(StubEngine(lambda ctx, cont: 1.0 if cont.strip() == "yes" else 0.0), items, tmp_path)
     assert res["metrics"]["accuracy"] == {"yn": 0.5, "overall": 0.5} and res["chance"] == {"yn": 0.5}
     assert res["counts"]["overall"] == 2
+
+
+def test_capability_eval_stage_reads_the_battery_from_the_data_folder(tmp_path):
+    from test_evals import StubEngine, make_fixture
+
+    from selfalign.evals.capability import CAPABILITY_WHY
+    from selfalign.evals.stage import Config, run_evals
+
+    assert 3 <= len(CAPABILITY_WHY) <= 5
+    data = make_fixture(tmp_path / "data")
+    engine = StubEngine(lambda ctx, cont: -len(cont))  # the shortest choice wins: "four" (of 3), "a dog" ties "a cat"
+    res = run_evals(Config(evals=["capability"], data_dir=str(data)), "stub", tmp_path / "ev", lambda: engine)
+    acc = res["capability"]["metrics"]["accuracy"]
+    assert set(acc) == set(CAPABILITY_WHY) | {"overall"} and res["capability"]["counts"]["overall"] == 2 * len(CAPABILITY_WHY)

@@ -9,11 +9,12 @@ choices not listed in the prompt), the highest wins, and a per-character normali
 beside it (see `evals.hhh` for why characters and why the summed score is the headline).
 
 The tasks were chosen by measuring candidates on the embedded gemma-3-270m base model (zero-shot,
-hf engine, fp32; `benchmarks/` has no script for it: the numbers are in `TASKS`). Each was kept
-because the base model is clearly above chance on it, so a loss is visible, it has at most a few
-hundred items (the battery takes a few minutes on two cores), and it tests a different skill:
-
-CAPABILITY_WHY names the reason for each.
+hf engine, fp32, the first 40 items of each: `python -m selfalign.evals.capability TASKDIR...`).
+Of 17 small multiple-choice candidates, several sat at chance (anachronisms: 52.5% on a 2-way task);
+a task was kept when the base model is clearly above chance on it (the Wilson lower bound of its
+accuracy above chance), so that a loss is visible; when it has at most ~100 items, so that the
+battery of ~210 items takes a few minutes on two cores; and when it tests a skill the others do not.
+`CAPABILITY_WHY` gives, for each, its size, the measured base accuracy and why it is there.
 """
 
 from __future__ import annotations
@@ -29,7 +30,14 @@ from selfalign.core.store import RowStore, row_id
 from selfalign.evals.common import score_rows_resumably
 
 # task folder under bigbench/benchmark_tasks/ -> why it is in the battery (base-model accuracy vs chance)
-CAPABILITY_WHY: dict[str, str] = {}
+CAPABILITY_WHY: dict[str, str] = {
+    "general_knowledge": "everyday facts (70 items, ~7.6 choices); base 57.5% of 40 items vs 13.6% chance: "
+                         "what a model knows, which fine-tuning on its own answers could erode",
+    "arithmetic/1_digit_addition": "one-digit sums (100 items, ~6.4 choices); base 42.5% of 40 vs 16.6% chance "
+                                   "(55% per character): a skill, not a fact, that no alignment data teaches",
+    "human_organs_senses": "which organ does what (42 items, 4 choices); base 50% of 40 vs 25% chance: "
+                           "short plain-language knowledge questions, the register the assistant is trained in",
+}
 CAPABILITY_FILES = {name: f"{name}/task.json" for name in CAPABILITY_WHY}
 
 
