@@ -236,8 +236,15 @@ def test_a_model_of_empty_answers_gets_a_full_empty_rate(tmp_path):
 
 
 def test_cli_behaviour_eval_on_a_tiny_model_resumes_after_a_kill(tmp_path):
+    import shutil
+
+    from selfalign.core.models import resolve
+
+    model = tmp_path / "tiny"  # a copy outside the model cache: its rows go to the run folder, not the eval cache
+    shutil.copytree(resolve("tiny:llama").path, model)
+
     def cmd(out):
-        return [sys.executable, "-m", "selfalign.cli", "eval", "behaviour", "--model", "tiny:llama", "--out", str(out),
+        return [sys.executable, "-m", "selfalign.cli", "eval", "behaviour", "--model", str(model), "--out", str(out),
                 "--limit", "6", "--max-new-tokens", "24"]
 
     out = tmp_path / "ev"
