@@ -26,7 +26,7 @@ and the paper's "keep only well-formed outputs" filter would then keep almost no
 
 Every answer is kept or dropped by pure, unit-tested filters, and a dropped row records why:
 malformed (no thoughts or no answer section), a repeated sentence, text leaked from an exemplar
-(a shared run of 8+ words), or an answer that opens with a refusal formula. All rows, kept or not,
+(a shared run of 8+ words), or an answer that opens with a stock refusal formula (an apology or "as an AI"). All rows, kept or not,
 go to `rows.jsonl` (`kept`, `dropped`), so the filter is auditable. The wording and the exact
 filter thresholds are this project's (the paper publishes the rules, not the numbers).
 """
@@ -51,8 +51,12 @@ THOUGHTS_TAG = "Assistant (internal thoughts):"
 ANSWER_TAG = "Assistant:"
 SEPARATOR = "\n\n###\n\n"
 STOPS = ["\n\nHuman:", "\nHuman:", "\n###"]
-REFUSAL_OPENINGS = ("i'm sorry", "i am sorry", "sorry,", "i apologize", "i apologise", "as an ai", "as a language model",
-                    "i cannot", "i can't", "i can not", "unfortunately, i")
+# Stock openings that carry no content: an apology before a refusal, or "as an AI". A plain decline
+# ("Logging into her account is illegal, so...") or an honest "I can't see live scores" is not
+# listed: on a harmful or unanswerable prompt that is the answer to keep, and a filter that drops it
+# keeps the answers that comply instead.
+REFUSAL_OPENINGS = re.compile(r"(?:i'?m|i am)?\s*sorry,?\s+(?:but|i)\b|i apologi[sz]e\b|unfortunately,?\s+(?:as|i)\b"
+                              r"|as an? (?:ai|artificial intelligence|language model|large language model)\b", re.I)
 LEAK_NGRAM = 8
 
 
@@ -113,7 +117,7 @@ def leaks_exemplar(answer: str, exemplar_ngrams: set) -> bool:
 
 
 def opens_with_refusal(answer: str) -> bool:
-    return answer.strip().lower().startswith(REFUSAL_OPENINGS)
+    return REFUSAL_OPENINGS.match(answer.strip().replace("\u2019", "'")) is not None
 
 
 def verdict(completion: str, exemplar_ngrams: set) -> tuple[str | None, str | None, str | None]:
