@@ -33,9 +33,21 @@ from selfalign.core.progress import console, progress_bar
 from selfalign.core.recipe import StageConfig
 from selfalign.core.store import RowStore, row_id
 
-# Tasks a text-only model cannot do (Self-Instruct filters on similar words).
-UNDOABLE = re.compile(r"\b(image|images|picture|pictures|photo|graph|graphs|chart|diagram|draw|video|audio|"
-                      r"music file|file|files|map|maps|go to|url|link)\b", re.I)
+# Tasks a text-only model cannot do: ones that point at media or files the model is not given,
+# that ask it to make pictures, sound or charts, or to visit a page. Self-Instruct filters on bare
+# words ("file", "map", "image"); that also rejects doable tasks such as "what shell command finds all
+# files larger than 100 MB" or "explain how a map projection distorts area", so each word here only
+# counts in a phrase that needs the missing thing.
+_SEEN = r"(?:image|picture|photo|photograph|screenshot|video|audio|recording)s?"  # nothing in text stands for these
+_SHOWN = r"(?:chart|graph|diagram|drawing|map|scan|file|spreadsheet|pdf|link|url|website|web\s?page)s?"
+UNDOABLE = re.compile(
+    rf"\b(?:this|that|these|those|the|attached|following|above|below|uploaded|my|your)\s+{_SEEN}\b"
+    rf"|\b(?:this|that|these|those|attached|following|above|below|uploaded)\s+{_SHOWN}\b"
+    r"|\b(?:create|generate|make|design|draw|paint|sketch|render|record|film|edit|plot)\s+(?:\w+\s+){0,3}?"
+    r"(?:images?|pictures?|photos?|drawings?|paintings?|illustrations?|logos?|videos?|animations?|charts?|graphs?|"
+    r"diagrams?|maps?|audio)\b"
+    r"|\b(?:go\s+to|visit|open|click|browse|download|upload)\s+(?:\w+\s+){0,2}?(?:websites?|web\s?pages?|sites?|links?|urls?)\b"
+    r"|https?://|\bwww\.", re.I)
 ROLE_MARKER = re.compile(r"\b(Human|Assistant|User)\s*:", re.I)
 
 
