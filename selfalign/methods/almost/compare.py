@@ -7,18 +7,19 @@ ranking is the recipe's `rubric`, a list of tiers, best first, each a list of co
 (configurations in the same tier are tied and make no pair):
 
     configurations:
-      - {name: hhh3, system: hhh, shots: 3}      # HHH preamble + its first 3 example dialogues
+      - {name: hhh3, system: hhh, shots: 3}      # HHH preamble + 3 example dialogues, one per tag
       - {name: hhh1, system: hhh, shots: 1}
       - {name: plain, system: preamble}          # a one-line assistant preamble, no dialogue
       - {name: small, model: "@other", system: preamble}
     rubric: [[hhh3], [hhh1], [plain, small]]
 
-A configuration's context is its system text followed by its first `shots` dialogues of the HHH
-prompt (selfalign/assets/hhh/prompt.yaml), rendered as a plain Human:/Assistant: transcript. The
-system is `none`, `preamble` (selfalign/assets/almost/preamble.txt), `hhh` (the HHH prompt's own
-preamble; `shots` then defaults to all 14 dialogues, which makes exactly `--system hhh`), or any
-system reference `selfalign.evals.common.resolve_system` accepts. Sampling: temperature 1.0, top-p
-0.9 (the paper's); `max_new_tokens` 256 is this project's choice.
+A configuration's context is its system text followed by `shots` dialogues of the HHH prompt
+(selfalign/assets/hhh/prompt.yaml): a seeded choice spread evenly over the dialogues' tags (helpful,
+honest, harmless; `balanced_shots`), so a 1- or 3-shot configuration is not all cooking and code,
+rendered as a plain Human:/Assistant: transcript. The system is `none`, `preamble`
+(selfalign/assets/almost/preamble.txt), `hhh` (the HHH prompt's own preamble; `shots` then defaults
+to all 14 dialogues in file order, which makes exactly `--system hhh`), or any system reference
+`selfalign.evals.common.resolve_system` accepts. Sampling: temperature 1.0, top-p 0.9 (the paper's); `max_new_tokens` 256 is this project's choice.
 
 Pairs: for every prompt, every two configurations in different tiers give one pair (chosen = the
 better tier). A reply that stopped at `max_new_tokens` is first cut back to the end of its last full
@@ -55,8 +56,8 @@ response row; the pairs are a pure function of the responses; a finished post-va
 (`post_validation.json`) is reused when it was made from the same pairs and settings, and
 otherwise trained again from the start.
 
-Simplifications: one sample per (prompt, configuration); demonstrations are the first `shots`
-HHH dialogues, not a sample of them; the whole context is a system text, not earlier chat turns.
+Simplifications: one sample per (prompt, configuration); one seeded choice of demonstrations per
+configuration for the whole run, not a new sample per prompt; the whole context is a system text, not earlier chat turns.
 """
 
 from __future__ import annotations
@@ -232,19 +233,41 @@ def post_validation_drops(margins: list[float], quantile: float) -> list[bool]:
 
 
 # -- contexts ---------------------------------------------------------------------------------------
-def configuration_context(c: Configuration) -> str | None:
-    """The system text of a configuration: its system prompt, then its first `shots` HHH dialogues."""
+def balanced_shots(dialogues: list[dict], k: int, seed: int | str) -> list[dict]:
+    """`k` of the HHH dialogues, spread evenly over their tags (helpful, honest, harmless): the tags
+    take turns in a seeded order, each giving its next dialogue in a seeded shuffle, so 3 shots
+    show one of each. The choice for k is the first k of one fixed order, so a configuration with
+    fewer shots sees a subset of one with more, as the rubric "more demonstrations beat fewer"
+    assumes (ALMoST §2.2). A dialogue without a `tag` counts under "untagged"."""
+    rng = random.Random(f"hhh-shots-{seed}")
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for d in dialogues:
+        groups[str(d.get("tag") or "untagged")].append(d)
+    tags = sorted(groups)
+    rng.shuffle(tags)
+    for tag in tags:
+        rng.shuffle(groups[tag])
+    order = [groups[t][i] for i in range(max(map(len, groups.values()), default=0)) for t in tags if i < len(groups[t])]
+    return order[:k]
+
+
+def configuration_context(c: Configuration, seed: int | str = 0) -> str | None:
+    """The system text of a configuration: its system prompt, then `shots` HHH dialogues. All of
+    them (`shots` unset, or as many as there are) come in the file's order, which makes `system:
+    hhh` exactly `--system hhh`; fewer are a seeded, balanced choice (`balanced_shots`)."""
     from selfalign.core.hhh_prompt import SEPARATOR, load_hhh_prompt
 
     system = (c.system or "none").strip()
     hhh = load_hhh_prompt() if system == "hhh" or c.shots else None
     dialogues = []
     if hhh is not None:
-        shots = len(hhh["dialogues"]) if c.shots is None else c.shots
-        if shots > len(hhh["dialogues"]):
+        every = hhh["dialogues"]
+        shots = len(every) if c.shots is None else c.shots
+        if shots > len(every):
             raise SelfAlignError(f"configurations: {c.name}: shots is {shots}, but the HHH prompt has "
-                                 f"{len(hhh['dialogues'])} dialogues")
-        dialogues = [render_plain(d["turns"], add_generation_prompt=False) for d in hhh["dialogues"][:shots]]
+                                 f"{len(every)} dialogues")
+        chosen = every if shots == len(every) else balanced_shots(every, shots, seed)
+        dialogues = [render_plain(d["turns"], add_generation_prompt=False) for d in chosen]
     if system == "none":
         head = None
     elif system == "preamble":
@@ -382,7 +405,7 @@ def run(ctx, config: Config, folder) -> dict:
     setups = []
     for c in config.configurations:
         model = ctx.model_for(config, c.model)
-        context = configuration_context(c)
+        context = configuration_context(c, ctx.recipe.seed)
         ids = {pid: row_id("compare", c.name, model, context, pid, p, sampling.model_dump()) for pid, p in prompts}
         setups.append((c, model, context, ids))
     setups.sort(key=lambda s: s[1])  # one model after the other (stable: configuration order within a model)
