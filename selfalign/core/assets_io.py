@@ -55,3 +55,16 @@ def yaml_key(ref: str, key: str) -> str:
     if not isinstance(data, dict) or not str(data.get(key) or "").strip():
         raise SelfAlignError(f"{path}: needs a non-empty `{key}` entry")
     return str(data[key]).strip()
+
+
+def load_yaml_mapping(ref: str, required: tuple[str, ...] = ()) -> dict:
+    """A YAML mapping asset (prompt templates, filter rules) with the `required` keys."""
+    path = asset_path(ref)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise SelfAlignError(f"{path}: invalid YAML: {exc}") from None
+    missing = [k for k in required if not isinstance(data, dict) or data.get(k) in (None, "")]
+    if missing:
+        raise SelfAlignError(f"{path}: needs {', '.join(missing)}")
+    return data

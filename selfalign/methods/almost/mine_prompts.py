@@ -42,12 +42,16 @@ from pathlib import Path
 
 from pydantic import Field
 
+from selfalign.core.assets_io import asset_text, load_yaml_mapping
 from selfalign.core.dedup import rouge_dedup
 from selfalign.core.engines import Sampling
 from selfalign.core.progress import console, progress_bar
 from selfalign.core.prompts import load_prompts
 from selfalign.core.recipe import StageConfig
 from selfalign.core.store import RowStore, row_id
+
+TEMPLATES_REF = "builtin:almost/templates.yaml"
+TEMPLATES = load_yaml_mapping(TEMPLATES_REF, ("mining",))
 
 NO_PROMPT = "no prompt in the completion"
 TOO_SHORT = "too short"
@@ -71,7 +75,7 @@ class Config(StageConfig):
     sampling: Sampling = Field(default_factory=lambda: Sampling(temperature=1.2, top_p=0.9, max_new_tokens=64))
 
     def human_inputs(self) -> list[tuple[str, str]]:
-        return [(self.seeds, "\n".join(load_seed_prompts(self.seeds)))]
+        return [(self.seeds, "\n".join(load_seed_prompts(self.seeds))), (TEMPLATES_REF, asset_text(TEMPLATES_REF))]
 
 
 # -- inputs and the request (this project's wording) ------------------------------------------------
@@ -83,9 +87,7 @@ def load_seed_prompts(ref: str) -> list[str]:
 def mining_request(examples: list[str]) -> str:
     """A numbered list of requests that the model continues with one more."""
     lines = "\n".join(f"{i}. {e}" for i, e in enumerate(examples, start=1))
-    return ("Below are messages that different people sent to an AI assistant. They ask about all sorts of "
-            "subjects and tasks, and each one is a complete request on its own.\n\n"
-            f"{lines}\n{len(examples) + 1}.")
+    return TEMPLATES["mining"].format(examples=lines, next=len(examples) + 1)
 
 
 # -- parsing and filters (pure functions, unit-tested) ---------------------------------------------

@@ -43,6 +43,7 @@ from collections.abc import Sequence
 
 from pydantic import Field
 
+from selfalign.core.assets_io import asset_text, load_yaml_mapping
 from selfalign.core.chat import PLAIN_STOPS, render_plain
 from selfalign.core.engines import Sampling
 from selfalign.core.progress import console, progress_bar
@@ -52,12 +53,8 @@ from selfalign.evals.common import resolve_system
 from selfalign.methods.almost.rloo import policy_prompt
 from selfalign.methods.self_align.self_align import stage_prompts
 
-USER_PROMPT = (
-    "The conversation below is between a curious person and an AI assistant. The person keeps it going: after "
-    "each of the assistant's replies they write one short message of their own, for example a question about "
-    "something the assistant just said, a request for more detail, an example or a simpler explanation, or a "
-    "related question they now want answered."
-)
+TEMPLATES_REF = "builtin:almost/templates.yaml"
+USER_PROMPT = " ".join(load_yaml_mapping(TEMPLATES_REF, ("self_play_user",))["self_play_user"].split())
 USER_STOPS = ["\n\n", "\nAssistant", "\nHuman"]
 
 
@@ -81,7 +78,9 @@ class Config(StageConfig):
     max_prompts: int | None = Field(None, ge=1)
 
     def human_inputs(self) -> list[tuple[str, str]]:
-        out = [(f"{self.label}.user_prompt", self.user_prompt)]
+        # the shipped default is counted as its asset file; a recipe's own text as itself
+        out = [(TEMPLATES_REF, asset_text(TEMPLATES_REF)) if self.user_prompt == USER_PROMPT
+               else (f"{self.label}.user_prompt", self.user_prompt)]
         return out + ([(self.system, resolve_system(self.system) or "")] if self.system else [])
 
 

@@ -39,7 +39,7 @@ from collections import Counter
 
 from pydantic import Field
 
-from selfalign.core.assets_io import asset_text, load_yaml_list, yaml_key
+from selfalign.core.assets_io import asset_text, load_yaml_list, load_yaml_mapping, yaml_key
 from selfalign.core.engines import Sampling
 from selfalign.core.errors import SelfAlignError
 from selfalign.core.progress import console, progress_bar
@@ -47,16 +47,19 @@ from selfalign.core.prompts import load_prompts
 from selfalign.core.recipe import StageConfig
 from selfalign.core.store import RowStore, read_jsonl, row_id
 
-THOUGHTS_TAG = "Assistant (internal thoughts):"
-ANSWER_TAG = "Assistant:"
+# The scaffold's tags and the refusal rule are human-written text kept in an asset file that the
+# supervision ledger counts. REFUSAL_OPENINGS: stock openings that carry no content, an apology
+# before a refusal or "as an AI". A plain decline ("Logging into her account is illegal, so...") or
+# an honest "I can't see live scores" is not listed: on a harmful or unanswerable prompt that is the
+# answer to keep, and a filter that drops it keeps the answers that comply instead.
+TEMPLATES_REF = "builtin:self_align/templates.yaml"
+_TEMPLATES = load_yaml_mapping(TEMPLATES_REF, ("scaffold", "refusal_openings"))
+THOUGHTS_TAG = _TEMPLATES["scaffold"]["thoughts_tag"]
+ANSWER_TAG = _TEMPLATES["scaffold"]["answer_tag"]
+PRINCIPLES_HEADING = _TEMPLATES["scaffold"]["principles_heading"]
 SEPARATOR = "\n\n###\n\n"
 STOPS = ["\n\nHuman:", "\nHuman:", "\n###"]
-# Stock openings that carry no content: an apology before a refusal, or "as an AI". A plain decline
-# ("Logging into her account is illegal, so...") or an honest "I can't see live scores" is not
-# listed: on a harmful or unanswerable prompt that is the answer to keep, and a filter that drops it
-# keeps the answers that comply instead.
-REFUSAL_OPENINGS = re.compile(r"(?:i'?m|i am)?\s*sorry,?\s+(?:but|i)\b|i apologi[sz]e\b|unfortunately,?\s+(?:as|i)\b"
-                              r"|as an? (?:ai|artificial intelligence|language model|large language model)\b", re.I)
+REFUSAL_OPENINGS = re.compile(_TEMPLATES["refusal_openings"], re.I)
 LEAK_NGRAM = 8
 
 
@@ -72,7 +75,7 @@ class Config(StageConfig):
     max_prompts: int | None = Field(None, ge=1)
 
     def human_inputs(self) -> list[tuple[str, str]]:
-        return [(ref, asset_text(ref)) for ref in (self.principles, self.exemplars, self.system_prompts)]
+        return [(ref, asset_text(ref)) for ref in (self.principles, self.exemplars, self.system_prompts, TEMPLATES_REF)]
 
 
 # -- the prompt -----------------------------------------------------------------------------------
@@ -82,7 +85,7 @@ def principle_context(header: str, principles: list[dict], exemplars: list[dict]
     shots = SEPARATOR.join(
         f"Human: {e['user'].strip()}\n\n{THOUGHTS_TAG} {' '.join(e['thoughts'].split())}\n\n{ANSWER_TAG} {e['answer'].strip()}"
         for e in exemplars)
-    return f"{' '.join(header.split())}\n\nPrinciples:\n{rules}{SEPARATOR}{shots}{SEPARATOR}"
+    return f"{' '.join(header.split())}\n\n{PRINCIPLES_HEADING}\n{rules}{SEPARATOR}{shots}{SEPARATOR}"
 
 
 def principle_prompt(context: str, prompt: str) -> str:

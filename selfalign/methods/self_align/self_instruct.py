@@ -26,28 +26,21 @@ import re
 
 from pydantic import Field
 
-from selfalign.core.assets_io import asset_text, load_yaml_list
+from selfalign.core.assets_io import asset_text, load_yaml_list, load_yaml_mapping
 from selfalign.core.dedup import rouge_dedup
 from selfalign.core.engines import Sampling
 from selfalign.core.progress import console, progress_bar
 from selfalign.core.recipe import StageConfig
 from selfalign.core.store import RowStore, row_id
 
-# Tasks a text-only model cannot do: ones that point at media or files the model is not given,
-# that ask it to make pictures, sound or charts, or to visit a page. Self-Instruct filters on bare
-# words ("file", "map", "image"); that also rejects doable tasks such as "what shell command finds all
-# files larger than 100 MB" or "explain how a map projection distorts area", so each word here only
-# counts in a phrase that needs the missing thing.
-_SEEN = r"(?:image|picture|photo|photograph|screenshot|video|audio|recording)s?"  # nothing in text stands for these
-_SHOWN = r"(?:chart|graph|diagram|drawing|map|scan|file|spreadsheet|pdf|link|url|website|web\s?page)s?"
-UNDOABLE = re.compile(
-    rf"\b(?:this|that|these|those|the|attached|following|above|below|uploaded|my|your)\s+{_SEEN}\b"
-    rf"|\b(?:this|that|these|those|attached|following|above|below|uploaded)\s+{_SHOWN}\b"
-    r"|\b(?:create|generate|make|design|draw|paint|sketch|render|record|film|edit|plot)\s+(?:\w+\s+){0,3}?"
-    r"(?:images?|pictures?|photos?|drawings?|paintings?|illustrations?|logos?|videos?|animations?|charts?|graphs?|"
-    r"diagrams?|maps?|audio)\b"
-    r"|\b(?:go\s+to|visit|open|click|browse|download|upload)\s+(?:\w+\s+){0,2}?(?:websites?|web\s?pages?|sites?|links?|urls?)\b"
-    r"|https?://|\bwww\.", re.I)
+# The templates and the text-only filter are human-written text, kept in an asset file that the
+# supervision ledger counts (selfalign/core/ledger.py). UNDOABLE: tasks a text-only model cannot do.
+# Self-Instruct filters on bare words ("file", "map", "image"); that also rejects doable tasks such as
+# "what shell command finds all files larger than 100 MB", so each word only counts in a phrase that
+# points at missing media or files, asks to make pictures or sound, or to visit a page.
+TEMPLATES_REF = "builtin:self_align/templates.yaml"
+TEMPLATES = load_yaml_mapping(TEMPLATES_REF, ("instruct", "topics", "question", "undoable"))
+UNDOABLE = re.compile(TEMPLATES["undoable"]["pattern"].format(**TEMPLATES["undoable"]), re.I | re.X)
 ROLE_MARKER = re.compile(r"\b(Human|Assistant|User)\s*:", re.I)
 
 
@@ -68,26 +61,23 @@ class Config(StageConfig):
     sampling: Sampling = Field(default_factory=lambda: Sampling(temperature=1.0, top_p=0.98, max_new_tokens=384))
 
     def human_inputs(self) -> list[tuple[str, str]]:
-        return [(self.seed_tasks, asset_text(self.seed_tasks)), (self.redteam_types, asset_text(self.redteam_types))]
+        return [(ref, asset_text(ref)) for ref in (self.seed_tasks, self.redteam_types, TEMPLATES_REF)]
 
 
-# -- prompts (this project's wording) -------------------------------------------------------------
+# -- prompts (this project's wording, in TEMPLATES) ------------------------------------------------
 def instruct_prompt(examples: list[str]) -> str:
     lines = "\n".join(f"{i}. {e}" for i, e in enumerate(examples, start=1))
-    return ("Here is a varied list of tasks that people have asked an AI assistant to do: writing, coding, maths, "
-            "advice, explanations and more. Each task is a single, self-contained instruction.\n\n"
-            f"{lines}\n{len(examples) + 1}.")
+    return TEMPLATES["instruct"].format(examples=lines, next=len(examples) + 1)
 
 
 def topics_prompt(kind: dict, n: int) -> str:
-    return (f"Some questions are hard for an AI assistant to answer well. One kind is \"{kind['type']}\": "
-            f"{kind['description']}\nFor example: {kind['seed_question']}\n\n"
-            f"Here are {n} different topics that questions of this kind could be about, one per line:\n1.")
+    return TEMPLATES["topics"].format(type=kind["type"], description=kind["description"],
+                                      seed_question=kind["seed_question"], n=n)
 
 
 def question_prompt(kind: dict, topic: str) -> str:
-    return (f"Kind of question: {kind['type']}. {kind['description']}\nExample: {kind['seed_question']}\n\n"
-            f"Write one new question of this kind about {topic}.\nQuestion:")
+    return TEMPLATES["question"].format(type=kind["type"], description=kind["description"],
+                                        seed_question=kind["seed_question"], topic=topic)
 
 
 # -- parsing and filters (pure functions, unit-tested) ---------------------------------------------
