@@ -78,7 +78,8 @@ def test_report_sections_numbers_and_escaping(run_dir):
         assert f"<h2>{heading}</h2>" in page
     assert "demo-run" in page and "embedded:gemma-3-270m" in page and "2026-01-02T03:04:05" in page
     assert "19 min 44 s" in page  # total wall time: 12.5 + 130 + 900 + 14 + 128 s
-    assert '<td class="num">37</td><td class="num">582</td>' in page  # human input totals
+    assert '<td class="num">582</td><td class="num">37</td>' in page  # human input totals: words, then lines
+    assert "Not counted: the recipe" in page
     assert "0.530" in page and "0.630" in page and "+0.100" in page  # hhh likelihood honest, before -> after
     evals = page[page.index("<h2>Evaluations</h2>"):]
     assert evals.index("eval_base") < evals.index("eval_aligned")  # columns in run order

@@ -17,6 +17,7 @@ import yaml
 
 from selfalign.core.engines import Engine, make_engine
 from selfalign.core.errors import SelfAlignError
+from selfalign.core.ledger import build_ledger
 from selfalign.core.progress import console
 from selfalign.core.recipe import Recipe, StageConfig
 from selfalign.core.store import DONE_FILE
@@ -116,29 +117,16 @@ def _prepare_run_dir(recipe: Recipe, run_dir: Path) -> dict:
     return json.loads(run_json.read_text()) if run_json.exists() else {"name": recipe.name, "stages": {}}
 
 
-def human_inputs(recipe: Recipe) -> list[dict]:
-    """Every human-written input of the recipe, once each, with its size in lines and words."""
-    seen: dict[str, dict] = {}
-    for config in recipe.stages:
-        try:
-            pairs = config.human_inputs()
-        except SelfAlignError:
-            continue  # a missing file is reported by its stage, with the stage's context
-        for source, text in pairs:
-            lines = [x for x in text.splitlines() if x.strip()]
-            # the same text used by several stages (a system prompt) counts once
-            seen.setdefault(text.strip(), {"source": source, "lines": len(lines), "words": len(text.split())})
-    return list(seen.values())
-
-
 def run_recipe(recipe: Recipe, run_dir: Path | None = None) -> dict:
     """Run every unfinished stage of `recipe`; return the run record (also in `run.json`)."""
     from selfalign.stages import STAGES
 
     run_dir = Path(run_dir or recipe.run_dir())
     record = _prepare_run_dir(recipe, run_dir)
-    record.update(model=recipe.model, engine=recipe.engine.name, seed=recipe.seed,
-                  inputs=human_inputs(recipe), started_at=record.get("started_at") or time.strftime("%Y-%m-%dT%H:%M:%S"))
+    ledger = build_ledger(recipe)  # an unreadable input stops the run here, before any stage
+    record.update(model=recipe.model, engine=recipe.engine.name, seed=recipe.seed, inputs=ledger["inputs"],
+                  supervision={k: ledger[k] for k in ("words", "lines", "not_counted")},
+                  started_at=record.get("started_at") or time.strftime("%Y-%m-%dT%H:%M:%S"))
     ctx = RunContext(recipe=recipe, run_dir=run_dir)
     try:
         for i, config in enumerate(recipe.stages):

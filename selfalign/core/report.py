@@ -265,18 +265,28 @@ def section_stages(run: dict) -> tuple | None:
 
 
 def section_human_inputs(run: dict) -> tuple | None:
-    inputs = run["inputs"]
-    if not inputs:
+    """The supervision ledger (selfalign.core.ledger): words first, lines beside, outside data by rows."""
+    from selfalign.core.ledger import NOT_COUNTED
+
+    inputs = [i for i in run["inputs"] if i.get("kind") != "data"]
+    data = [i for i in run["inputs"] if i.get("kind") == "data"]
+    if not inputs and not data:
         return None
     lines = sum(i.get("lines") or 0 for i in inputs)
     words = sum(i.get("words") or 0 for i in inputs)
-    rows = "".join(f'<tr><td><code>{esc(i.get("source", "?"))}</code></td><td class="num">{_fmt(i.get("lines"))}</td>'
-                   f'<td class="num">{_fmt(i.get("words"))}</td></tr>' for i in inputs)
-    return _section("human", "Human supervision", f'<div><span class="big">{lines}</span> lines, {words} words of '
-                    'human-written input (prompts, principles, exemplars): everything else the run made itself.</div>'
-                    '<table><thead><tr><th>input</th><th class="num">lines</th><th class="num">words</th></tr></thead>'
-                    f'<tbody>{rows}<tr class="total"><td>total</td><td class="num">{lines}</td>'
-                    f'<td class="num">{words}</td></tr></tbody></table>')
+    rows = "".join(f'<tr><td><code>{esc(i.get("source", "?"))}</code></td><td class="num">{_fmt(i.get("words"))}</td>'
+                   f'<td class="num">{_fmt(i.get("lines"))}</td></tr>' for i in inputs)
+    extra = "".join(f'<tr><td><code>{esc(i.get("source", "?"))}</code></td><td>{esc(i.get("stage", ""))}</td>'
+                    f'<td class="num">{_fmt(i.get("rows"))}</td></tr>' for i in data)
+    extra = ('<div>Outside data given to stages (human-made, counted by rows):</div><table><thead><tr><th>file</th>'
+             f'<th>stage</th><th class="num">rows</th></tr></thead><tbody>{extra}</tbody></table>') if data else ""
+    return _section("human", "Human supervision", f'<div><span class="big">{words}</span> words ({lines} lines) of '
+                    'human-written input (prompts, principles, exemplars, templates), each text counted once: '
+                    'everything else the run made itself.</div>'
+                    '<table><thead><tr><th>input</th><th class="num">words</th><th class="num">lines</th></tr></thead>'
+                    f'<tbody>{rows}<tr class="total"><td>total</td><td class="num">{words}</td>'
+                    f'<td class="num">{lines}</td></tr></tbody></table>{extra}'
+                    f'<p class="muted">Not counted: {esc(NOT_COUNTED)}.</p>')
 
 
 def _metric_rows(evs: list[dict]) -> dict[tuple[str, str], list]:
