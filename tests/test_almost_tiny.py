@@ -42,7 +42,9 @@ def test_almost_cpu_recipe_end_to_end_with_a_kill_during_compare(tmp_path):
     assert list(record["stages"]) == ["eval_base", "mine_prompts", "compare", "reward_model", "rm_on_hhh",
                                       "self_play", "sft", "rlsf", "eval_rlsf"]
     pairs = read_jsonl(next(out.glob("*-compare/rows.jsonl")))
-    assert pairs and all(r["bad_response"] for r in pairs) and any(r["kept"] for r in pairs)
+    # with bad_filter off, a pair whose chosen reply breaks a BAD rule is kept, its verdict recorded (whether a
+    # random model's bytes break a rule is chance: a trimmed reply can end in "." and pass them all)
+    assert pairs and all("bad_response" in r for r in pairs) and any(r["kept"] and r["bad_response"] for r in pairs)
     rm_eval = json.loads(next(out.glob("*-rm_on_hhh/results.json")).read_text())
     assert "rm" in rm_eval["evals"]["hhh"]["metrics"]
     rlsf = json.loads(next(out.glob("*-rlsf/_done.json")).read_text())
