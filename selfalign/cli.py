@@ -103,8 +103,8 @@ def generate(
 
     stem = Path(prompts.split(":", 1)[1] if prompts.startswith("builtin:") else prompts).stem
     data = {
-        "name": f"generate-{stem}",
-        "model": model or DEFAULT_MODEL,
+        "name": f"generate-{_slug(stem)}",
+        "model": DEFAULT_MODEL if model is None else model,
         "out": out,
         "seed": seed,
         "engine": {k: v for k, v in {"name": engine or "hf", "batch_size": batch_size, "base_url": base_url}.items() if v is not None},
@@ -123,7 +123,8 @@ def generate(
 def _slug(text: str) -> str:
     import re
 
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text.strip()).strip("-")[:48] or "x"
+    slug = re.sub(r"\.{2,}", ".", re.sub(r"[^A-Za-z0-9._-]+", "-", text.strip()))
+    return slug.strip("-.")[:48] or "x"
 
 
 @app.command("eval")
@@ -157,7 +158,7 @@ def eval_(
     from selfalign.core.pipeline import run_recipe, stage_folder
     from selfalign.core.recipe import parse_recipe
 
-    model = model or DEFAULT_MODEL
+    model = DEFAULT_MODEL if model is None else model
     stage = {"stage": "eval", "name": "eval" + (f"-{_slug(system)}" if system else ""), "evals": evals,
              "scoring": [s.strip() for s in scoring.split(",") if s.strip()], "system": system, "judge": judge,
              "comparisons": comparisons, "data_dir": data_dir, "limit": limit, "heldout": heldout,
@@ -178,6 +179,9 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port")] = 8000,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16, float16")] = "auto",
+    api_key: Annotated[str | None, typer.Option(envvar="SELFALIGN_API_KEY", show_envvar=True, help="require this key as 'Authorization: Bearer KEY' (never logged)")] = None,
+    max_n: Annotated[int, typer.Option(min=1, help="most completions one request may ask for (n)")] = 16,
+    max_queue: Annotated[int, typer.Option(min=1, help="requests that may wait; more get 429 with Retry-After")] = 64,
 ):
     """Serve a model over an OpenAI-compatible HTTP API (completions and chat), on the hf engine.
 
@@ -188,7 +192,8 @@ def serve(
 
     if host not in ("127.0.0.1", "localhost", "::1"):
         console.print(f"[yellow]warning:[/] binding to {host}: anyone who can reach this address can use the model")
-    run_server(model, host=host, port=port, engine_options={"device": device, "dtype": dtype})
+    run_server(model, host=host, port=port, engine_options={"device": device, "dtype": dtype}, api_key=api_key,
+               max_n=max_n, max_queue=max_queue)
 
 
 @app.command()
@@ -335,6 +340,17 @@ def _quiet_library_deprecations() -> None:
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
+def environment_error(exc: BaseException) -> str:
+    """One line for an OSError, a decoding error or a runaway recursion that reached the top."""
+    if isinstance(exc, OSError):
+        where = " → ".join(str(f) for f in (exc.filename, exc.filename2) if f)
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        return f"{where}: {reason}" if where else reason
+    if isinstance(exc, UnicodeError):
+        return f"text that is not valid UTF-8: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+    return "a structure nested too deeply to handle (a file or reference that refers to itself?)"
+
+
 def main() -> None:
     _quiet_library_deprecations()
     debug = "--debug" in sys.argv or os.environ.get("SELFALIGN_DEBUG") == "1"
@@ -347,6 +363,15 @@ def main() -> None:
         console.print(f"[bold red]error:[/] {exc.message}", highlight=False)
         if exc.hint:
             console.print(f"  [dim]→ {exc.hint}[/]", highlight=False)
+        sys.exit(2)
+    except (OSError, UnicodeError, RecursionError) as exc:
+        # a file or disk problem that no reader turned into a SelfAlignError (a full or read-only disk
+        # while writing rows): still one line; rows already written stay, the next run resumes
+        if debug:
+            raise
+        console.print(f"[bold red]error:[/] {environment_error(exc)}", highlight=False, soft_wrap=True)
+        console.print("  [dim]→ fix that and run the same command again: finished rows are kept "
+                      "(--debug shows where it happened)[/]", highlight=False)
         sys.exit(2)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: rows written so far are kept; run the same command to resume")

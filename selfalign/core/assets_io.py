@@ -5,16 +5,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-
 from selfalign.core.errors import SelfAlignError
+from selfalign.core.inputs import inside, read_text, read_yaml
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
 
 def asset_path(ref: str) -> Path:
     """`builtin:self_align/principles.yaml` (shipped) or a path of the user's."""
-    path = ASSETS / ref.split(":", 1)[1] if ref.startswith("builtin:") else Path(ref).expanduser()
+    if ref.startswith("builtin:"):
+        path = inside(ASSETS, ASSETS / ref.split(":", 1)[1], ref)
+    else:
+        path = Path(ref).expanduser()
     if not path.is_file():
         raise SelfAlignError(f"{ref}: no such file", "use builtin:self_align/NAME.yaml or a path to your own YAML")
     return path
@@ -22,10 +24,7 @@ def asset_path(ref: str) -> Path:
 
 def read_yaml_list(path: Path, what: str = "entries") -> list:
     """The non-empty YAML list in `path`; errors name the file."""
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise SelfAlignError(f"{path}: invalid YAML: {exc}") from None
+    data = read_yaml(path, f"{what} file")
     if not isinstance(data, list) or not data:
         raise SelfAlignError(f"{path}: expected a non-empty list of {what}")
     return data
@@ -44,14 +43,14 @@ def load_yaml_list(ref: str, required: tuple[str, ...]) -> list[dict]:
 
 def asset_text(ref: str) -> str:
     """The file's text without comment lines: what the report counts as human-written."""
-    lines = asset_path(ref).read_text(encoding="utf-8").splitlines()
+    lines = read_text(asset_path(ref)).splitlines()
     return "\n".join(x for x in lines if x.strip() and not x.lstrip().startswith("#"))
 
 
 def yaml_key(ref: str, key: str) -> str:
     """One text entry of a YAML mapping asset (e.g. the `engraved` system prompt)."""
     path = asset_path(ref)
-    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    data = read_yaml(path)
     if not isinstance(data, dict) or not str(data.get(key) or "").strip():
         raise SelfAlignError(f"{path}: needs a non-empty `{key}` entry")
     return str(data[key]).strip()

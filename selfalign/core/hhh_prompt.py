@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-
 from selfalign.core.chat import render_plain
 from selfalign.core.errors import SelfAlignError
+from selfalign.core.inputs import read_yaml
 
 DEFAULT_PATH = Path(__file__).resolve().parent.parent / "assets" / "hhh" / "prompt.yaml"
 SEPARATOR = "\n\n-----\n\n"
@@ -20,10 +19,7 @@ SEPARATOR = "\n\n-----\n\n"
 
 def load_hhh_prompt(path: str | Path | None = None) -> dict:
     path = Path(path or DEFAULT_PATH)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        raise SelfAlignError(f"cannot read the HHH prompt {path}: {exc}") from exc
+    data = read_yaml(path, "HHH prompt")
     if not isinstance(data, dict) or "preamble" not in data or not isinstance(data.get("dialogues"), list):
         raise SelfAlignError(f"{path}: the HHH prompt needs `preamble` and a list of `dialogues`")
     for i, d in enumerate(data["dialogues"]):

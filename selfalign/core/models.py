@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from selfalign.core.errors import SelfAlignError
+from selfalign.core.inputs import read_json_object
 from selfalign.core.paths import models_cache_dir
 from selfalign.core.tiny import TINY_ARCHES, save_tiny_model
 
@@ -101,7 +102,7 @@ def _strip_gguf_quantization(folder: Path) -> Path:
     """Caches converted before this fix kept the GGUF `quantization_config` in config.json, which
     makes transformers treat the plain fp32 weights as quantized and refuse to train them."""
     cfg_path = folder / "config.json"
-    cfg = json.loads(cfg_path.read_text())
+    cfg = read_json_object(cfg_path, "model config")
     if cfg.pop("quantization_config", None) is not None:
         cfg_path.write_text(json.dumps(cfg, indent=2))
     return folder
@@ -150,8 +151,10 @@ def _tiny_folder(arch: str) -> Path:
 
 
 # -- resolution ---------------------------------------------------------------------------------
-def resolve(ref: str) -> ResolvedModel:
-    """Turn a model reference into something `from_pretrained` can load; convert and cache if needed."""
+def resolve(ref: str, _via: tuple[str, ...] = ()) -> ResolvedModel:
+    """Turn a model reference into something `from_pretrained` can load; convert and cache if needed.
+    `_via` holds the adapter folders that led here, so an adapter naming itself (or a loop of
+    adapters) is an error rather than endless recursion."""
     ref = str(ref).strip()
     if not ref:
         raise SelfAlignError("empty model reference", f"use e.g. {DEFAULT_MODEL}, a folder, a .gguf file or a hub id")
@@ -162,17 +165,23 @@ def resolve(ref: str) -> ResolvedModel:
     path = Path(ref).expanduser()
     if path.exists():
         if path.is_file():
-            if path.suffix.lower() == ".gguf" or path.read_bytes()[:4] == b"GGUF":
+            with open(path, "rb") as f:
+                magic = f.read(4)
+            if path.suffix.lower() == ".gguf" or magic == b"GGUF":
                 return ResolvedModel(ref, "gguf", str(_gguf_folder(path)))
             raise SelfAlignError(f"{path} is a file but not a .gguf model", "pass a model folder, a .gguf file or a hub id")
         if (path / "adapter_config.json").exists():
-            cfg = json.loads((path / "adapter_config.json").read_text())
+            cfg = read_json_object(path / "adapter_config.json", "adapter config")
             sidecar = path / "selfalign_base.json"  # written by selfalign's trainers: a portable reference
-            base_ref = (json.loads(sidecar.read_text()).get("base") if sidecar.exists() else None) or cfg.get(
-                "base_model_name_or_path")
-            if not base_ref:
+            base_ref = (read_json_object(sidecar, "adapter base file").get("base") if sidecar.exists() else None) or \
+                cfg.get("base_model_name_or_path")
+            if not base_ref or not isinstance(base_ref, str):
                 raise SelfAlignError(f"{path}/adapter_config.json names no base model (base_model_name_or_path)")
-            return ResolvedModel(ref, "peft", str(path), base=resolve(base_ref))
+            here = str(path.resolve())
+            if here in _via:
+                raise SelfAlignError(f"{path}/adapter_config.json: base_model_name_or_path {base_ref!r} leads back to "
+                                     "an adapter already on the way", "set it to the base model the adapter was trained on")
+            return ResolvedModel(ref, "peft", str(path), base=resolve(base_ref, (*_via, here)))
         if (path / "config.json").exists():
             return ResolvedModel(ref, "folder", str(path))
         raise SelfAlignError(

@@ -9,13 +9,13 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from selfalign.core.assets_io import ASSETS, read_yaml_list
 from selfalign.core.chat import validate_messages
 from selfalign.core.errors import SelfAlignError
+from selfalign.core.inputs import check_name, parse_json_line, read_text
 from selfalign.core.store import row_id
 
 
@@ -47,7 +47,7 @@ def _resolve_path(ref: str) -> Path:
 
         return asset_path(ref)
     if ref.startswith("builtin:"):
-        name = ref.split(":", 1)[1]
+        name = check_name(ref.split(":", 1)[1], "built-in prompt set")
         path = ASSETS / "prompts" / f"{name}.txt"
         if not path.exists():
             raise SelfAlignError(f"no built-in prompt set {name!r}", f"available: {', '.join(builtin_prompt_sets())}")
@@ -62,49 +62,50 @@ def _resolve_path(ref: str) -> Path:
 
 def prompt_file_text(ref: str) -> str:
     """The text of a prompt file without its comment lines (what a person wrote)."""
-    lines = _resolve_path(ref).read_text(encoding="utf-8").splitlines()
+    lines = read_text(_resolve_path(ref), "prompt file").splitlines()
     return "\n".join(x for x in lines if x.strip() and not x.lstrip().startswith("#"))
 
 
 def load_prompts(ref: str) -> list[Prompt]:
     """Read a prompt file; errors name the file and line. Duplicate prompts are kept once."""
     path = _resolve_path(ref)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as exc:
-        raise SelfAlignError(f"{path} is not UTF-8 text") from exc
+    lines = read_text(path, "prompt file").splitlines()
     prompts: list[Prompt] = []
     if path.suffix.lower() in (".yaml", ".yml"):
         return _dedup(_yaml_prompts(path))
     jsonl = path.suffix.lower() in (".jsonl", ".json")
+    by_id: dict[str, tuple[int, Prompt]] = {}  # id -> (line, prompt) of its first use
     for lineno, line in enumerate(lines, start=1):
         if not line.strip() or (not jsonl and line.lstrip().startswith("#")):
             continue
-        if not jsonl:
-            text = line.strip()
-            prompts.append(Prompt(row_id("prompt", text), text=text))
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise SelfAlignError(f"{path}:{lineno}: broken JSON line ({exc.msg})", "fix or remove that line") from None
-        if not isinstance(obj, dict) or not ({"prompt", "messages"} & obj.keys()):
-            raise SelfAlignError(f"{path}:{lineno}: each line needs a 'prompt' (text) or 'messages' (chat) field")
-        if "messages" in obj:
-            try:
-                validate_messages(obj["messages"])
-            except ValueError as exc:
-                raise SelfAlignError(f"{path}:{lineno}: messages: {exc}") from None
-            msgs = tuple({"role": m["role"], "content": m["content"]} for m in obj["messages"])
-            prompts.append(Prompt(str(obj.get("id") or row_id("chat", msgs)), messages=msgs))
-        else:
-            if not isinstance(obj["prompt"], str) or not obj["prompt"].strip():
-                raise SelfAlignError(f"{path}:{lineno}: prompt: must be a non-empty string")
-            text = obj["prompt"].strip()
-            prompts.append(Prompt(str(obj.get("id") or row_id("prompt", text)), text=text))
+        prompt = _jsonl_prompt(path, lineno, line) if jsonl else Prompt(row_id("prompt", line.strip()), text=line.strip())
+        first = by_id.setdefault(prompt.id, (lineno, prompt))
+        if first[1] != prompt:
+            # two different prompts under one id would share one row: the second would be skipped as
+            # "already answered" without a word. The same prompt twice is harmless and kept once.
+            raise SelfAlignError(f"{path}:{lineno}: id {prompt.id!r} is already used by a different prompt on line "
+                                 f"{first[0]}", "give every prompt its own id (or drop the id field)")
+        prompts.append(prompt)
     if not prompts:
         raise SelfAlignError(f"{path} holds no prompts", "write one prompt a line (.txt) or one JSON object a line (.jsonl)")
     return _dedup(prompts)
+
+
+def _jsonl_prompt(path: Path, lineno: int, line: str) -> Prompt:
+    obj = parse_json_line(line, path, lineno)
+    if not isinstance(obj, dict) or not ({"prompt", "messages"} & obj.keys()):
+        raise SelfAlignError(f"{path}:{lineno}: each line needs a 'prompt' (text) or 'messages' (chat) field")
+    if "messages" in obj:
+        try:
+            validate_messages(obj["messages"])
+        except ValueError as exc:
+            raise SelfAlignError(f"{path}:{lineno}: messages: {exc}") from None
+        msgs = tuple({"role": m["role"], "content": m["content"]} for m in obj["messages"])
+        return Prompt(str(obj.get("id") or row_id("chat", msgs)), messages=msgs)
+    if not isinstance(obj["prompt"], str) or not obj["prompt"].strip():
+        raise SelfAlignError(f"{path}:{lineno}: prompt: must be a non-empty string")
+    text = obj["prompt"].strip()
+    return Prompt(str(obj.get("id") or row_id("prompt", text)), text=text)
 
 
 def _dedup(prompts: list[Prompt]) -> list[Prompt]:

@@ -17,10 +17,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from selfalign.core.errors import SelfAlignError
+from selfalign.core.inputs import SAFE_NAME, read_yaml
 from selfalign.core.models import DEFAULT_MODEL
 
 
@@ -61,6 +61,11 @@ class StageConfig(Strict):
     name: str | None = Field(None, description="folder name of the stage in the run (default: the stage type)")
     model: str | None = Field(None, description="model reference for this stage (default: the recipe's model)")
 
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str | None) -> str | None:
+        return _plain(value)
+
     @model_validator(mode="before")
     @classmethod
     def _partial_blocks_keep_defaults(cls, data: Any) -> Any:
@@ -88,15 +93,28 @@ class StageConfig(Strict):
         return []
 
 
+def _plain(value: str | None) -> str | None:
+    """A name that becomes a folder: letters, digits, `_ . -` only, so it cannot climb out of the run."""
+    if value is not None and (not SAFE_NAME.fullmatch(value) or ".." in value):
+        raise ValueError("use letters, digits, '_', '.' and '-' only (no '/', no '..', at most 100)")
+    return value
+
+
 class Recipe(Strict):
     name: str = Field(..., description="run name; the default run folder is runs/<name>")
     description: str = ""
-    model: str = Field(DEFAULT_MODEL, description="the base model every stage uses unless it names its own")
+    model: str = Field(DEFAULT_MODEL, min_length=1,
+                       description="the base model every stage uses unless it names its own")
     engine: EngineConfig = Field(default_factory=EngineConfig)
     seed: int = Field(0, description="seed for sampling and training")
     out: str | None = Field(None, description="run folder (default runs/<name>)")
     max_prompts: int | None = Field(None, ge=1, description="cap on prompts per stage, for quick runs")
     stages: list[StageConfig] = Field(..., min_length=1)
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        return _plain(value)
 
     def run_dir(self) -> Path:
         return Path(self.out or f"runs/{self.name}")
@@ -141,7 +159,8 @@ def format_validation_error(source: str, exc: ValidationError, cls: type[BaseMod
         elif err["type"] == "missing":
             lines.append(f"{source}: {where}: required key is missing")
         else:
-            lines.append(f"{source}: {where}: {err['msg']} (got {err.get('input')!r})")
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            lines.append(f"{source}: {where}: {msg} (got {err.get('input')!r})")
     return "\n".join(lines)
 
 
@@ -210,16 +229,7 @@ def find_recipe(ref: str | None) -> Path:
 
 def load_recipe(ref: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Recipe:
     path = find_recipe(str(ref) if ref else None)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise SelfAlignError(f"cannot read recipe {path}: {exc.strerror}") from exc
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise SelfAlignError(f"{path}:{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    data = read_yaml(path, "recipe")
     if data is None:
         raise SelfAlignError(f"{path}: the recipe file is empty")
     return parse_recipe(data, str(path), overrides)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from selfalign.core.assets_io import ASSETS
 from selfalign.core.errors import SelfAlignError
+from selfalign.core.inputs import read_text
 from selfalign.core.progress import progress_bar
 from selfalign.core.store import RowStore
 
@@ -46,7 +47,7 @@ def resolve_system(system: str | None) -> str | None:
     if len(system) < 512 and "\n" not in system:  # could be a path
         path = Path(system).expanduser()
         if path.is_file():
-            return path.read_text(encoding="utf-8").strip()
+            return read_text(path, "system prompt file").strip()
         if path.suffix in (".txt", ".md"):
             raise SelfAlignError(f"system prompt file {path} does not exist")
     return system

@@ -11,11 +11,11 @@ are scored in one call (no resumable row store: reward scoring is fast next to g
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 from selfalign.core.errors import SelfAlignError
+from selfalign.core.inputs import read_jsonl
 
 FIELDS = ("prompt", "chosen", "rejected")
 
@@ -51,13 +51,7 @@ def load_comparisons(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise SelfAlignError(f"comparison file {path} does not exist")
     rows = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise SelfAlignError(f"{path}:{lineno}: broken JSON line ({exc.msg})") from exc
+    for lineno, row in read_jsonl(path, "comparison file"):
         if not isinstance(row, dict):
             raise SelfAlignError(f"{path}:{lineno}: a row must be a JSON object, got {type(row).__name__}")
         for key in FIELDS:

@@ -49,6 +49,7 @@ from pydantic import Field
 from selfalign.core.chat import ASSISTANT_TAG, render_plain
 from selfalign.core.engines import Sampling
 from selfalign.core.errors import SelfAlignError
+from selfalign.core.inputs import read_text
 from selfalign.core.progress import console, progress_bar
 from selfalign.core.prompts import prompt_file_text
 from selfalign.core.recipe import StageConfig
@@ -120,7 +121,8 @@ def texts_from_file(ref: str) -> list[dict]:
                 raise SelfAlignError(f"{path}: row {i}: text_file rows need a `text` string")
             out.append((str(row.get("id") or row_id("text", row["text"])), row["text"]))
     else:
-        out = [(row_id("text", line), line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        out = [(row_id("text", line), line) for line in read_text(path, "text_file").splitlines()
+               if line.strip()]
     seen: set[str] = set()
     texts = [{"id": rid, "text": t, "reply_char": reply_offset(t)} for rid, t in out
              if t.strip() and not (rid in seen or seen.add(rid))]

@@ -43,7 +43,6 @@ the first pairs in file order, so a capped corpus comes from its first questions
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from collections.abc import Iterator
@@ -51,6 +50,7 @@ from itertools import combinations
 from pathlib import Path
 
 from selfalign.core.errors import SelfAlignError
+from selfalign.core.inputs import parse_json, parse_json_line, read_text
 
 GOOD_TAG = "[good]"
 BAD_TAG = "[bad]"
@@ -164,12 +164,9 @@ def iter_records(path: Path) -> Iterator[tuple[str, dict]]:
                 row += 1
                 yield f"{path}: row {row}", rec
         return
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, "data file")
     if suffix == ".json" and text.lstrip().startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise SelfAlignError(f"{path}: broken JSON ({exc.msg})") from exc
+        data = parse_json(text, str(path), "data file")
         for i, rec in enumerate(data):
             if not isinstance(rec, dict):
                 raise SelfAlignError(f"{path}: item {i} must be an object", LAYOUT_HINT)
@@ -178,10 +175,7 @@ def iter_records(path: Path) -> Iterator[tuple[str, dict]]:
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise SelfAlignError(f"{path}:{lineno}: broken JSON line ({exc.msg})") from exc
+        rec = parse_json_line(line, path, lineno)
         if not isinstance(rec, dict):
             raise SelfAlignError(f"{path}:{lineno}: a row must be a JSON object", LAYOUT_HINT)
         yield f"{path}:{lineno}", rec
