@@ -59,10 +59,7 @@ def yaml_key(ref: str, key: str) -> str:
 def load_yaml_mapping(ref: str, required: tuple[str, ...] = ()) -> dict:
     """A YAML mapping asset (prompt templates, filter rules) with the `required` keys."""
     path = asset_path(ref)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise SelfAlignError(f"{path}: invalid YAML: {exc}") from None
+    data = read_yaml(path)
     missing = [k for k in required if not isinstance(data, dict) or data.get(k) in (None, "")]
     if missing:
         raise SelfAlignError(f"{path}: needs {', '.join(missing)}")

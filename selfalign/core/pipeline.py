@@ -17,6 +17,7 @@ import yaml
 
 from selfalign.core.engines import Engine, make_engine
 from selfalign.core.errors import SelfAlignError
+from selfalign.core.inputs import read_json_object
 from selfalign.core.ledger import build_ledger
 from selfalign.core.progress import console
 from selfalign.core.recipe import Recipe, StageConfig
@@ -45,7 +46,7 @@ class RunContext:
         if done is None or not done.exists():
             raise SelfAlignError(f"model {ref!r}: no finished stage named {ref[1:]!r} before this one",
                                  "put the training stage earlier in the recipe")
-        model = json.loads(done.read_text()).get("model")
+        model = read_json_object(done, "done-marker").get("model")
         if not model:
             raise SelfAlignError(f"model {ref!r}: stage {ref[1:]!r} did not produce a model")
         return model
@@ -107,14 +108,14 @@ def _prepare_run_dir(recipe: Recipe, run_dir: Path) -> dict:
             )
             (run_dir / "recipe.previous.yaml").write_text(recipe_file.read_text())
         recipe_file.write_text(snapshot)
-    except NotADirectoryError as exc:
+    except (NotADirectoryError, FileExistsError) as exc:
         raise SelfAlignError(f"cannot use {run_dir} as a run folder: a file is in the way ({exc.filename})",
                              "choose another --out") from exc
     except OSError as exc:
         raise SelfAlignError(f"cannot write to run folder {run_dir}: {exc.strerror}",
                              "choose a writable --out or free disk space") from exc
     run_json = run_dir / "run.json"
-    return json.loads(run_json.read_text()) if run_json.exists() else {"name": recipe.name, "stages": {}}
+    return read_json_object(run_json, "run record") if run_json.exists() else {"name": recipe.name, "stages": {}}
 
 
 def run_recipe(recipe: Recipe, run_dir: Path | None = None) -> dict:

@@ -37,6 +37,23 @@ class Prompt:
         return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": self.text}]
 
 
+def check_prompts_fit(engine, prompts: list[Prompt], requests: list, source: str) -> None:
+    """A prompt longer than the model's context would lose its start without a word (engines keep the
+    last tokens): refuse it by id instead. Engines without a local tokenizer (openai) are the
+    server's business."""
+    tok, limit = getattr(engine, "tokenizer", None), getattr(engine, "max_length", None)
+    if tok is None or not limit:
+        return
+    for prompt, request in zip(prompts, requests, strict=True):
+        text = engine.render(request)
+        if len(text) < limit:  # a token is at least one character: it fits without counting
+            continue
+        n = len(tok(text, add_special_tokens=True)["input_ids"])
+        if n > limit:
+            raise SelfAlignError(f"{source}: prompt {prompt.id} is {n} tokens, longer than the model's context of "
+                                 f"{limit} tokens", "shorten or split it, or use a model with a longer context")
+
+
 def builtin_prompt_sets() -> list[str]:
     return sorted(p.stem for p in (ASSETS / "prompts").glob("*.txt"))
 

@@ -68,10 +68,15 @@ class RowStore:
             tail = data[cut:]
             self.repaired_tail = tail.decode("utf-8", errors="replace")
             side = self.path.with_name(self.path.name + ".truncated-tail")
-            with open(side, "ab") as f:
-                f.write(tail + b"\n")
-            with open(self.path, "r+b") as f:
-                f.truncate(cut)
+            try:  # set the torn line aside first; the rows file is cut only once that copy is safe
+                with open(side, "ab") as f:
+                    f.write(tail + b"\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+                with open(self.path, "r+b") as f:
+                    f.truncate(cut)
+            except OSError as exc:
+                raise _os_error(side, exc, "set the half-written last row aside in") from exc
             data = data[:cut]
         rows = []
         for lineno, line in enumerate(data.decode("utf-8").splitlines(), start=1):

@@ -11,7 +11,7 @@ from pydantic import Field
 
 from selfalign.core.engines import Sampling
 from selfalign.core.progress import progress_bar
-from selfalign.core.prompts import load_prompts, prompt_file_text
+from selfalign.core.prompts import check_prompts_fit, load_prompts, prompt_file_text
 from selfalign.core.recipe import StageConfig
 from selfalign.core.store import RowStore, row_id
 from selfalign.evals.common import resolve_system
@@ -53,6 +53,7 @@ def run(ctx, config: Config, folder) -> dict:
     if pending:
         engine = ctx.engine(model)
         requests = [p.as_request(system, config.chat) for p in pending]
+        check_prompts_fit(engine, pending, requests, config.prompts)
         with progress_bar(config.label, total=len(pending), already_done=len(prompts) - len(pending)) as advance:
             for batch in engine.generate_iter(requests, sampling):
                 rows = []
