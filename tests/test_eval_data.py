@@ -199,6 +199,34 @@ def test_fetch_streams_only_the_data_files(monkeypatch, tmp_path):
     assert len(load_hhh()) == 6 and len(load_truthfulqa()) == 2
 
 
+def test_an_older_cache_missing_a_file_is_fetched_again(monkeypatch, tmp_path):
+    """A cache written by an older selfalign (marker present, a capability task missing) is replaced
+    by a complete fetch, not kept because its marker exists."""
+    import tarfile
+
+    monkeypatch.setenv("SELFALIGN_CACHE", str(tmp_path / "cache"))
+    dest = tmp_path / "cache" / "data" / "bigbench-1.0.0"
+    write_fixture(dest, HHH, TQA)
+    (dest / data.MARKER).write_text("{}")
+    missing = dest / data.DATA_FILES[-1]
+    missing.unlink()
+    src = write_fixture(tmp_path / "src", HHH, TQA)
+
+    def fake_download(folder):
+        archive = folder / data.SDIST_NAME
+        with tarfile.open(archive, "w:gz") as tar:
+            for rel in data.DATA_FILES:
+                tar.add(src / rel, arcname=f"bigbench-1.0.0/bigbench/benchmark_tasks/{rel}")
+        return archive, "file://fake"
+
+    monkeypatch.setattr(data, "_download_sdist", fake_download)
+    monkeypatch.setattr(data, "HHH_COUNTS", {cat: len(v) for cat, v in HHH.items()})
+    monkeypatch.setattr(data, "TRUTHFULQA_COUNT", len(TQA))
+    assert data.bigbench_dir() == dest
+    assert missing.is_file()
+    assert json.loads((dest / data.MARKER).read_text())["url"] == "file://fake"
+
+
 def test_sdist_url_from_the_simple_index(monkeypatch):
     class Resp(io.BytesIO):
         def __init__(self, body, kind):

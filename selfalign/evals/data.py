@@ -117,9 +117,14 @@ def bigbench_dir(data_dir: str | Path | None = None) -> Path:
             raise SelfAlignError(f"--data-dir {folder}: no such folder", LAYOUT_HINT)
         return folder
     dest = cache_dir() / "data" / f"bigbench-{BIGBENCH_VERSION}"
-    if (dest / MARKER).exists() and all((dest / rel).is_file() for rel in DATA_FILES):
+    if _complete(dest):
         return dest
     return _fetch_into(dest)
+
+
+def _complete(folder: Path) -> bool:
+    """A finished fetch that holds every file this version needs (an older selfalign kept fewer)."""
+    return (folder / MARKER).exists() and all((folder / rel).is_file() for rel in DATA_FILES)
 
 
 def _fetch_into(dest: Path) -> Path:
@@ -152,12 +157,12 @@ def _fetch_into(dest: Path) -> Path:
         source = {"package": f"bigbench=={BIGBENCH_VERSION}", "url": url, "sha256": SDIST_SHA256,
                   "files": list(DATA_FILES), "bytes": sizes, "fetched_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
         (staging / MARKER).write_text(json.dumps(source, indent=2))
-        if not (dest / MARKER).exists():  # else another process finished first: keep its copy
+        if not _complete(dest):  # else another process finished first: keep its copy
             shutil.rmtree(dest, ignore_errors=True)
             try:
                 staging.replace(dest)
             except OSError:
-                if not (dest / MARKER).exists():
+                if not _complete(dest):
                     raise
         _say(f"Fetched in {time.time() - t0:.0f} s; {len(DATA_FILES)} files ({sizes / 1e3:.0f} kB) cached at {dest} "
              "(the archive was deleted).")
