@@ -102,3 +102,25 @@ def test_bad_asset_file_names_file_and_entry(tmp_path):
     ctx, config, _ = make_ctx(tmp_path, redteam_types=str(bad), vanilla_target=0)
     with pytest.raises(SelfAlignError, match=r"types.yaml: entry 0: missing seed_question"):
         si.run(ctx, config, tmp_path / "s")
+
+
+def test_rerun_with_another_model_does_not_reuse_the_first_models_completions(tmp_path):
+    """The ids of raw completions include the model and the sampling: a second model over the same
+    folder generates its own instructions (it once silently reused the first model's)."""
+    ctx, config, first = make_ctx(tmp_path, vanilla_target=2, max_rounds=1, requests_per_round=2, topic_rounds=1,
+                                  topics_per_type=1)
+    folder = tmp_path / "01-self_instruct"
+    si.run(ctx, config, folder)
+    assert first.calls
+    other = ScriptedEngine()
+    ctx.engines[("other", "hf")] = other
+    (folder / "_done.json").unlink()
+    si.run(ctx, config.model_copy(update={"model": "other"}), folder)
+    assert other.calls == first.calls  # every request made again, by the other model
+    hotter = ScriptedEngine()
+    ctx.engines[("other", "hf")] = hotter
+    si.run(ctx, config.model_copy(update={"model": "other", "sampling": config.sampling.model_copy(
+        update={"temperature": 0.5})}), folder)
+    assert hotter.calls == first.calls  # and again for other sampling
+    raw = [json.loads(x) for x in (folder / "raw" / "rows.jsonl").read_text().splitlines()]
+    assert {r["meta"]["model"] for r in raw} == {"scripted", "other"}

@@ -144,16 +144,11 @@ class RowStore:
         return self.done_path.exists()
 
     def done_info(self) -> dict:
-        return json.loads(self.done_path.read_text()) if self.is_done() else {}
+        return read_done(self.folder) or {}
 
     def mark_done(self, **info: Any) -> dict:
         payload = {"rows": len(self._rows), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **info}
-        tmp = self.done_path.with_suffix(".tmp")
-        try:
-            tmp.write_text(json.dumps(payload, indent=2, default=str))
-            tmp.replace(self.done_path)
-        except OSError as exc:
-            raise _os_error(self.done_path, exc, "write") from exc
+        write_json_atomic(self.done_path, payload)
         return payload
 
     def to_dataset(self):
@@ -174,3 +169,55 @@ def read_jsonl(path: str | Path) -> list[dict]:
             except json.JSONDecodeError as exc:
                 raise SelfAlignError(f"{path}:{lineno}: broken JSON line ({exc.msg})") from exc
     return rows
+
+
+def write_json_atomic(path: str | Path, payload: Any) -> None:
+    """Write JSON beside `path`, fsync it, then rename it into place: a kill or a full disk leaves
+    the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps(payload, indent=2, default=str))
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    except OSError as exc:
+        raise _os_error(path, exc, "write") from exc
+
+
+def read_done(folder: str | Path) -> dict | None:
+    """A stage folder's done-marker, or None when the stage has not finished. A marker that is not
+    a JSON object is a one-line error: the stage cannot be trusted as finished."""
+    path = Path(folder) / DONE_FILE
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise _os_error(path, exc, "read") from exc
+    try:
+        info = json.loads(text)
+    except json.JSONDecodeError as exc:
+        info = exc
+    if not isinstance(info, dict):
+        raise SelfAlignError(f"{path}: the done-marker is corrupt (not a JSON object)",
+                             "delete that file to redo the stage; its rows are kept and reused")
+    return info
+
+
+def replace_rows(folder: str | Path, rows: list[dict], filename: str = ROWS_FILE) -> RowStore:
+    """Make `folder/filename` hold exactly `rows` (written aside, then swapped in: a kill leaves the
+    old file or the new one). For derived rows, so that rows of an earlier run with other filter
+    settings never linger beside the new ones."""
+    path = Path(folder) / filename
+    blob = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    if not path.exists() or path.read_text(encoding="utf-8") != blob:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    return RowStore(folder, filename)

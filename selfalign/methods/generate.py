@@ -1,8 +1,8 @@
 """`generate`: a model answers a prompt set; one row per (prompt, sample).
 
-The simplest stage, and the shape of every generation stage after it: read prompts, skip the
-ones whose rows are already in the store (a resumed run), generate the rest batch by batch, and
-append each batch's rows the moment it is done.
+The simplest stage, and the shape of every generation stage after it: one job per prompt, handed
+to the generation driver (`selfalign.core.generation`), which skips what a resumed run already
+wrote and appends the rest batch by batch.
 """
 
 from __future__ import annotations
@@ -10,10 +10,9 @@ from __future__ import annotations
 from pydantic import Field
 
 from selfalign.core.engines import Sampling
-from selfalign.core.progress import progress_bar
+from selfalign.core.generation import Job, generate_rows, open_rows
 from selfalign.core.prompts import check_prompts_fit, load_prompts, prompt_file_text
 from selfalign.core.recipe import StageConfig
-from selfalign.core.store import RowStore, row_id
 from selfalign.evals.common import resolve_system
 
 
@@ -37,39 +36,18 @@ def run(ctx, config: Config, folder) -> dict:
         prompts = prompts[:cap]
     sampling = config.sampling.model_copy(update={"seed": config.sampling.seed or ctx.recipe.seed})
     system = resolve_system(config.system)
-    store = RowStore(folder)
-    if store.repaired_tail is not None:
-        from selfalign.core.progress import console
+    store = open_rows(folder)
 
-        console.print(f"[yellow]note:[/] {store.path} ended in a half-written row (the run was killed); it was set aside")
+    def build_row(job: Job, j: int, c) -> dict:
+        p = job.data["prompt"]
+        return {"prompt_id": p.id, "prompt": p.text, "messages": list(p.messages) if p.messages else None, "sample": j,
+                "completion": c.text, "finish_reason": c.finish_reason, "completion_tokens": c.completion_tokens}
 
-    def sample_id(prompt, j: int) -> str:
-        return row_id("generate", model, prompt.id, system, config.chat, sampling.model_dump(), j)
-
-    done = store.done_ids()
-    pending = [p for p in prompts if not all(sample_id(p, j) in done for j in range(sampling.n))]
-    meta = ctx.provenance(config, model, sampling, system=system)
-    tokens = 0
-    if pending:
-        engine = ctx.engine(model)
-        requests = [p.as_request(system, config.chat) for p in pending]
-        check_prompts_fit(engine, pending, requests, config.prompts)
-        with progress_bar(config.label, total=len(pending), already_done=len(prompts) - len(pending)) as advance:
-            for batch in engine.generate_iter(requests, sampling):
-                rows = []
-                for i, completions in batch:
-                    p = pending[i]
-                    for j, c in enumerate(completions):
-                        rows.append({
-                            "id": sample_id(p, j), "prompt_id": p.id, "prompt": p.text,
-                            "messages": list(p.messages) if p.messages else None, "sample": j,
-                            "completion": c.text, "finish_reason": c.finish_reason,
-                            "completion_tokens": c.completion_tokens, "meta": meta,
-                        })
-                store.append(rows)
-                batch_tokens = sum(c.completion_tokens for _, cs in batch for c in cs)
-                tokens += batch_tokens
-                advance(len(batch), batch_tokens)
-    summary = {"prompts": len(prompts), "rows": len(store), "generated_now": len(pending), "tokens_now": tokens}
+    jobs = [Job(p.id, p.as_request(system, config.chat), {"prompt": p}) for p in prompts]
+    made = generate_rows(ctx, store, stage="generate", label=config.label, model=model, sampling=sampling, jobs=jobs,
+                         build_row=build_row, meta=ctx.provenance(config, model, sampling, system=system),
+                         check=lambda engine, pending: check_prompts_fit(
+                             engine, [job.data["prompt"] for job in pending], [job.request for job in pending], config.prompts))
+    summary = {"prompts": len(prompts), "rows": len(store), "generated_now": made.made, "tokens_now": made.tokens}
     store.mark_done(**summary)
     return summary

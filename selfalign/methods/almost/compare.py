@@ -77,11 +77,11 @@ from selfalign.core.assets_io import ASSETS
 from selfalign.core.chat import render_plain
 from selfalign.core.engines import Sampling
 from selfalign.core.errors import SelfAlignError
-from selfalign.core.progress import console, progress_bar
+from selfalign.core.generation import Job, generate_rows, open_rows
+from selfalign.core.progress import console
 from selfalign.core.recipe import StageConfig, Strict
-from selfalign.core.store import RowStore, row_id
+from selfalign.core.store import RowStore, replace_rows, row_id
 from selfalign.evals.common import resolve_system
-from selfalign.methods.almost.mine_prompts import replace_rows
 from selfalign.methods.almost.reward_model import RewardTraining
 from selfalign.methods.self_align.self_align import stage_prompts
 
@@ -292,26 +292,23 @@ def drop_reason(row: dict) -> str | None:
 
 
 # -- the stage ------------------------------------------------------------------------------------
-def _generate_responses(ctx, config: Config, prompts, setups, sampling, store: RowStore) -> int:
-    """Answer every (prompt, configuration) without a row yet; append rows batch by batch."""
-    made = 0
-    for c, model, context, ids in setups:
-        pending = [(pid, p) for pid, p in prompts if ids[pid] not in store]
-        if not pending:
-            continue
-        engine = ctx.engine(model)
-        meta = ctx.provenance(config, model, sampling, configuration=c.name)
+def _generate_responses(ctx, config: Config, prompts, setups, sampling, store: RowStore) -> tuple[dict, int]:
+    """Answer every (prompt, configuration) without a row yet, one model after the other; returns
+    {(prompt id, configuration name): response row} and how many were generated now."""
+    responses, made = {}, 0
+    for c, model, context in setups:
         head = [{"role": "system", "content": context}] if context else []
-        requests = [[*head, {"role": "user", "content": p}] for _, p in pending]
-        with progress_bar(f"{config.label}: {c.name}", total=len(pending), already_done=len(prompts) - len(pending)) as advance:
-            for batch in engine.generate_iter(requests, sampling):
-                store.append([{"id": ids[pending[i][0]], "prompt_id": pending[i][0], "prompt": pending[i][1],
-                               "config": c.name, "model": model, "system": c.system, "shots": c.shots,
-                               "response": cs[0].text.strip(), "finish_reason": cs[0].finish_reason,
-                               "completion_tokens": cs[0].completion_tokens, "meta": meta} for i, cs in batch])
-                made += len(batch)
-                advance(len(batch), sum(c_.completion_tokens for _, cs in batch for c_ in cs))
-    return made
+        jobs = [Job(pid, [*head, {"role": "user", "content": p}], {"prompt": p}) for pid, p in prompts]
+        done = generate_rows(
+            ctx, store, stage="compare", label=f"{config.label}: {c.name}", model=model, sampling=sampling, jobs=jobs,
+            id_extra=c.name, meta=ctx.provenance(config, model, sampling, configuration=c.name),
+            build_row=lambda job, _, out, c=c, model=model: {
+                "prompt_id": job.key, "prompt": job.data["prompt"], "config": c.name, "model": model, "system": c.system,
+                "shots": c.shots, "response": out.text.strip(), "finish_reason": out.finish_reason,
+                "completion_tokens": out.completion_tokens})
+        made += done.made
+        responses.update({(job.key, c.name): rows[0] for job, rows in zip(jobs, done.per_job, strict=True)})
+    return responses, made
 
 
 def make_pairs(prompts, responses: dict[tuple[str, str], dict], tiers: dict[str, int], min_chars: int,
@@ -402,20 +399,9 @@ def run(ctx, config: Config, folder) -> dict:
     tiers = rank_by_rubric(config.rubric, [c.name for c in config.configurations])
     prompts = stage_prompts(ctx, config)
     sampling = config.sampling.model_copy(update={"n": 1, "seed": config.sampling.seed or ctx.recipe.seed})
-    setups = []
-    for c in config.configurations:
-        model = ctx.model_for(config, c.model)
-        context = configuration_context(c, ctx.recipe.seed)
-        ids = {pid: row_id("compare", c.name, model, context, pid, p, sampling.model_dump()) for pid, p in prompts}
-        setups.append((c, model, context, ids))
+    setups = [(c, ctx.model_for(config, c.model), configuration_context(c, ctx.recipe.seed)) for c in config.configurations]
     setups.sort(key=lambda s: s[1])  # one model after the other (stable: configuration order within a model)
-    responses_store = RowStore(folder, RESPONSES_FILE)
-    if responses_store.repaired_tail is not None:
-        console.print(f"[yellow]note:[/] {responses_store.path} ended in a half-written row (the run was killed); it was set aside")
-    made = _generate_responses(ctx, config, prompts, setups, sampling, responses_store)
-
-    by_id = {r["id"]: r for r in responses_store}
-    responses = {(pid, c.name): by_id[ids[pid]] for c, _, _, ids in setups for pid, _ in prompts}
+    responses, made = _generate_responses(ctx, config, prompts, setups, sampling, open_rows(folder, RESPONSES_FILE))
     rows = make_pairs(prompts, responses, tiers, config.min_chars, config.length_filter, config.bad_filter,
                       config.trim_incomplete)
     pv_record = None

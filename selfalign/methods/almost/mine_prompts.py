@@ -34,8 +34,6 @@ the paper's number.
 
 from __future__ import annotations
 
-import json
-import os
 import random
 from collections import Counter
 from pathlib import Path
@@ -45,10 +43,11 @@ from pydantic import Field
 from selfalign.core.assets_io import asset_text, load_yaml_mapping
 from selfalign.core.dedup import rouge_dedup
 from selfalign.core.engines import Sampling
-from selfalign.core.progress import console, progress_bar
+from selfalign.core.generation import Job, generate_rows, open_rows
+from selfalign.core.progress import console
 from selfalign.core.prompts import load_prompts
 from selfalign.core.recipe import StageConfig
-from selfalign.core.store import RowStore, row_id
+from selfalign.core.store import replace_rows, row_id
 
 TEMPLATES_REF = "builtin:almost/templates.yaml"
 TEMPLATES = load_yaml_mapping(TEMPLATES_REF, ("mining",))
@@ -128,22 +127,6 @@ def screen(candidates: list[str], pool: list[str], threshold: float, min_chars: 
 
 
 # -- the stage ------------------------------------------------------------------------------------
-def replace_rows(folder: Path, rows: list[dict]) -> RowStore:
-    """Make `folder/rows.jsonl` hold exactly `rows` (written aside, then swapped in: a kill leaves the
-    old file or the new one). For derived rows, so that rows of an earlier run with other filter
-    settings never linger beside the new ones."""
-    path = Path(folder) / "rows.jsonl"
-    blob = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    if not path.exists() or path.read_text(encoding="utf-8") != blob:
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(path)
-    return RowStore(folder)
-
-
 def run(ctx, config: Config, folder) -> dict:
     model = ctx.model_for(config)
     seeds = load_seed_prompts(config.seeds)
@@ -151,9 +134,7 @@ def run(ctx, config: Config, folder) -> dict:
     sampling = config.sampling.model_copy(update={"n": 1, "seed": config.sampling.seed or ctx.recipe.seed,
                                                    "stop": list(dict.fromkeys([*config.sampling.stop, "\n"]))})
     meta = ctx.provenance(config, model, sampling)
-    raw, out = RowStore(folder / "raw"), RowStore(folder)
-    if out.repaired_tail is not None or raw.repaired_tail is not None:
-        console.print("[yellow]note:[/] a half-written row (the run was killed) was set aside; it is made again")
+    raw, out = open_rows(folder / "raw"), open_rows(folder)
     wanted: list[str] = []  # ids of this run's rows, in order
     if config.include_seeds:
         seed_rows = [{"id": row_id("prompt", s), "prompt": s, "source": "seed", "kept": True, "dropped": None} for s in seeds]
@@ -169,20 +150,15 @@ def run(ctx, config: Config, folder) -> dict:
         rounds += 1
         rng = random.Random(f"{ctx.recipe.seed}-mine-{r}")
         pool = seeds + mined
-        requests = [mining_request(rng.sample(pool, min(config.shots, len(pool)))) for _ in range(config.requests_per_round)]
-        ids = [row_id("mine_prompts", model, sampling.model_dump(), r, j, q) for j, q in enumerate(requests)]
-        todo = [j for j, rid in enumerate(ids) if rid not in raw]
-        if todo:
-            engine = ctx.engine(model)
-            with progress_bar(f"{config.label}: round {r + 1}", total=len(todo), already_done=len(ids) - len(todo)) as advance:
-                for batch in engine.generate_iter([requests[j] for j in todo], sampling):
-                    raw.append([{"id": ids[todo[i]], "round": r, "request": todo[i], "request_text": requests[todo[i]],
-                                 "completion": cs[0].text, "finish_reason": cs[0].finish_reason, "meta": meta}
-                                for i, cs in batch])
-                    advance(len(batch), sum(c.completion_tokens for _, cs in batch for c in cs))
-            generated += len(todo)
-        completions = {row["id"]: row["completion"] for row in raw}
-        candidates = [parse_mined(completions[rid]) for rid in ids]
+        jobs = [Job((r, j), mining_request(rng.sample(pool, min(config.shots, len(pool)))), {"round": r, "request": j})
+                for j in range(config.requests_per_round)]
+        made = generate_rows(ctx, raw, stage="mine_prompts", label=f"{config.label}: round {r + 1}", model=model,
+                             sampling=sampling, jobs=jobs, meta=meta,
+                             build_row=lambda job, _, c: {**job.data, "request_text": job.request, "completion": c.text,
+                                                          "finish_reason": c.finish_reason})
+        generated += made.made
+        ids = [rows[0]["id"] for rows in made.per_job]
+        candidates = [parse_mined(rows[0]["completion"]) for rows in made.per_job]
         rows = []
         for j, (rid, cand, v) in enumerate(zip(ids, candidates, screen(candidates, pool, config.rouge_threshold,
                                                                        config.min_chars, config.max_chars), strict=True)):

@@ -46,9 +46,9 @@ from pydantic import Field
 from selfalign.core.assets_io import asset_text, load_yaml_mapping
 from selfalign.core.chat import PLAIN_STOPS, render_plain
 from selfalign.core.engines import Sampling
-from selfalign.core.progress import console, progress_bar
+from selfalign.core.generation import Job, generate_rows, open_rows
+from selfalign.core.progress import console
 from selfalign.core.recipe import StageConfig
-from selfalign.core.store import RowStore, row_id
 from selfalign.evals.common import resolve_system
 from selfalign.methods.almost.rloo import policy_prompt
 from selfalign.methods.self_align.self_align import stage_prompts
@@ -159,31 +159,27 @@ def run(ctx, config: Config, folder) -> dict:
                                                    "stop": list(dict.fromkeys([*config.sampling.stop, *PLAIN_STOPS]))})
     user_sampling = config.user_sampling.model_copy(update={"n": 1, "seed": config.user_sampling.seed or seed + 1,
                                                              "stop": list(dict.fromkeys([*config.user_sampling.stop, *USER_STOPS]))})
-    store = RowStore(folder)
-    if store.repaired_tail is not None:
-        console.print(f"[yellow]note:[/] {store.path} ended in a half-written row (the run was killed); it was set aside")
+    store = open_rows(folder)
     settings = dict(assistant=assistant_ref, user=user_ref, reward_model=rm_ref, system=system, user_prompt=config.user_prompt,
-                    candidates=config.candidates, turns=config.turns, sampling=sampling.model_dump(),
-                    user_sampling=user_sampling.model_dump())
-    ids = {pid: row_id("self_play", pid, p, settings) for pid, p in prompts}
-    pending = [(pid, p) for pid, p in prompts if ids[pid] not in store]
+                    candidates=config.candidates, turns=config.turns, user_sampling=user_sampling.model_dump())
     meta = ctx.provenance(config, assistant_ref, sampling, user_model=user_ref, reward_model=rm_ref, system=system,
                           user_sampling=user_sampling.model_dump(), candidates=config.candidates, turns=config.turns)
-    if pending:
-        assistant = ctx.engine(assistant_ref)
-        user = ctx.engine(user_ref)
-        rm = RewardModel(rm_ref, batch_size=config.rm_batch_size, max_length=config.rm_max_length)
-        with progress_bar(f"{config.label}: conversations", total=len(pending),
-                          already_done=len(prompts) - len(pending)) as advance:
-            for start in range(0, len(pending), config.chunk):
-                chunk = pending[start:start + config.chunk]
-                convs = play(chunk, assistant, user, rm, config, system, sampling, user_sampling)
-                store.append([{"id": ids[pid], "prompt_id": pid, "prompt": p, "messages": c["messages"], "turns": c["turns"],
-                               "assistant_turns": len(c["turns"]), "ended": c["ended"], "kept": bool(c["turns"]),
-                               "meta": meta} for (pid, p), c in zip(chunk, convs, strict=True)])
-                advance(len(chunk), sum(x["completion_tokens"] for c in convs for t in c["turns"] for x in t["candidates"]))
-    wanted = set(ids.values())
-    rows = [r for r in store if r["id"] in wanted]
+    helpers: dict = {}  # the user model's engine and the reward model, loaded with the first chunk that needs them
+
+    def produce(assistant, jobs: list[Job]):
+        if not helpers:
+            helpers.update(user=ctx.engine(user_ref), rm=RewardModel(rm_ref, batch_size=config.rm_batch_size,
+                                                                     max_length=config.rm_max_length))
+        convs = play([(job.key, job.request) for job in jobs], assistant, helpers["user"], helpers["rm"], config, system,
+                     sampling, user_sampling)
+        return [[c] for c in convs], sum(x["completion_tokens"] for c in convs for t in c["turns"] for x in t["candidates"])
+
+    jobs = [Job(pid, p) for pid, p in prompts]
+    rows = generate_rows(ctx, store, stage="self_play", label=f"{config.label}: conversations", model=assistant_ref,
+                         sampling=sampling, jobs=jobs, meta=meta, id_extra=settings, produce=produce, chunk=config.chunk,
+                         build_row=lambda job, _, c: {"prompt_id": job.key, "prompt": job.request, "messages": c["messages"],
+                                                      "turns": c["turns"], "assistant_turns": len(c["turns"]),
+                                                      "ended": c["ended"], "kept": bool(c["turns"])}).rows
     summary = {"conversations": len(rows), "kept": sum(bool(r["kept"]) for r in rows), **turn_stats(rows),
                "ended": dict(Counter(r["ended"] for r in rows)), "assistant": assistant_ref, "user": user_ref,
                "reward_model": rm_ref}

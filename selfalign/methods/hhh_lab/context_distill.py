@@ -49,8 +49,9 @@ from pydantic import Field
 from selfalign.core.chat import ASSISTANT_TAG, render_plain
 from selfalign.core.engines import Sampling
 from selfalign.core.errors import SelfAlignError
+from selfalign.core.generation import Job, generate_rows, open_rows
 from selfalign.core.inputs import read_text
-from selfalign.core.progress import console, progress_bar
+from selfalign.core.progress import console
 from selfalign.core.prompts import prompt_file_text
 from selfalign.core.recipe import StageConfig
 from selfalign.core.store import RowStore, read_jsonl, row_id
@@ -137,31 +138,20 @@ def sample_x(ctx, config: Config, teacher: str, system: str, folder: Path) -> li
 
     prompts = stage_prompts(ctx, config)
     sampling = config.sampling.model_copy(update={"seed": config.sampling.seed or ctx.recipe.seed})
-    store = RowStore(folder)
-    ids = {pid: [row_id("context_distill", teacher, system, pid, sampling.model_dump(), j) for j in range(sampling.n)]
-           for pid, _ in prompts}
-    pending = [(pid, p) for pid, p in prompts if not all(i in store for i in ids[pid])]
-    meta = ctx.provenance(config, teacher, sampling, system=config.system)
-    if pending:
-        engine = ctx.engine(teacher)
-        requests = [[{"role": "system", "content": system}, {"role": "user", "content": p}] for _, p in pending]
-        with progress_bar(f"{config.label}: teacher samples", total=len(pending),
-                          already_done=len(prompts) - len(pending)) as advance:
-            for batch in engine.generate_iter(requests, sampling):
-                rows = []
-                for i, completions in batch:
-                    pid, prompt = pending[i]
-                    for j, c in enumerate(completions):
-                        reply = c.text.strip()
-                        text, reply_char = dialogue_x(prompt, reply) if reply else ("", 0)
-                        rows.append({"id": ids[pid][j], "prompt_id": pid, "prompt": prompt, "sample": j,
-                                     "completion": c.text, "finish_reason": c.finish_reason,
-                                     "completion_tokens": c.completion_tokens, "text": text, "reply_char": reply_char,
-                                     "meta": meta})
-                store.append(rows)
-                advance(len(batch), sum(c.completion_tokens for _, cs in batch for c in cs))
-    by_id = {r["id"]: r for r in store}
-    rows = [by_id[i] for pid, _ in prompts for i in ids[pid]]
+    store = open_rows(folder)
+
+    def build_row(job: Job, j: int, c) -> dict:
+        reply = c.text.strip()
+        text, reply_char = dialogue_x(job.data["prompt"], reply) if reply else ("", 0)
+        return {"prompt_id": job.key, "prompt": job.data["prompt"], "sample": j, "completion": c.text,
+                "finish_reason": c.finish_reason, "completion_tokens": c.completion_tokens, "text": text,
+                "reply_char": reply_char}
+
+    jobs = [Job(pid, [{"role": "system", "content": system}, {"role": "user", "content": p}], {"prompt": p})
+            for pid, p in prompts]
+    rows = generate_rows(ctx, store, stage="context_distill", label=f"{config.label}: teacher samples", model=teacher,
+                         sampling=sampling, jobs=jobs, build_row=build_row,
+                         meta=ctx.provenance(config, teacher, sampling, system=config.system)).rows
     return [{"id": r["id"], "text": r["text"], "reply_char": r["reply_char"]} for r in rows if r["text"]]
 
 

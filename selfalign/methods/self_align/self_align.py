@@ -42,10 +42,11 @@ from pydantic import Field
 from selfalign.core.assets_io import asset_text, load_yaml_list, load_yaml_mapping, yaml_key
 from selfalign.core.engines import Sampling
 from selfalign.core.errors import SelfAlignError
-from selfalign.core.progress import console, progress_bar
+from selfalign.core.generation import Job, generate_rows, open_rows
+from selfalign.core.progress import console
 from selfalign.core.prompts import load_prompts
 from selfalign.core.recipe import StageConfig
-from selfalign.core.store import RowStore, read_jsonl, row_id
+from selfalign.core.store import read_jsonl
 
 # The scaffold's tags and the refusal rule are human-written text kept in an asset file that the
 # supervision ledger counts. REFUSAL_OPENINGS: stock openings that carry no content, an apology
@@ -179,32 +180,28 @@ def run(ctx, config: Config, folder) -> dict:
     prompts = stage_prompts(ctx, config)
     sampling = config.sampling.model_copy(update={"n": 1, "seed": config.sampling.seed or ctx.recipe.seed,
                                                    "stop": list(dict.fromkeys([*config.sampling.stop, *STOPS]))})
-    store = RowStore(folder)
-    ids = {pid: row_id("self_align", model, context, p, sampling.model_dump()) for pid, p in prompts}
-    pending = [(pid, p) for pid, p in prompts if ids[pid] not in store]
-    meta = ctx.provenance(config, model, sampling)
-    if pending:
-        engine = ctx.engine(model)
-        thought_sampling = sampling.model_copy(update={"max_new_tokens": config.thoughts_tokens, "stop": ["\n"]})
-        with progress_bar(config.label, total=len(pending), already_done=len(prompts) - len(pending)) as advance:
-            for start in range(0, len(pending), config.chunk):
-                chunk = pending[start:start + config.chunk]
-                # 1. the internal thoughts, one line; 2. the answer, after the thoughts and the answer tag
-                asks = [principle_prompt(context, p) for _, p in chunk]
-                thoughts = [cs[0] for cs in engine.generate(asks, thought_sampling)]
-                answers = engine.generate([f"{a} {t.text.strip()}\n\n{ANSWER_TAG}" for a, t in zip(asks, thoughts, strict=True)],
-                                          sampling)
-                rows = []
-                for (pid, prompt), t, cs in zip(chunk, thoughts, answers, strict=True):
-                    completion = f" {t.text.strip()}\n\n{ANSWER_TAG}{cs[0].text}"
-                    th, answer, why = verdict(completion, exemplar_ngrams)
-                    rows.append({"id": ids[pid], "prompt_id": pid, "prompt": prompt, "thoughts": th, "answer": answer,
-                                 "completion": completion, "kept": why is None, "dropped": why,
-                                 "finish_reason": cs[0].finish_reason, "meta": meta})
-                store.append(rows)
-                advance(len(chunk), sum(t.completion_tokens + cs[0].completion_tokens
-                                        for t, cs in zip(thoughts, answers, strict=True)))
-    rows = [r for r in store if r["id"] in set(ids.values())]
+    store = open_rows(folder)
+    thought_sampling = sampling.model_copy(update={"max_new_tokens": config.thoughts_tokens, "stop": ["\n"]})
+
+    def produce(engine, jobs: list[Job]):
+        """1. the internal thoughts, one line; 2. the answer, after the thoughts and the answer tag."""
+        thoughts = [cs[0] for cs in engine.generate([job.request for job in jobs], thought_sampling)]
+        answers = engine.generate([f"{job.request} {t.text.strip()}\n\n{ANSWER_TAG}" for job, t in zip(jobs, thoughts, strict=True)],
+                                  sampling)
+        tokens = sum(t.completion_tokens + cs[0].completion_tokens for t, cs in zip(thoughts, answers, strict=True))
+        return [[(t, cs[0])] for t, cs in zip(thoughts, answers, strict=True)], tokens
+
+    def build_row(job: Job, _, output) -> dict:
+        t, answer_completion = output
+        completion = f" {t.text.strip()}\n\n{ANSWER_TAG}{answer_completion.text}"
+        th, answer, why = verdict(completion, exemplar_ngrams)
+        return {"prompt_id": job.key, "prompt": job.data["prompt"], "thoughts": th, "answer": answer, "completion": completion,
+                "kept": why is None, "dropped": why, "finish_reason": answer_completion.finish_reason}
+
+    jobs = [Job(pid, principle_prompt(context, p), {"prompt": p}) for pid, p in prompts]
+    rows = generate_rows(ctx, store, stage="self_align", label=config.label, model=model, sampling=sampling, jobs=jobs,
+                         build_row=build_row, meta=ctx.provenance(config, model, sampling), produce=produce,
+                         chunk=config.chunk, id_extra=thought_sampling.model_dump()).rows
     dropped = Counter(r["dropped"] for r in rows if not r["kept"])
     summary = {"prompts": len(prompts), "kept": sum(r["kept"] for r in rows), "dropped": dict(dropped),
                "context_words": len(context.split())}

@@ -12,7 +12,8 @@ Two sources of prompts, both written by the base model itself:
 
 Sampling defaults follow the paper: temperature 1.0, top-p 0.98, up to 384 new tokens.
 
-Resuming: every raw completion is a row in `raw/rows.jsonl`, keyed by its step, round and request;
+Resuming: every raw completion is a row in `raw/rows.jsonl`, keyed (by the generation driver) by its
+step, round and request, the model, the sampling and the request's text;
 what is kept is a pure function of those rows (parse → filter → dedup, in order), so a killed run
 regenerates only missing requests, and the in-context examples of round r depend only on rounds
 before r. Simplifications: the dedup of each round is recomputed over all candidates (fine up to
@@ -29,9 +30,10 @@ from pydantic import Field
 from selfalign.core.assets_io import asset_text, load_yaml_list, load_yaml_mapping
 from selfalign.core.dedup import rouge_dedup
 from selfalign.core.engines import Sampling
-from selfalign.core.progress import console, progress_bar
+from selfalign.core.generation import Job, generate_rows, open_rows
+from selfalign.core.progress import console
 from selfalign.core.recipe import StageConfig
-from selfalign.core.store import RowStore, row_id
+from selfalign.core.store import replace_rows, row_id
 
 # The templates and the text-only filter are human-written text, kept in an asset file that the
 # supervision ledger counts (selfalign/core/ledger.py). UNDOABLE: tasks a text-only model cannot do.
@@ -114,26 +116,9 @@ def instruction_ok(text: str, min_words: int, max_words: int) -> str | None:
 
 
 # -- the stage ------------------------------------------------------------------------------------
-def _generate(engine, store: RowStore, label: str, jobs: list[tuple[str, str, dict]], sampling: Sampling, meta: dict) -> None:
-    """Generate the (id, prompt, extra) jobs whose ids are not stored yet; append as they finish."""
-    todo = [j for j in jobs if j[0] not in store]
-    if not todo:
-        return
-    with progress_bar(label, total=len(todo)) as advance:
-        for batch in engine.generate_iter([p for _, p, _ in todo], sampling):
-            rows = [{"id": todo[i][0], "prompt": todo[i][1], "completion": cs[0].text, **todo[i][2], "meta": meta}
-                    for i, cs in batch]
-            store.append(rows)
-            advance(len(batch), sum(c.completion_tokens for _, cs in batch for c in cs))
-
-
-def _vanilla_candidates(store: RowStore, rounds: int) -> list[tuple[int, str]]:
-    """(round, instruction) of every parsed item, in generation order."""
-    out = []
-    for r in range(rounds):
-        for row in sorted((x for x in store if x.get("step") == "instruct" and x["round"] == r), key=lambda x: x["request"]):
-            out += [(r, item) for item in parse_list_continuation(row["completion"])]
-    return out
+def _vanilla_candidates(rounds: list[list[dict]]) -> list[tuple[int, str]]:
+    """(round, instruction) of every parsed item, in round and request order."""
+    return [(r, item) for r, rows in enumerate(rounds) for row in rows for item in parse_list_continuation(row["completion"])]
 
 
 def run(ctx, config: Config, folder) -> dict:
@@ -141,15 +126,20 @@ def run(ctx, config: Config, folder) -> dict:
     seeds = [s["instruction"].strip() + (f"\n{s['input'].strip()}" if s.get("input") else "")
              for s in load_yaml_list(config.seed_tasks, ("instruction",))]
     kinds = load_yaml_list(config.redteam_types, ("id", "type", "description", "seed_question"))
-    raw = RowStore(folder / "raw")
-    engine = ctx.engine(model)
+    raw = open_rows(folder / "raw")
     sampling = config.sampling.model_copy(update={"n": 1, "seed": config.sampling.seed or ctx.recipe.seed})
     meta = ctx.provenance(config, model, sampling)
     rejected: dict[str, int] = {}
 
-    def kept_vanilla(rounds: int) -> list[str]:
+    def generate(label: str, jobs: list[Job]) -> list[dict]:
+        """The raw completion row of each job, in job order (the driver skips jobs already stored)."""
+        made = generate_rows(ctx, raw, stage="self_instruct", label=label, model=model, sampling=sampling, jobs=jobs,
+                             build_row=lambda job, _, c: {"prompt": job.request, "completion": c.text, **job.data}, meta=meta)
+        return [rows[0] for rows in made.per_job]
+
+    def kept_vanilla(rounds: list[list[dict]]) -> list[str]:
         cands = []
-        for _, item in _vanilla_candidates(raw, rounds):
+        for _, item in _vanilla_candidates(rounds):
             why = instruction_ok(item, config.min_words, config.max_words)
             if why:
                 rejected[why] = rejected.get(why, 0) + 1
@@ -161,50 +151,52 @@ def run(ctx, config: Config, folder) -> dict:
 
     # 1. vanilla self-instruct, round by round: round r's examples come from what rounds < r kept
     kept: list[str] = []
+    rounds: list[list[dict]] = []
     for r in range(config.max_rounds + 1 if config.vanilla_target else 0):
         rejected.clear()
-        kept = kept_vanilla(r)
+        kept = kept_vanilla(rounds)
         if len(kept) >= config.vanilla_target or r == config.max_rounds:
             break
         rng = random.Random(f"{ctx.recipe.seed}-{r}")
         pool = seeds + kept
-        jobs = [(row_id("instruct", r, j), instruct_prompt(rng.sample(pool, min(config.shots, len(pool)))),
-                 {"step": "instruct", "round": r, "request": j}) for j in range(config.requests_per_round)]
-        _generate(engine, raw, f"{config.label}: instructions round {r + 1}", jobs, sampling, meta)
+        jobs = [Job(("instruct", r, j), instruct_prompt(rng.sample(pool, min(config.shots, len(pool)))),
+                    {"step": "instruct", "round": r, "request": j}) for j in range(config.requests_per_round)]
+        rounds.append(generate(f"{config.label}: instructions round {r + 1}", jobs))
     kept = kept[: config.vanilla_target]
 
     # 2. red-team topics per type, then one question per (type, topic)
-    topic_jobs = [(row_id("topics", k["id"], r), topics_prompt(k, config.topics_per_type), {"step": "topics", "type": k["id"], "round": r})
+    topic_jobs = [Job(("topics", k["id"], r), topics_prompt(k, config.topics_per_type),
+                      {"step": "topics", "type": k["id"], "round": r})
                   for k in kinds for r in range(config.topic_rounds)]
-    _generate(engine, raw, f"{config.label}: red-team topics", topic_jobs, sampling, meta)
     topics: dict[str, list[str]] = {k["id"]: [] for k in kinds}
-    for row in (x for x in raw if x.get("step") == "topics"):
+    for row in generate(f"{config.label}: red-team topics", topic_jobs):
         for t in parse_list_continuation(row["completion"]):
             t = t.rstrip(".")
             if 0 < len(t.split()) <= 12 and t.lower() not in {x.lower() for x in topics[row["type"]]}:
                 topics[row["type"]].append(t)
     by_id = {k["id"]: k for k in kinds}
-    question_jobs = [(row_id("question", tid, t), question_prompt(by_id[tid], t), {"step": "question", "type": tid, "topic": t})
+    question_jobs = [Job(("question", tid, t), question_prompt(by_id[tid], t), {"step": "question", "type": tid, "topic": t})
                      for tid, ts in topics.items() for t in ts[: config.topics_per_type]]
-    _generate(engine, raw, f"{config.label}: red-team questions", question_jobs, sampling, meta)
-    completions = {x["id"]: x["completion"] for x in raw}
     questions = []
-    for job_id, _, extra in question_jobs:
-        q = first_line(completions.get(job_id, ""))
+    for row in generate(f"{config.label}: red-team questions", question_jobs):
+        q = first_line(row["completion"])
         if q and not instruction_ok(q, config.min_words, config.max_words):
-            questions.append((q, extra))
+            questions.append((q, row))
 
     # 3. one ROUGE-L pass over red-team questions against everything kept, then write the prompts
     res = rouge_dedup([q for q, _ in questions], config.rouge_threshold, existing=seeds + kept)
-    out = RowStore(folder)
     rows = [{"id": row_id("prompt", p), "prompt": p, "source": "seed"}
             for p in (seeds + [k["seed_question"].strip() for k in kinds] if config.include_seeds else [])]
     rows += [{"id": row_id("prompt", p), "prompt": p, "source": "self_instruct"} for p in kept]
     rows += [{"id": row_id("prompt", q), "prompt": q, "source": "tgrt", "type": extra["type"], "topic": extra["topic"]}
              for (q, extra), k in zip(questions, res.keep, strict=True) if k]
-    out.append(rows)
-    summary = {"seeds": sum(r["source"] == "seed" for r in rows), "self_instruct": len(kept), "tgrt": sum(res.keep), "prompts": len(out),
-               "topics": sum(len(v) for v in topics.values()), "dropped": {**rejected, "tgrt rouge-l duplicate": res.keep.count(False)}}
+    seen: set[str] = set()
+    rows = [r for r in rows if not (r["id"] in seen or seen.add(r["id"]))]  # a prompt listed twice is kept once
+    # derived from the raw rows: rewritten whole, so prompts of a run with other settings never linger
+    out = replace_rows(folder, rows)
+    summary = {"seeds": sum(r["source"] == "seed" for r in rows), "self_instruct": len(kept), "tgrt": sum(res.keep),
+               "prompts": len(out), "topics": sum(len(v) for v in topics.values()),
+               "dropped": {**rejected, "tgrt rouge-l duplicate": res.keep.count(False)}}
     console.print(f"  kept {summary['self_instruct']} self-instruct and {summary['tgrt']} red-team prompts")
     out.mark_done(**summary)
     return summary

@@ -17,9 +17,9 @@ from pydantic import Field
 from selfalign.core.assets_io import asset_text, yaml_key
 from selfalign.core.engines import Sampling
 from selfalign.core.errors import SelfAlignError
-from selfalign.core.progress import console, progress_bar
+from selfalign.core.generation import Job, generate_rows, open_rows
+from selfalign.core.progress import console
 from selfalign.core.recipe import StageConfig
-from selfalign.core.store import RowStore, row_id
 from selfalign.methods.self_align.engrave import training_example
 from selfalign.methods.self_align.self_align import stage_prompts
 
@@ -55,21 +55,13 @@ def run(ctx, config: Config, folder) -> dict:
     short = yaml_key(config.system_prompts, "engraved")
     prompts = stage_prompts(ctx, config)
     sampling = config.sampling.model_copy(update={"n": 1, "seed": config.sampling.seed or ctx.recipe.seed})
-    store = RowStore(folder)
-    ids = {pid: row_id("verbose", teacher, verbose, p, sampling.model_dump()) for pid, p in prompts}
-    pending = [(pid, p) for pid, p in prompts if ids[pid] not in store]
-    meta = ctx.provenance(config, teacher, sampling)
-    if pending:
-        engine = ctx.engine(teacher)
-        requests = [[{"role": "system", "content": verbose}, {"role": "user", "content": p}] for _, p in pending]
-        with progress_bar(f"{config.label}: verbose answers", total=len(pending), already_done=len(prompts) - len(pending)) as advance:
-            for batch in engine.generate_iter(requests, sampling):
-                store.append([{"id": ids[pending[i][0]], "prompt_id": pending[i][0], "prompt": pending[i][1],
-                               "answer": cs[0].text.strip(), "completion": cs[0].text, "finish_reason": cs[0].finish_reason,
-                               "meta": meta} for i, cs in batch])
-                advance(len(batch), sum(c.completion_tokens for _, cs in batch for c in cs))
-    wanted = set(ids.values())
-    rows = [r for r in store if r["id"] in wanted and r["answer"]]
+    store = open_rows(folder)
+    jobs = [Job(pid, [{"role": "system", "content": verbose}, {"role": "user", "content": p}], {"prompt": p}) for pid, p in prompts]
+    made = generate_rows(ctx, store, stage="verbose_clone", label=f"{config.label}: verbose answers", model=teacher,
+                         sampling=sampling, jobs=jobs, meta=ctx.provenance(config, teacher, sampling),
+                         build_row=lambda job, _, c: {"prompt_id": job.key, "prompt": job.data["prompt"], "answer": c.text.strip(),
+                                                      "completion": c.text, "finish_reason": c.finish_reason})
+    rows = [r for r in made.rows if r["answer"]]
     if not rows:
         raise SelfAlignError(f"{config.label}: the teacher wrote no usable answers", f"look at {store.path}")
     # the same training text as principle engraving; the trainer appends the EOS token
