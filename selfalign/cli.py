@@ -29,6 +29,8 @@ app = typer.Typer(
 )
 
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="model reference: embedded:gemma-3-270m, tiny:llama, a folder, a .gguf file, a PEFT adapter folder or a hub id")]
+FreshOpt = Annotated[list[str] | None, typer.Option(
+    "--fresh", help="redo this stage (by name) and every stage after it from scratch, deleting their folders (repeatable)")]
 EngineOpt = Annotated[str | None, typer.Option("--engine", "-e", help="hf (transformers, default), vllm (GPU) or openai (an OpenAI-compatible server)")]
 
 
@@ -40,8 +42,10 @@ def run(
     engine: EngineOpt = None,
     max_prompts: Annotated[int | None, typer.Option(help="use at most N prompts in every stage (quick tries)")] = None,
     seed: Annotated[int | None, typer.Option(help="override the recipe's seed")] = None,
+    fresh: FreshOpt = None,
 ):
-    """Run a recipe's stages in order; stages already finished in the run folder are skipped.
+    """Run a recipe's stages in order; stages already finished in the run folder with the same settings
+    are skipped. A stage made with other settings stops the run: redo it with --fresh STAGE.
 
     Examples:
 
@@ -50,6 +54,8 @@ def run(
         selfalign run recipes/quickstart.yaml --max-prompts 4 --out runs/try
 
         selfalign run quickstart --model tiny:llama     # a 2-layer random model: a smoke test in seconds
+
+        selfalign run quickstart --fresh self_align     # redo self_align and every stage after it
     """
     from selfalign.core.pipeline import run_recipe
     from selfalign.core.recipe import load_recipe
@@ -57,7 +63,7 @@ def run(
     rec = load_recipe(recipe, {"model": model, "out": out, "engine": engine, "max_prompts": max_prompts, "seed": seed})
     console.print(f"[bold]selfalign run[/] {rec.name}: model [cyan]{rec.model}[/], engine {rec.engine.name}, "
                   f"{len(rec.stages)} stage(s) → {rec.run_dir()}")
-    record = run_recipe(rec)
+    record = run_recipe(rec, fresh=fresh or ())
     _print_run_summary(rec.run_dir(), record)
 
 
@@ -89,11 +95,13 @@ def generate(
     batch_size: Annotated[int | None, typer.Option(help="requests per batch (hf/vllm) ")] = None,
     max_prompts: Annotated[int | None, typer.Option(help="use only the first N prompts")] = None,
     base_url: Annotated[str | None, typer.Option(help="openai engine: server URL (default $OPENAI_BASE_URL or http://127.0.0.1:8000/v1)")] = None,
+    fresh: FreshOpt = None,
 ):
     """Generate completions for a prompt file, written row by row to OUT/01-generate/rows.jsonl.
 
     Kill it at any point and run the same command again: it continues with the prompts that have
-    no rows yet, and never answers a prompt twice.
+    no rows yet, and never answers a prompt twice. A folder finished with other settings (another model,
+    other sampling) is never reused: choose a new --out, or pass --fresh generate to redo it.
 
     Example: selfalign generate --prompts builtin:quickstart --model embedded:gemma-3-270m --n 2
     """
@@ -115,7 +123,7 @@ def generate(
         }],
     }
     rec = parse_recipe(data, "selfalign generate")
-    record = run_recipe(rec)
+    record = run_recipe(rec, fresh=fresh or ())
     console.print(f"rows: {rec.run_dir() / '01-generate' / 'rows.jsonl'}")
     _print_run_summary(rec.run_dir(), record)
 
@@ -155,7 +163,7 @@ def eval_(
     Example: selfalign eval hhh truthfulqa --model embedded:gemma-3-270m --system hhh
     """
     from selfalign.core.models import DEFAULT_MODEL
-    from selfalign.core.pipeline import run_recipe, stage_folder
+    from selfalign.core.pipeline import STARTED_FILE, run_recipe, stage_folder
     from selfalign.core.recipe import parse_recipe
 
     model = DEFAULT_MODEL if model is None else model
@@ -168,6 +176,7 @@ def eval_(
     rec = parse_recipe(data, "selfalign eval")
     done = stage_folder(rec.run_dir(), 0, rec.stages[0]) / "_done.json"
     done.unlink(missing_ok=True)  # always recompute the summary; the per-item rows are reused
+    (done.parent / STARTED_FILE).unlink(missing_ok=True)  # they are keyed by model and system, so any settings may reuse them
     run_recipe(rec)
     console.print(f"results: {done.parent / 'results.json'}")
 

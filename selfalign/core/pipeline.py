@@ -1,27 +1,35 @@
 """Run a recipe's stages in order over a run folder, resuming whatever is unfinished.
 
 A run folder holds `recipe.yaml` (what was asked), `run.json` (what happened: per stage, the
-wall time and the summary) and one sub-folder per stage, `NN-<name>/`. A stage whose folder has
-its done-marker is skipped; a stage killed half-way is run again and continues from its rows.
+wall time and the summary) and one sub-folder per stage, `NN-<name>/`. Each stage has a
+fingerprint (`selfalign.core.fingerprint`): its resolved settings, its model, the contents of the
+files it reads and the fingerprints of the earlier stages it reads. A stage whose done-marker
+records the same fingerprint is skipped; a stage killed half-way is run again and continues from
+its rows. A stage whose folder was made (or begun) with another fingerprint is never silently
+reused: the run stops before anything runs, naming the changed fields and the way out
+(`--fresh LABEL` redoes that stage and every stage after it, or a new `--out`).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 from selfalign.core.engines import Engine, make_engine
 from selfalign.core.errors import SelfAlignError
-from selfalign.core.inputs import read_json_object
+from selfalign.core.fingerprint import changed_fields, fingerprint, stage_settings
 from selfalign.core.ledger import build_ledger
 from selfalign.core.progress import console
 from selfalign.core.recipe import Recipe, StageConfig
-from selfalign.core.store import DONE_FILE
+from selfalign.core.store import DONE_FILE, read_done, write_json_atomic
+
+STARTED_FILE = "_started.json"  # the fingerprint of a stage that has begun but not finished
+BOOKKEEPING = ("fingerprint", "settings", "finished_at", "wall_s")
 
 
 @dataclass
@@ -42,11 +50,11 @@ class RunContext:
         if not ref.startswith("@"):
             return ref
         folder = self.stage_dirs.get(ref[1:])
-        done = folder / DONE_FILE if folder else None
-        if done is None or not done.exists():
+        done = read_done(folder) if folder else None
+        if done is None:
             raise SelfAlignError(f"model {ref!r}: no finished stage named {ref[1:]!r} before this one",
                                  "put the training stage earlier in the recipe")
-        model = read_json_object(done, "done-marker").get("model")
+        model = done.get("model")
         if not model:
             raise SelfAlignError(f"model {ref!r}: stage {ref[1:]!r} did not produce a model")
         return model
@@ -90,60 +98,139 @@ def stage_folder(run_dir: Path, index: int, config: StageConfig) -> Path:
     return run_dir / f"{index + 1:02d}-{config.label}"
 
 
-def _write_json(path: Path, payload: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    tmp.replace(path)
-
-
-def _prepare_run_dir(recipe: Recipe, run_dir: Path) -> dict:
+def _prepare_run_dir(run_dir: Path) -> None:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        snapshot = yaml.safe_dump(recipe.model_dump(mode="json", exclude_none=True), sort_keys=False)
-        recipe_file = run_dir / "recipe.yaml"
-        if recipe_file.exists() and recipe_file.read_text() != snapshot:
-            console.print(
-                f"[yellow]note:[/] {recipe_file} differs from this recipe; finished stages are kept as they are "
-                "(delete a stage's folder to redo it)"
-            )
-            (run_dir / "recipe.previous.yaml").write_text(recipe_file.read_text())
-        recipe_file.write_text(snapshot)
     except (NotADirectoryError, FileExistsError) as exc:
         raise SelfAlignError(f"cannot use {run_dir} as a run folder: a file is in the way ({exc.filename})",
                              "choose another --out") from exc
     except OSError as exc:
         raise SelfAlignError(f"cannot write to run folder {run_dir}: {exc.strerror}",
                              "choose a writable --out or free disk space") from exc
-    run_json = run_dir / "run.json"
-    return read_json_object(run_json, "run record") if run_json.exists() else {"name": recipe.name, "stages": {}}
 
 
-def run_recipe(recipe: Recipe, run_dir: Path | None = None) -> dict:
-    """Run every unfinished stage of `recipe`; return the run record (also in `run.json`)."""
+def _write_recipe_snapshot(recipe: Recipe, run_dir: Path) -> None:
+    snapshot = yaml.safe_dump(recipe.model_dump(mode="json", exclude_none=True), sort_keys=False)
+    recipe_file = run_dir / "recipe.yaml"
+    try:
+        if recipe_file.exists() and recipe_file.read_text() != snapshot:
+            console.print(f"[yellow]note:[/] {recipe_file} differs from this recipe; finished stages whose settings did "
+                          "not change are kept (the old recipe is in recipe.previous.yaml)")
+            (run_dir / "recipe.previous.yaml").write_text(recipe_file.read_text())
+        recipe_file.write_text(snapshot)
+    except OSError as exc:
+        raise SelfAlignError(f"cannot write to run folder {run_dir}: {exc.strerror}",
+                             "choose a writable --out or free disk space") from exc
+
+
+def load_run_record(recipe: Recipe, run_dir: Path) -> dict:
+    """`run.json`, or, when it is missing or unreadable (a kill, a full disk), the record rebuilt
+    from the stage folders' done-markers, which hold each stage's summary and wall time."""
+    try:
+        record = json.loads((run_dir / "run.json").read_text())
+        if isinstance(record, dict) and isinstance(record.get("stages"), dict):
+            return record
+    except (OSError, json.JSONDecodeError):
+        pass
+    stages = {}
+    for i, config in enumerate(recipe.stages):
+        folder = stage_folder(run_dir, i, config)
+        try:
+            done = read_done(folder)
+        except SelfAlignError:
+            done = None  # reported when the stage comes up
+        if done is not None:
+            stages[config.label] = {"wall_s": done.get("wall_s", 0.0), "stage": config.stage, "folder": folder.name,
+                                    "summary": {k: v for k, v in done.items() if k not in BOOKKEEPING}}
+    return {"name": recipe.name, "stages": stages}
+
+
+def stage_fingerprints(recipe: Recipe) -> list[tuple[str, dict]]:
+    """(fingerprint, settings) of every stage, in order; a stage's depends on the stages it reads."""
+    out, earlier = [], {}
+    for config in recipe.stages:
+        settings = stage_settings(recipe, config, earlier)
+        out.append((fingerprint(settings), settings))
+        earlier[config.label] = out[-1][0]
+    return out
+
+
+def check_reuse(recipe: Recipe, run_dir: Path, prints: list[tuple[str, dict]], fresh: set[str]) -> int:
+    """Before anything runs: every stage folder left by an earlier run must have been made (or
+    begun) with this recipe's settings, up to the first stage asked `fresh`. Returns that stage's
+    index (the number of stages when none is)."""
+    labels = [c.label for c in recipe.stages]
+    if unknown := sorted(fresh - set(labels)):
+        raise SelfAlignError(f"--fresh {unknown[0]}: the recipe has no stage named {unknown[0]!r}",
+                             f"stages: {', '.join(labels)}")
+    first_fresh = min((labels.index(x) for x in fresh), default=len(labels))
+    for i, config in enumerate(recipe.stages[:first_fresh]):
+        folder = stage_folder(run_dir, i, config)
+        info = read_done(folder)
+        what = "made"
+        if info is None:
+            started = folder / STARTED_FILE
+            try:
+                info = json.loads(started.read_text()) if started.exists() else None
+            except (OSError, json.JSONDecodeError):
+                info = None  # a torn write of the marker itself: the stage had not produced anything yet
+            what = "begun"
+        if info is None or "fingerprint" not in info:
+            continue  # nothing there yet, or a stage finished by a selfalign that did not record fingerprints
+        fp, settings = prints[i]
+        if info["fingerprint"] != fp:
+            raise SelfAlignError(
+                f"stage {config.label!r}: {folder} was {what} with other settings, so it is not reused; changed: "
+                f"{changed_fields(info.get('settings') or {}, settings)}",
+                f"redo it and every stage after it with `--fresh {config.label}`, or choose a new --out")
+    return first_fresh
+
+
+def run_recipe(recipe: Recipe, run_dir: Path | None = None, fresh: list[str] | tuple[str, ...] = ()) -> dict:
+    """Run every unfinished stage of `recipe`; return the run record (also in `run.json`).
+    `fresh` names stages to redo from scratch, with every stage after them (their folders are deleted)."""
     from selfalign.stages import STAGES
 
     run_dir = Path(run_dir or recipe.run_dir())
-    record = _prepare_run_dir(recipe, run_dir)
+    _prepare_run_dir(run_dir)
+    prints = stage_fingerprints(recipe)
+    first_fresh = check_reuse(recipe, run_dir, prints, set(fresh))
+    for i, config in enumerate(recipe.stages[first_fresh:], start=first_fresh):
+        folder = stage_folder(run_dir, i, config)
+        if folder.exists():
+            console.print(f"[yellow]--fresh:[/] deleting {folder}")
+            shutil.rmtree(folder)
+    _write_recipe_snapshot(recipe, run_dir)
+    record = load_run_record(recipe, run_dir)
+    for label in [c.label for c in recipe.stages[first_fresh:]]:
+        record["stages"].pop(label, None)
     ledger = build_ledger(recipe)  # an unreadable input stops the run here, before any stage
     record.update(model=recipe.model, engine=recipe.engine.name, seed=recipe.seed, inputs=ledger["inputs"],
                   supervision={k: ledger[k] for k in ("words", "lines", "not_counted")},
                   started_at=record.get("started_at") or time.strftime("%Y-%m-%dT%H:%M:%S"))
+    write_json_atomic(run_dir / "run.json", record)
     ctx = RunContext(recipe=recipe, run_dir=run_dir)
     try:
-        for i, config in enumerate(recipe.stages):
+        for i, (config, (fp, settings)) in enumerate(zip(recipe.stages, prints, strict=True)):
             folder = stage_folder(run_dir, i, config)
             ctx.stage_dirs[config.label] = folder
             title = f"[{i + 1}/{len(recipe.stages)}] {config.label}"
-            if (folder / DONE_FILE).exists():
+            if read_done(folder) is not None:
                 console.print(f"[dim]{title}: done earlier, skipped ({folder})[/]")
                 continue
             console.rule(f"[bold]{title}")
+            folder.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(folder / STARTED_FILE, {"fingerprint": fp, "settings": settings})
             t0 = time.time()
             summary = STAGES[config.stage].run(ctx, config, folder) or {}
             entry = record["stages"].setdefault(config.label, {"wall_s": 0.0})
             entry.update(stage=config.stage, folder=folder.name, summary=summary)
             entry["wall_s"] = round(entry.get("wall_s", 0.0) + time.time() - t0, 2)
-            _write_json(run_dir / "run.json", record)
+            # the stage's own marker (its summary, e.g. the `model` a training stage wrote) gains the fingerprint
+            done = read_done(folder) or {"finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **summary}
+            write_json_atomic(folder / DONE_FILE, {**done, "fingerprint": fp, "settings": settings, "wall_s": entry["wall_s"]})
+            (folder / STARTED_FILE).unlink(missing_ok=True)
+            write_json_atomic(run_dir / "run.json", record)
             console.print(f"  done in {time.time() - t0:.1f} s: {summary}")
     finally:
         ctx.close()

@@ -22,6 +22,7 @@ from rich.table import Table
 from selfalign.core.errors import SelfAlignError
 from selfalign.core.progress import console
 from selfalign.core.recipe import StageConfig
+from selfalign.core.store import DONE_FILE, write_json_atomic
 from selfalign.evals.common import resolve_system
 from selfalign.evals.verdict import report_lead  # noqa: F401 - the report's "Did it work?" section
 
@@ -181,5 +182,5 @@ def run(ctx, config: Config, folder: Path) -> dict:
         for group, values in res["metrics"].items():
             key = "overall" if "overall" in values else next(iter(values))
             summary[f"{name}.{group}.{key}" if group != name else f"{name}.{key}"] = round(values[key], 4)
-    (folder / "_done.json").write_text(json.dumps(summary, indent=2))
+    write_json_atomic(folder / DONE_FILE, summary)
     return summary
