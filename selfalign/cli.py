@@ -51,7 +51,7 @@ def run(
 
         selfalign run                                   # quickstart on the embedded model, CPU
 
-        selfalign run recipes/quickstart.yaml --max-prompts 4 --out runs/try
+        selfalign run selfalign/recipes/quickstart.yaml --max-prompts 4 --out runs/try
 
         selfalign run quickstart --model tiny:llama     # a 2-layer random model: a smoke test in seconds
 

@@ -5,7 +5,7 @@ import pytest
 from selfalign.core.errors import SelfAlignError
 from selfalign.core.recipe import load_recipe, parse_recipe
 
-RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
+RECIPES = sorted((Path(__file__).resolve().parent.parent / "selfalign" / "recipes").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])

@@ -206,12 +206,8 @@ def parse_recipe(data: Any, source: str = "<recipe>", overrides: dict[str, Any] 
 
 
 def builtin_recipes_dir() -> Path:
-    """`recipes/` of a source checkout, or the copy installed inside the package."""
-    here = Path(__file__).resolve().parent.parent
-    for candidate in (here.parent / "recipes", here / "assets" / "recipes"):
-        if candidate.is_dir():
-            return candidate
-    return here.parent / "recipes"
+    """`selfalign/recipes/`: package data, so an installed wheel has them as a checkout does."""
+    return Path(__file__).resolve().parent.parent / "recipes"
 
 
 def find_recipe(ref: str | None) -> Path:
