@@ -8,6 +8,7 @@ ships its own chat template can use it instead (`chat_format: model` on the engi
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,6 +16,11 @@ USER_TAG = "Human:"
 ASSISTANT_TAG = "Assistant:"
 ROLE_TAGS = {"user": USER_TAG, "assistant": ASSISTANT_TAG}
 
+# A speaker's tag of a dialogue transcript: text containing one is writing the other side's turn.
+# Case-sensitive, as transcripts write them ("Human:", "User:", "Assistant:", a space before the colon
+# allowed); "the user: a person" in running text is no marker. Used by the self-instruct and the
+# synthetic-comparison filters alike.
+ROLE_MARKER = re.compile(r"\b(Human|User|Assistant)\s*:")
 # Stop a base model from writing the next turn itself: the user's, or a second turn of its own (a
 # base model often answers "...\n\nAssistant: <the question again>" and loops; issue #13).
 PLAIN_STOPS = ["\nHuman:", "\n\nHuman", "\nAssistant:"]

@@ -16,8 +16,9 @@ from pathlib import Path
 
 from selfalign.core.errors import SelfAlignError
 from selfalign.core.inputs import read_jsonl
+from selfalign.core.pairs import PAIR_FIELDS, PAIR_HINT, pair_problem, pair_verdict
 
-FIELDS = ("prompt", "chosen", "rejected")
+FIELDS = PAIR_FIELDS
 
 
 def preference_accuracy(rm, rows: list[dict]) -> dict:
@@ -29,7 +30,7 @@ def preference_accuracy(rm, rows: list[dict]) -> dict:
     prompts = [r["prompt"] for r in rows]
     rewards = rm.score(prompts + prompts, [r["chosen"] for r in rows] + [r["rejected"] for r in rows])
     chosen, rejected = [float(x) for x in rewards[:n]], [float(x) for x in rewards[n:]]
-    right = sum(1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(chosen, rejected, strict=True))
+    right = sum(pair_verdict(c, r) for c, r in zip(chosen, rejected, strict=True))
     return {
         "eval": "preference",
         "metrics": {
@@ -52,16 +53,8 @@ def load_comparisons(path: str | Path) -> list[dict]:
         raise SelfAlignError(f"comparison file {path} does not exist")
     rows = []
     for lineno, row in read_jsonl(path, "comparison file"):
-        if not isinstance(row, dict):
-            raise SelfAlignError(f"{path}:{lineno}: a row must be a JSON object, got {type(row).__name__}")
-        for key in FIELDS:
-            if key not in row:
-                raise SelfAlignError(f"{path}:{lineno}: missing field {key!r}", "each row needs prompt, chosen and rejected")
-        if not isinstance(row["prompt"], str | list):
-            raise SelfAlignError(f"{path}:{lineno}: 'prompt' must be a string or a list of messages")
-        for key in ("chosen", "rejected"):
-            if not isinstance(row[key], str):
-                raise SelfAlignError(f"{path}:{lineno}: {key!r} must be a string, got {type(row[key]).__name__}")
+        if problem := pair_problem(row):
+            raise SelfAlignError(f"{path}:{lineno}: {problem}", PAIR_HINT)
         rows.append(row)
     if not rows:
         raise SelfAlignError(f"{path} holds no comparison rows", "each line should be a JSON object with prompt, chosen and rejected")

@@ -39,6 +39,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from selfalign.core.errors import SelfAlignError
+from selfalign.core.pairs import PAIR_HINT, pair_problem, pair_verdict
 from selfalign.core.training import LoraSettings
 
 OBJECTIVES = ("ranked", "binary", "imitation")
@@ -80,11 +81,6 @@ def mean_logprob(total: float, tokens: int) -> float:
     return total / tokens
 
 
-def pair_verdict(chosen: float, rejected: float) -> float:
-    """1 if the chosen reply scored higher, 0 if lower, 0.5 on a tie."""
-    return 1.0 if chosen > rejected else 0.0 if chosen < rejected else 0.5
-
-
 def binary_samples(pairs: Sequence[dict]) -> list[dict]:
     """Each pair as two labelled samples: (prompt, chosen, 1) and (prompt, rejected, 0)."""
     out = []
@@ -110,9 +106,8 @@ def check_pairs(pairs: Sequence[dict], where: str = "comparison rows") -> None:
     if not pairs:
         raise SelfAlignError(f"{where}: no comparison pairs to train on", "rows need prompt, chosen and rejected")
     for i, p in enumerate(pairs):
-        for key in ("prompt", "chosen", "rejected"):
-            if key not in p:
-                raise SelfAlignError(f"{where}: row {i} has no {key!r}", "rows need prompt, chosen and rejected")
+        if problem := pair_problem(p):
+            raise SelfAlignError(f"{where}: row {i}: {problem}", PAIR_HINT)
 
 
 def check_objective(objective: str) -> None:

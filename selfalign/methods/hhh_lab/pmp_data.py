@@ -51,6 +51,7 @@ from pathlib import Path
 
 from selfalign.core.errors import SelfAlignError
 from selfalign.core.inputs import parse_json, parse_json_line, read_text
+from selfalign.core.pairs import pair_problem
 
 GOOD_TAG = "[good]"
 BAD_TAG = "[bad]"
@@ -219,15 +220,11 @@ def load_corpus(path: str | Path, fmt: str = "auto", max_pairs: int | None = Non
                     stats["questions_without_pairs"] += 1
                 pairs.extend(found)
             else:
-                missing = [k for k in ("prompt", "chosen", "rejected") if k not in rec]
-                if missing:
-                    raise SelfAlignError(f"{where}: no {missing[0]!r}", LAYOUT_HINT)
+                if problem := pair_problem(rec):
+                    raise SelfAlignError(f"{where}: {problem}", LAYOUT_HINT)
                 if rec.get("kept", True) is False:
                     stats["not_kept"] += 1
                     continue
-                for key in ("chosen", "rejected"):
-                    if not isinstance(rec[key], str):
-                        raise SelfAlignError(f"{where}: {key!r} must be a string, got {type(rec[key]).__name__}")
                 pairs.append({k: rec[k] for k in ("prompt", "chosen", "rejected")})
     if max_pairs is not None:
         pairs = pairs[:max_pairs]
@@ -237,11 +234,9 @@ def load_corpus(path: str | Path, fmt: str = "auto", max_pairs: int | None = Non
 
 def source_path(ctx, ref: str) -> Path:
     """An earlier stage's rows (`compare` or `@compare`) or a file/folder, for the PM stages' data fields."""
-    from selfalign.methods.self_align.engrave import data_file
-
     name = ref[1:] if ref.startswith("@") else ref
     if name in ctx.stage_dirs:
-        return data_file(ctx, name)
+        return ctx.rows_file(name)
     path = Path(ref).expanduser()
     if path.exists():
         return path
