@@ -13,7 +13,6 @@ from selfalign.core.recipe import parse_recipe
 from selfalign.core.store import read_jsonl
 from selfalign.methods.almost import compare as cmp
 from selfalign.methods.almost import mine_prompts as mp
-from selfalign.methods.self_align.self_align import load_stage_prompts
 
 
 # -- rubric --------------------------------------------------------------------------------------
@@ -269,7 +268,7 @@ def test_mine_prompts_stage_rows_and_prompt_source(tmp_path):
     kept_mined = {r["prompt"] for r in mined if r["kept"]}
     assert any(any(k in req for k in kept_mined) for req in engine.seen[5:])
     # a later stage reads the kept prompts (seeds included) with prompts: "@mine_prompts"
-    source = load_stage_prompts(ctx, "@mine_prompts")
+    source = ctx.prompts("@mine_prompts")
     assert [p for _, p in source] == [r["prompt"] for r in rows if r["kept"]] and len(source) == 4 + 12
     assert len({pid for pid, _ in source}) == len(source)
     # rerun with stricter settings: the rows are those of the new settings only, nothing stale is left

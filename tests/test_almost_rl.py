@@ -133,7 +133,7 @@ def test_self_play_killed_half_way_resumes_without_losing_or_repeating(tmp_path,
     summary = self_play.run(ctx, config, folder)
     rows = read_jsonl(folder / "rows.jsonl")
     assert rows[:2] == before and len(rows) == 6 == summary["conversations"]
-    wanted = {p for _, p in self_play.stage_prompts(ctx, config)}
+    wanted = {p for _, p in ctx.stage_prompts(config)}
     assert len({r["id"] for r in rows}) == 6 and {r["prompt"] for r in rows} == wanted
     finished = {r["prompt"] for r in before}
     assert not any(p in req for req in second.seen for p in finished), "a finished conversation was played again"

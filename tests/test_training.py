@@ -207,9 +207,9 @@ def test_engrave_reads_an_earlier_stage_and_literal_system_text(tmp_path):
     recipe = parse_recipe({"name": "t", "stages": [{"stage": "engrave", "data": "answers", "system": "Be kind."}]})
     ctx = RunContext(recipe=recipe, run_dir=tmp_path, stage_dirs={"answers": tmp_path / "02-answers"})
     write_rows((tmp_path / "02-answers").mkdir() or tmp_path / "02-answers" / "rows.jsonl", [])
-    assert engrave.data_file(ctx, "answers") == tmp_path / "02-answers" / "rows.jsonl"
+    assert ctx.rows_file("answers") == tmp_path / "02-answers" / "rows.jsonl"
     with pytest.raises(SelfAlignError, match="neither an earlier stage"):
-        engrave.data_file(ctx, "nope")
+        ctx.rows_file("nope")
     assert engrave.system_text(recipe.stages[0].system) == "Be kind."
     assert recipe.stages[0].human_inputs() == [("engrave.system", "Be kind.")]
     with pytest.raises(SelfAlignError, match="engravd"):

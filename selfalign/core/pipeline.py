@@ -25,8 +25,9 @@ from selfalign.core.errors import SelfAlignError
 from selfalign.core.fingerprint import changed_fields, fingerprint, stage_settings
 from selfalign.core.ledger import build_ledger
 from selfalign.core.progress import console
-from selfalign.core.recipe import Recipe, StageConfig
-from selfalign.core.store import DONE_FILE, read_done, write_json_atomic
+from selfalign.core.prompts import capped, load_prompts
+from selfalign.core.recipe import Recipe, StageConfig, check_references
+from selfalign.core.store import DONE_FILE, ROWS_FILE, read_done, read_jsonl, write_json_atomic
 
 STARTED_FILE = "_started.json"  # the fingerprint of a stage that has begun but not finished
 BOOKKEEPING = ("fingerprint", "settings", "finished_at", "wall_s")
@@ -58,6 +59,53 @@ class RunContext:
         if not model:
             raise SelfAlignError(f"model {ref!r}: stage {ref[1:]!r} did not produce a model")
         return model
+
+    def model(self, config: StageConfig, ref: str | None = None) -> str:
+        """The model a field names (the stage's own by default); `@label` is what an earlier stage trained."""
+        return self.model_for(config, ref)
+
+    # -- the one resolver for earlier stages' outputs: `@label` on any field that takes one -----------------
+    def _earlier(self) -> str:
+        return ", ".join(self.stage_dirs) or "none"
+
+    def rows_file(self, ref: str, field: str = "data") -> Path:
+        """The rows a field names: `@label` (a bare label too, as older recipes wrote it) is an earlier
+        stage's rows.jsonl; anything else a JSONL file, or a folder holding rows.jsonl."""
+        label = ref[1:] if ref.startswith("@") else ref
+        if label in self.stage_dirs:
+            path = self.stage_dirs[label] / ROWS_FILE
+            if not path.exists():
+                raise SelfAlignError(f"{field}: stage {label!r} wrote no rows ({path} is missing)", "run that stage first")
+            return path
+        if ref.startswith("@"):
+            raise SelfAlignError(f"{field}: {ref} names no earlier stage (earlier: {self._earlier()})",
+                                 "put that stage earlier in the recipe or name a file")
+        path = Path(ref).expanduser()
+        if path.is_dir():
+            path = path / ROWS_FILE
+        if not path.is_file():
+            raise SelfAlignError(f"{field}: {ref!r} is neither an earlier stage (earlier: {self._earlier()}) nor a JSONL file")
+        return path
+
+    def rows(self, ref: str, field: str = "data") -> list[dict]:
+        """The rows themselves (see `rows_file`)."""
+        return read_jsonl(self.rows_file(ref, field))
+
+    def prompts(self, ref: str, field: str = "prompts") -> list[tuple[str, str]]:
+        """(id, prompt) pairs: `@label` reads an earlier stage's rows that have a `prompt` and were kept;
+        anything else is a prompt file (`selfalign.core.prompts`)."""
+        if ref.startswith("@"):
+            rows = [r for r in self.rows(ref, field) if r.get("prompt") and r.get("kept", True)]
+            return [(r["id"], r["prompt"]) for r in rows]
+        return [(p.id, p.text) for p in load_prompts(ref) if p.text]
+
+    def stage_prompts(self, config) -> list[tuple[str, str]]:
+        """The prompts a stage answers: its `prompts` field, capped by its `max_prompts` and the recipe's
+        (a seeded sample in order); none at all is an error naming the source."""
+        prompts = capped(self.prompts(config.prompts), self.max_prompts(config.max_prompts), self.recipe.seed)
+        if not prompts:
+            raise SelfAlignError(f"{config.label}: no prompts to answer (from {config.prompts})")
+        return prompts
 
     def engine(self, model: str) -> Engine:
         """One engine per model for the whole run, so a model is loaded once."""
@@ -192,6 +240,7 @@ def run_recipe(recipe: Recipe, run_dir: Path | None = None, fresh: list[str] | t
     from selfalign.stages import STAGES
 
     run_dir = Path(run_dir or recipe.run_dir())
+    check_references(recipe, recipe.name)
     _prepare_run_dir(run_dir)
     prints = stage_fingerprints(recipe)
     first_fresh = check_reuse(recipe, run_dir, prints, set(fresh))

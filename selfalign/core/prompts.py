@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +53,15 @@ def check_prompts_fit(engine, prompts: list[Prompt], requests: list, source: str
         if n > limit:
             raise SelfAlignError(f"{source}: prompt {prompt.id} is {n} tokens, longer than the model's context of "
                                  f"{limit} tokens", "shorten or split it, or use a model with a longer context")
+
+
+def capped(prompts: list, cap: int | None, seed: int) -> list:
+    """At most `cap` prompts, a seeded sample in their original order (not just the first ones: an
+    earlier stage lists its prompts by source, and a cap should see every source)."""
+    if not cap or cap >= len(prompts):
+        return prompts
+    keep = set(random.Random(seed).sample(range(len(prompts)), cap))
+    return [p for i, p in enumerate(prompts) if i in keep]
 
 
 def builtin_prompt_sets() -> list[str]:

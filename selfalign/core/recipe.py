@@ -205,6 +205,37 @@ def parse_recipe(data: Any, source: str = "<recipe>", overrides: dict[str, Any] 
     return recipe
 
 
+def references(value: Any, path: str = "") -> list[tuple[str, str]]:
+    """(field path, `@label`) of every reference to a stage's output among a config's values."""
+    if isinstance(value, str):
+        return [(path, value)] if value.startswith("@") else []
+    if isinstance(value, dict):
+        return [r for k, v in value.items() for r in references(v, f"{path}.{k}" if path else str(k))]
+    if isinstance(value, list):
+        return [r for i, v in enumerate(value) for r in references(v, f"{path}[{i}]")]
+    return []
+
+
+def check_references(recipe: Recipe, source: str = "<recipe>") -> None:
+    """Every `@label` (in any field, defaults included, and the recipe's model) must name a stage that
+    runs earlier in the same recipe: checked when a recipe is loaded and before a run starts, so a
+    typo fails in a second rather than after hours of earlier stages."""
+    order = {config.label: i for i, config in enumerate(recipe.stages)}
+    for i, config in enumerate(recipe.stages):
+        found = references(config.model_dump(mode="json"))
+        if config.model is None and recipe.model.startswith("@"):
+            found.append(("model", recipe.model))
+        for field, ref in found:
+            at = order.get(ref[1:])
+            if at is None:
+                raise SelfAlignError(f"{source}: stages[{i}].{field}: {ref} names no stage of this recipe "
+                                     f"(stages: {', '.join(order)})", "name an earlier stage, or a file or model")
+            if at >= i:
+                raise SelfAlignError(f"{source}: stages[{i}].{field}: {ref} names a stage that runs "
+                                     f"{'at the same time' if at == i else 'later'} ({ref[1:]!r} is stage {at + 1}, "
+                                     f"{config.label!r} is stage {i + 1})", "stages run in order: move it earlier")
+
+
 def builtin_recipes_dir() -> Path:
     """`selfalign/recipes/`: package data, so an installed wheel has them as a checkout does."""
     return Path(__file__).resolve().parent.parent / "recipes"
@@ -228,4 +259,6 @@ def load_recipe(ref: str | Path | None = None, overrides: dict[str, Any] | None 
     data = read_yaml(path, "recipe")
     if data is None:
         raise SelfAlignError(f"{path}: the recipe file is empty")
-    return parse_recipe(data, str(path), overrides)
+    recipe = parse_recipe(data, str(path), overrides)
+    check_references(recipe, str(path))
+    return recipe

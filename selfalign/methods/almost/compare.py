@@ -74,19 +74,17 @@ from pathlib import Path
 from pydantic import Field, ValidationInfo, field_validator
 
 from selfalign.core.assets_io import ASSETS
-from selfalign.core.chat import render_plain
+from selfalign.core.chat import ROLE_MARKER, render_plain
 from selfalign.core.engines import Sampling
 from selfalign.core.errors import SelfAlignError
 from selfalign.core.generation import Job, generate_rows, open_rows
 from selfalign.core.progress import console
 from selfalign.core.recipe import StageConfig, Strict
+from selfalign.core.reward_training import RewardTraining
 from selfalign.core.store import RowStore, replace_rows, row_id
 from selfalign.evals.common import resolve_system
-from selfalign.methods.almost.reward_model import RewardTraining
-from selfalign.methods.self_align.self_align import stage_prompts
 
 PREAMBLE_FILE = ASSETS / "almost" / "preamble.txt"
-ROLE_MARKER = re.compile(r"\b(Human|User|Assistant)\s*:")
 RESPONSES_FILE = "responses.jsonl"
 PV_FILE = "post_validation.json"
 FILTERS = ("bad_response", "length_filter", "post_validation")
@@ -397,7 +395,7 @@ def funnel(rows: list[dict]) -> dict:
 def run(ctx, config: Config, folder) -> dict:
     folder = Path(folder)
     tiers = rank_by_rubric(config.rubric, [c.name for c in config.configurations])
-    prompts = stage_prompts(ctx, config)
+    prompts = ctx.stage_prompts(config)
     sampling = config.sampling.model_copy(update={"n": 1, "seed": config.sampling.seed or ctx.recipe.seed})
     setups = [(c, ctx.model_for(config, c.model), configuration_context(c, ctx.recipe.seed)) for c in config.configurations]
     setups.sort(key=lambda s: s[1])  # one model after the other (stable: configuration order within a model)

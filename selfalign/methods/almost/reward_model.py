@@ -35,40 +35,13 @@ from pathlib import Path
 from pydantic import Field
 
 from selfalign.core.errors import SelfAlignError
+from selfalign.core.pairs import PAIR_HINT, pair_problem
 from selfalign.core.progress import console
-from selfalign.core.recipe import StageConfig, Strict
+from selfalign.core.recipe import StageConfig
+from selfalign.core.reward_training import RewardTraining, split_by_prompt
 from selfalign.core.store import RowStore, read_jsonl
-from selfalign.core.training import lora_settings
-from selfalign.methods.self_align.engrave import data_file
 
 TRAIN_SAMPLE = 256
-
-
-class RewardTraining(Strict):
-    """How a reward (preference) model is trained: ALMoST's published reward-model settings as
-    defaults. Shared by `reward_model`, `pmp`, `pm_scaling` and `compare`'s post-validation."""
-
-    lora: bool = Field(False, description="LoRA adapter + trained head (else full fine-tuning, as in the papers)")
-    r: int = Field(16, ge=1, description="LoRA rank")
-    alpha: int = Field(16, ge=1, description="LoRA alpha")
-    dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout")
-    lr: float = Field(2e-5, gt=0, description="peak learning rate (ALMoST's reward model: 2e-5)")
-    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (ALMoST: 0.1)")
-    epochs: float = Field(1.0, gt=0, description="passes over the pairs (ALMoST: 1)")
-    max_length: int = Field(1024, ge=8, description="tokens per text, cut from the left (ALMoST: 1024)")
-    batch_size: int = Field(4, ge=1, description="pairs per device step")
-    grad_accum: int = Field(1, ge=1, description="gradient accumulation (ALMoST's batch is 128 pairs = batch_size x grad_accum)")
-    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="fraction of steps with linear warmup (ALMoST: 3%)")
-    scheduler: str = Field("cosine", description="learning-rate schedule (ALMoST: cosine)")
-    merge: bool = Field(False, description="with LoRA: save a merged plain model instead of the adapter")
-    max_steps: int = Field(-1, description="stop after this many optimizer steps (-1: the epochs decide)")
-
-    def train_settings(self, seed: int) -> dict:
-        """Keyword arguments of `selfalign.core.reward_training.train_reward_model` / `selfalign.methods.hhh_lab.pm_objectives.train_pm`."""
-        return dict(lora=lora_settings(self), lr=self.lr, epochs=self.epochs, max_length=self.max_length,
-                    batch_size=self.batch_size, grad_accum=self.grad_accum, warmup_ratio=self.warmup_ratio,
-                    weight_decay=self.weight_decay, scheduler=self.scheduler, seed=seed, merge=self.merge,
-                    max_steps=self.max_steps)
 
 
 class Config(RewardTraining, StageConfig):
@@ -82,24 +55,13 @@ def load_pairs(path: Path) -> tuple[list[dict], int]:
     """Usable comparison rows of a file (those not marked `kept: false`) and how many were skipped."""
     pairs, skipped = [], 0
     for i, row in enumerate(read_jsonl(path), start=1):
-        missing = [k for k in ("prompt", "chosen", "rejected") if k not in row]
-        if missing:
-            raise SelfAlignError(f"{path}: row {i} has no {missing[0]!r}", "comparison rows need prompt, chosen and rejected")
+        if problem := pair_problem(row):
+            raise SelfAlignError(f"{path}: row {i}: {problem}", PAIR_HINT)
         if row.get("kept", True) is False:
             skipped += 1
             continue
         pairs.append(row)
     return pairs, skipped
-
-
-def split_by_prompt(pairs: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """(train, heldout): whole prompts go to the held-out side, `fraction` of the distinct prompts."""
-    key = lambda p: json.dumps(p["prompt"], sort_keys=True)  # noqa: E731 - prompts may be chats
-    prompts = list(dict.fromkeys(key(p) for p in pairs))
-    n_held = int(round(len(prompts) * fraction)) if len(prompts) > 1 else 0
-    n_held = min(n_held, len(prompts) - 1)
-    held = set(random.Random(seed).sample(prompts, n_held)) if n_held > 0 else set()
-    return [p for p in pairs if key(p) not in held], [p for p in pairs if key(p) in held]
 
 
 def run(ctx, config: Config, folder) -> dict:
@@ -109,7 +71,7 @@ def run(ctx, config: Config, folder) -> dict:
 
     folder = Path(folder)
     base = ctx.model_for(config)
-    source = data_file(ctx, config.data)
+    source = ctx.rows_file(config.data)
     pairs, skipped = load_pairs(source)
     if not pairs:
         raise SelfAlignError(f"{source}: no usable comparison pairs ({skipped} marked kept: false)",

@@ -64,7 +64,6 @@ from selfalign.methods.almost.rloo import (
     rl_dataset_rows,
     rloo_train,
 )
-from selfalign.methods.self_align.self_align import load_stage_prompts
 
 TRAIN_RESULT = "train_result.json"
 HELDOUT_FILE = "heldout.json"
@@ -194,7 +193,7 @@ def run(ctx, config: Config, folder) -> dict:
     policy = ctx.model_for(config)
     rm_ref = ctx.model_for(config, config.reward_model)
     system = resolve_system(config.system)
-    everything = load_stage_prompts(ctx, config.prompts)
+    everything = ctx.prompts(config.prompts)
     if len(everything) <= config.heldout:
         raise SelfAlignError(f"{config.label}: {len(everything)} prompts from {config.prompts}, not more than "
                              f"heldout ({config.heldout})", "lower heldout or give more prompts")

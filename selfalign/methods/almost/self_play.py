@@ -51,7 +51,6 @@ from selfalign.core.progress import console
 from selfalign.core.recipe import StageConfig
 from selfalign.evals.common import resolve_system
 from selfalign.methods.almost.rloo import policy_prompt
-from selfalign.methods.self_align.self_align import stage_prompts
 
 TEMPLATES_REF = "builtin:almost/templates.yaml"
 USER_PROMPT = " ".join(load_yaml_mapping(TEMPLATES_REF, ("self_play_user",))["self_play_user"].split())
@@ -153,7 +152,7 @@ def run(ctx, config: Config, folder) -> dict:
     user_ref = ctx.model_for(config, config.user)
     rm_ref = ctx.model_for(config, config.reward_model)
     system = resolve_system(config.system)
-    prompts = stage_prompts(ctx, config)
+    prompts = ctx.stage_prompts(config)
     seed = config.sampling.seed or ctx.recipe.seed
     sampling = config.sampling.model_copy(update={"n": config.candidates, "seed": seed,
                                                    "stop": list(dict.fromkeys([*config.sampling.stop, *PLAIN_STOPS]))})

@@ -34,9 +34,9 @@ from selfalign.core.errors import SelfAlignError
 from selfalign.core.progress import console
 from selfalign.core.recipe import StageConfig
 from selfalign.core.store import RowStore, read_jsonl, row_id
+from selfalign.core.supervised import train_on_examples
 from selfalign.evals.common import resolve_system
 from selfalign.methods.almost.rloo import policy_prompt
-from selfalign.methods.self_align.engrave import data_file, train_on_examples
 
 
 class Config(StageConfig):
@@ -90,7 +90,7 @@ def run(ctx, config: Config, folder) -> dict:
     folder = Path(folder)
     base = ctx.model_for(config)
     system = resolve_system(config.system)
-    source = data_file(ctx, config.data)
+    source = ctx.rows_file(config.data)
     rows, skipped = conversations(read_jsonl(source))
     if cap := ctx.max_prompts(config.max_conversations):
         rows = rows[:cap]

@@ -134,9 +134,7 @@ def texts_from_file(ref: str) -> list[dict]:
 
 def sample_x(ctx, config: Config, teacher: str, system: str, folder: Path) -> list[dict]:
     """The teacher's replies under the context, written as they come; X = the plain dialogue."""
-    from selfalign.methods.self_align.self_align import stage_prompts
-
-    prompts = stage_prompts(ctx, config)
+    prompts = ctx.stage_prompts(config)
     sampling = config.sampling.model_copy(update={"seed": config.sampling.seed or ctx.recipe.seed})
     store = open_rows(folder)
 

@@ -58,8 +58,8 @@ from pydantic import Field, field_validator
 from selfalign.core.errors import SelfAlignError
 from selfalign.core.progress import console
 from selfalign.core.recipe import StageConfig
+from selfalign.core.reward_training import RewardTraining
 from selfalign.core.store import RowStore, row_id
-from selfalign.methods.almost.reward_model import RewardTraining
 from selfalign.methods.hhh_lab.pm_objectives import OBJECTIVES
 from selfalign.methods.hhh_lab.pmp_data import load_corpus, source_path
 
@@ -117,7 +117,7 @@ def hhh_pairs(data_dir: str | None, limit: int | None) -> list[dict]:
 
 def split_data(ctx, config: Config, pairs: list[dict]) -> tuple[list[dict], list[dict], str]:
     """(training pool, held-out pairs, a label of the held-out set)."""
-    from selfalign.methods.almost.reward_model import split_by_prompt
+    from selfalign.core.reward_training import split_by_prompt
 
     held = config.heldout
     if isinstance(held, float):

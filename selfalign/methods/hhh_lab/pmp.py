@@ -48,8 +48,8 @@ from pydantic import Field
 from selfalign.core.errors import SelfAlignError
 from selfalign.core.progress import console
 from selfalign.core.recipe import StageConfig
+from selfalign.core.reward_training import RewardTraining
 from selfalign.core.store import RowStore, row_id
-from selfalign.methods.almost.reward_model import RewardTraining
 from selfalign.methods.hhh_lab.pmp_data import binarise, load_corpus, source_path
 
 WRITE_CHUNK = 1000
@@ -76,10 +76,9 @@ def comparison_rows(pairs: list[dict], stage: str) -> list[dict]:
 
 
 def run(ctx, config: Config, folder) -> dict:
-    from selfalign.core.reward_training import train_reward_model
+    from selfalign.core.reward_training import split_by_prompt, train_reward_model
     from selfalign.core.rewards import RewardModel
     from selfalign.evals.preference import preference_accuracy
-    from selfalign.methods.almost.reward_model import split_by_prompt
 
     folder = Path(folder)
     base = ctx.model_for(config)

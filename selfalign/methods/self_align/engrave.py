@@ -34,13 +34,12 @@ from pathlib import Path
 from pydantic import Field
 
 from selfalign.core.assets_io import yaml_key
-from selfalign.core.chat import render_plain
 from selfalign.core.errors import SelfAlignError
 from selfalign.core.models import load_tokenizer, resolve
 from selfalign.core.progress import console
 from selfalign.core.recipe import StageConfig
 from selfalign.core.store import RowStore, read_jsonl, row_id
-from selfalign.core.training import lora_settings, sft_train, write_examples
+from selfalign.core.supervised import train_on_examples, training_example
 
 
 class Config(StageConfig):
@@ -79,22 +78,6 @@ def system_text(ref: str) -> str:
     return yaml_key(path_ref, key)
 
 
-def data_file(ctx, ref: str) -> Path:
-    """An earlier stage's rows.jsonl, or a JSONL file (a folder means its rows.jsonl)."""
-    if ref in ctx.stage_dirs:
-        path = ctx.stage_dirs[ref] / "rows.jsonl"
-        if not path.exists():
-            raise SelfAlignError(f"stage {ref!r} wrote no rows ({path} is missing)", "run that stage first")
-        return path
-    path = Path(ref).expanduser()
-    if path.is_dir():
-        path = path / "rows.jsonl"
-    if not path.is_file():
-        earlier = ", ".join(ctx.stage_dirs) or "none"
-        raise SelfAlignError(f"data: {ref!r} is neither an earlier stage (earlier: {earlier}) nor a JSONL file")
-    return path
-
-
 def usable_rows(rows: list[dict]) -> tuple[list[dict], dict]:
     """Rows with a prompt and an answer that were not rejected (`kept: false`); counts of the rest."""
     out, skipped = [], {"not kept": 0, "no prompt or answer": 0}
@@ -108,28 +91,11 @@ def usable_rows(rows: list[dict]) -> tuple[list[dict], dict]:
     return out, skipped
 
 
-def training_example(system: str, prompt: str, answer: str, eos: str) -> dict:
-    text = render_plain([{"role": "system", "content": system}, {"role": "user", "content": prompt}])
-    return {"prompt": text, "completion": " " + answer.strip() + eos}
-
-
-def train_on_examples(ctx, config, base: str, examples: list[dict], folder: Path, **settings) -> dict:
-    """Write `examples.jsonl` (exactly what is trained on) into `folder`, then fine-tune `base` on the
-    examples' prompt/completion there with the stage's training fields (lora, r, alpha, dropout, lr,
-    epochs, max_length, batch_size, grad_accum, warmup_ratio, merge); `settings` adds `sft_train`'s others."""
-    write_examples(folder, examples)
-    ctx.free_accelerator()
-    return sft_train(base, [{"prompt": e["prompt"], "completion": e["completion"]} for e in examples], folder,
-                     lora=lora_settings(config), lr=config.lr, epochs=config.epochs, max_length=config.max_length,
-                     batch_size=config.batch_size, grad_accum=config.grad_accum, warmup_ratio=config.warmup_ratio,
-                     seed=ctx.recipe.seed, merge=config.merge, **settings)
-
-
 def run(ctx, config: Config, folder) -> dict:
     folder = Path(folder)
     base = ctx.model_for(config)
     system = system_text(config.system)
-    source = data_file(ctx, config.data)
+    source = ctx.rows_file(config.data)
     rows, skipped = usable_rows(read_jsonl(source))
     if cap := ctx.max_prompts(config.max_examples):
         rows = rows[:cap]

@@ -33,7 +33,6 @@ filter thresholds are this project's (the paper publishes the rules, not the num
 
 from __future__ import annotations
 
-import random
 import re
 from collections import Counter
 
@@ -41,12 +40,9 @@ from pydantic import Field
 
 from selfalign.core.assets_io import asset_text, load_yaml_list, load_yaml_mapping, yaml_key
 from selfalign.core.engines import Sampling
-from selfalign.core.errors import SelfAlignError
 from selfalign.core.generation import Job, generate_rows, open_rows
 from selfalign.core.progress import console
-from selfalign.core.prompts import load_prompts
 from selfalign.core.recipe import StageConfig
-from selfalign.core.store import read_jsonl
 
 # The scaffold's tags and the refusal rule are human-written text kept in an asset file that the
 # supervision ledger counts. REFUSAL_OPENINGS: stock openings that carry no content, an apology
@@ -140,36 +136,6 @@ def verdict(completion: str, exemplar_ngrams: set) -> tuple[str | None, str | No
 
 
 # -- the stage ------------------------------------------------------------------------------------
-def capped(prompts: list, cap: int | None, seed: int) -> list:
-    """At most `cap` prompts, a seeded sample in their original order (not just the first ones: an
-    earlier stage lists its prompts by source, and a cap should see every source)."""
-    if not cap or cap >= len(prompts):
-        return prompts
-    keep = set(random.Random(seed).sample(range(len(prompts)), cap))
-    return [p for i, p in enumerate(prompts) if i in keep]
-
-
-def stage_prompts(ctx, config) -> list[tuple[str, str]]:
-    """The (id, prompt) pairs a generation stage answers: `config.prompts`, capped by its
-    `max_prompts` and the recipe's; an empty set is an error naming the source."""
-    prompts = capped(load_stage_prompts(ctx, config.prompts), ctx.max_prompts(config.max_prompts), ctx.recipe.seed)
-    if not prompts:
-        raise SelfAlignError(f"{config.label}: no prompts to answer (from {config.prompts})")
-    return prompts
-
-
-def load_stage_prompts(ctx, ref: str) -> list[tuple[str, str]]:
-    """(id, prompt) from `@label` (an earlier stage's rows) or a prompt file."""
-    if ref.startswith("@"):
-        label = ref[1:]
-        folder = ctx.stage_dirs.get(label)
-        if folder is None or not (folder / "rows.jsonl").exists():
-            raise SelfAlignError(f"prompts: {ref} names no earlier stage with rows", "run that stage first or name a prompt file")
-        rows = [r for r in read_jsonl(folder / "rows.jsonl") if r.get("prompt") and r.get("kept", True)]
-        return [(r["id"], r["prompt"]) for r in rows]
-    return [(p.id, p.text) for p in load_prompts(ref) if p.text]
-
-
 def run(ctx, config: Config, folder) -> dict:
     model = ctx.model_for(config)
     principles = load_yaml_list(config.principles, ("name", "text"))
@@ -177,7 +143,7 @@ def run(ctx, config: Config, folder) -> dict:
     header = yaml_key(config.system_prompts, "principle_header")
     context = principle_context(header, principles, exemplars)
     exemplar_ngrams = set().union(*(word_ngrams(e["answer"] + " " + e["user"], LEAK_NGRAM) for e in exemplars))
-    prompts = stage_prompts(ctx, config)
+    prompts = ctx.stage_prompts(config)
     sampling = config.sampling.model_copy(update={"n": 1, "seed": config.sampling.seed or ctx.recipe.seed,
                                                    "stop": list(dict.fromkeys([*config.sampling.stop, *STOPS]))})
     store = open_rows(folder)

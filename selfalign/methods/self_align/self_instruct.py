@@ -28,6 +28,7 @@ import re
 from pydantic import Field
 
 from selfalign.core.assets_io import asset_text, load_yaml_list, load_yaml_mapping
+from selfalign.core.chat import ROLE_MARKER
 from selfalign.core.dedup import rouge_dedup
 from selfalign.core.engines import Sampling
 from selfalign.core.generation import Job, generate_rows, open_rows
@@ -43,7 +44,6 @@ from selfalign.core.store import replace_rows, row_id
 TEMPLATES_REF = "builtin:self_align/templates.yaml"
 TEMPLATES = load_yaml_mapping(TEMPLATES_REF, ("instruct", "topics", "question", "undoable"))
 UNDOABLE = re.compile(TEMPLATES["undoable"]["pattern"].format(**TEMPLATES["undoable"]), re.I | re.X)
-ROLE_MARKER = re.compile(r"\b(Human|Assistant|User)\s*:", re.I)
 
 
 class Config(StageConfig):

@@ -20,8 +20,7 @@ from selfalign.core.errors import SelfAlignError
 from selfalign.core.generation import Job, generate_rows, open_rows
 from selfalign.core.progress import console
 from selfalign.core.recipe import StageConfig
-from selfalign.methods.self_align.engrave import training_example
-from selfalign.methods.self_align.self_align import stage_prompts
+from selfalign.core.supervised import training_example
 
 
 class Config(StageConfig):
@@ -53,7 +52,7 @@ def run(ctx, config: Config, folder) -> dict:
     teacher = ctx.model_for(config, config.teacher)
     verbose = yaml_key(config.system_prompts, "verbose")
     short = yaml_key(config.system_prompts, "engraved")
-    prompts = stage_prompts(ctx, config)
+    prompts = ctx.stage_prompts(config)
     sampling = config.sampling.model_copy(update={"n": 1, "seed": config.sampling.seed or ctx.recipe.seed})
     store = open_rows(folder)
     jobs = [Job(pid, [{"role": "system", "content": verbose}, {"role": "user", "content": p}], {"prompt": p}) for pid, p in prompts]
