@@ -9,6 +9,7 @@ summary dict that the pipeline stores in the stage's done-marker.
 from __future__ import annotations
 
 from selfalign.evals import stage as eval_stage
+from selfalign.evals import winrate
 from selfalign.methods import generate
 from selfalign.methods.almost import compare, mine_prompts, reward_model, rlsf, self_play, sft
 from selfalign.methods.hhh_lab import context_distill, pm_scaling, pmp, prompt_gain
@@ -17,6 +18,7 @@ from selfalign.methods.self_align import engrave, self_align, self_instruct, ver
 STAGES = {
     "generate": generate,
     "eval": eval_stage,
+    "winrate": winrate,
     # Self-Align (Dromedary)
     "self_instruct": self_instruct,
     "self_align": self_align,

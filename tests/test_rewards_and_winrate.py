@@ -223,3 +223,31 @@ def test_generate_pair_and_run_winrate(tiny_engine, tiny_gemma_engine, rm):
     # a reward judge cannot depend on position: both orders agree
     for row in res["rows"]:
         assert row["judgements"]["a_first"]["result"] == row["judgements"]["b_first"]["result"] == row["outcome"]
+
+
+def test_winrate_stage_compares_two_stages_answers_with_a_reward_model(tmp_path, private_cache):
+    from selfalign.core.pipeline import RunContext
+    from selfalign.core.recipe import check_references, parse_recipe
+    from selfalign.core.rewards import build_tiny_reward_model
+    from selfalign.evals import winrate
+
+    rm = str(build_tiny_reward_model(tmp_path / "rm"))
+    recipe = parse_recipe({"name": "t", "model": "tiny:llama", "stages": [
+        {"stage": "generate", "name": "one", "prompts": "x"}, {"stage": "generate", "name": "two", "prompts": "x"},
+        {"stage": "winrate", "a": "@one", "b": "@two", "judge": rm}, {"stage": "winrate", "name": "same", "a": "@one", "b": "@one", "judge": rm}]})
+    check_references(recipe)
+    dirs = {}
+    for label, replies in (("one", ["Paris.", "Four.", "Blue.", "x"]), ("two", ["Lyon.", "Five.", "Green."])):
+        dirs[label] = tmp_path / label
+        dirs[label].mkdir()
+        rows = [{"id": f"{label}{i}", "prompt": f"Question {i}?", "sample": 0, "completion": r} for i, r in enumerate(replies)]
+        rows.append({"id": f"{label}-extra", "prompt": "Question 0?", "sample": 1, "completion": "ignored"})
+        (dirs[label] / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ctx = RunContext(recipe=recipe, run_dir=tmp_path, stage_dirs=dirs)
+    summary = winrate.run(ctx, recipe.stages[2], tmp_path / "03-winrate")
+    assert summary["prompts"] == 3 and summary["wins"] + summary["ties"] + summary["losses"] == 3  # common prompts only
+    results = json.loads((tmp_path / "03-winrate" / "results.json").read_text())
+    assert results["evals"]["winrate"]["models"] == {"a": "@one", "b": "@two"}
+    assert (tmp_path / "03-winrate" / "_done.json").exists()
+    same = winrate.run(ctx, recipe.stages[3], tmp_path / "04-same")
+    assert same["ties"] == 4 and same["winrate.win_rate"] == 0.5  # a stage against itself: every pair a tie

@@ -20,10 +20,20 @@ interval computed on that rate as if it were a proportion of n trials (an approx
 make the outcome three-valued). Per-order win-rates and the judge's position preference are
 reported too.
 
+As a stage (`winrate`), it compares the answers two earlier stages already wrote, so nothing is
+generated again: rows with a `prompt` and an `answer`, `completion` or `response` (the first sample
+of each prompt; rows marked `kept: false` are left out) are matched by prompt text, and a reward
+model judges each pair in both orders:
+
+    - stage: winrate
+      a: "@verbose_clone_answers"     # any earlier stage's rows (generate, self_align, ...)
+      b: "@base_answers"
+      judge: "@reward_model"          # a reward-model folder or the stage that trained one
+
 Simplifications: only the first completion per prompt is compared (`sampling.n` beyond 1 is
 ignored) and replies are stripped of surrounding whitespace; the LLM judge's prompt is always in
 the plain "Human:/Assistant:" format, whatever chat format its engine uses; nothing is resumable
-(no row store): results are computed in one go.
+(no row store): results are computed in one go (a reward model scores hundreds of pairs a minute).
 """
 
 from __future__ import annotations
@@ -32,9 +42,16 @@ import json
 import math
 import time
 from collections.abc import Sequence
+from pathlib import Path
+
+from pydantic import Field
 
 from selfalign.core.chat import Request, render_plain
 from selfalign.core.engines.base import Engine, Sampling
+from selfalign.core.errors import SelfAlignError
+from selfalign.core.progress import console
+from selfalign.core.recipe import StageConfig
+from selfalign.core.store import RowStore, write_json_atomic
 
 CI_METHOD = "wilson score interval, 95%, on (wins + ties/2) / n"
 OUTCOMES = ("win", "tie", "loss")
@@ -207,3 +224,49 @@ def run_winrate(engine_a: Engine, engine_b: Engine, judge, prompts: Sequence[Req
     """`generate_pair` then `winrate_eval`, naming the models by their references."""
     replies_a, replies_b = generate_pair(engine_a, engine_b, prompts, sampling)
     return winrate_eval(judge, prompts, replies_a, replies_b, names=(engine_a.model_ref, engine_b.model_ref))
+
+
+# -- the stage ----------------------------------------------------------------------------------
+class Config(StageConfig):
+    stage: str = "winrate"
+    a: str = Field(..., description="@stage (or a JSONL file) whose answers are A: rows with prompt and answer/completion/response")
+    b: str = Field(..., description="@stage (or a JSONL file) whose answers are B, matched to A's by prompt text")
+    judge: str = Field("@reward_model", description="the reward model that compares them: a folder or @stage")
+    max_prompts: int | None = Field(None, ge=1, description="compare at most N prompts (a seeded sample)")
+    batch_size: int = Field(8, ge=1, description="reward-model scoring batch")
+
+
+def answers(rows: list[dict]) -> dict[str, str]:
+    """{prompt: reply} of a stage's rows: the first sample of each prompt, kept rows only."""
+    out: dict[str, str] = {}
+    for row in rows:
+        reply = next((row[k] for k in ("answer", "completion", "response") if isinstance(row.get(k), str)), None)
+        if row.get("kept", True) is False or not row.get("prompt") or reply is None or row.get("sample", 0) != 0:
+            continue
+        out.setdefault(row["prompt"], reply.strip())
+    return out
+
+
+def run(ctx, config: Config, folder: Path) -> dict:
+    from selfalign.core.prompts import capped
+    from selfalign.core.rewards import RewardModel
+
+    judge = ctx.model(config, config.judge)
+    a, b = answers(ctx.rows(config.a, "a")), answers(ctx.rows(config.b, "b"))
+    prompts = capped([p for p in a if p in b], ctx.max_prompts(config.max_prompts), ctx.recipe.seed)
+    if not prompts:
+        raise SelfAlignError(f"{config.label}: {config.a} and {config.b} answered no prompt in common",
+                             "compare two stages that answered the same prompts")
+    result = winrate_eval(RewardJudge(RewardModel(judge, batch_size=config.batch_size)), prompts,
+                          [a[p] for p in prompts], [b[p] for p in prompts], names=(config.a, config.b))
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(folder / "results.json", {"model": f"{config.a} vs {config.b}", "judge": judge,
+                                                "evals": {"winrate": result}})
+    m = result["metrics"]["winrate"]
+    console.print(f"  {config.a} against {config.b}: win rate {m['win_rate']:.3f} "
+                  f"(95% CI {m['ci95_low']:.3f}-{m['ci95_high']:.3f}; {m['wins']} wins, {m['ties']} ties, {m['losses']} losses)")
+    summary = {"winrate.win_rate": round(m["win_rate"], 4), "winrate.ci95_low": round(m["ci95_low"], 4),
+               "winrate.ci95_high": round(m["ci95_high"], 4), "wins": m["wins"], "ties": m["ties"],
+               "losses": m["losses"], "prompts": len(prompts), "judge": judge}
+    RowStore(folder).mark_done(**summary)
+    return summary
