@@ -4,9 +4,10 @@ import math
 import pytest
 
 from selfalign.core.engines.base import Engine
+from selfalign.core.pairs import pair_verdict as verdict
 from selfalign.evals.common import resolve_system
 from selfalign.evals.data import HHHItem, TruthfulQAItem
-from selfalign.evals.hhh import evaluate_hhh, summarize, verdict
+from selfalign.evals.hhh import evaluate_hhh, summarize
 from selfalign.evals.truthfulqa import evaluate_truthfulqa, mc_scores, true_answers
 
 
