@@ -163,7 +163,7 @@ def eval_(
     Example: selfalign eval hhh truthfulqa --model embedded:gemma-3-270m --system hhh
     """
     from selfalign.core.models import DEFAULT_MODEL
-    from selfalign.core.pipeline import STARTED_FILE, run_recipe, stage_folder
+    from selfalign.core.pipeline import run_recipe, stage_folder
     from selfalign.core.recipe import parse_recipe
 
     model = DEFAULT_MODEL if model is None else model
@@ -176,7 +176,6 @@ def eval_(
     rec = parse_recipe(data, "selfalign eval")
     done = stage_folder(rec.run_dir(), 0, rec.stages[0]) / "_done.json"
     done.unlink(missing_ok=True)  # always recompute the summary; the per-item rows are reused
-    (done.parent / STARTED_FILE).unlink(missing_ok=True)  # they are keyed by model and system, so any settings may reuse them
     run_recipe(rec)
     console.print(f"results: {done.parent / 'results.json'}")
 

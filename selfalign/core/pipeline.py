@@ -5,14 +5,12 @@ wall time and the summary) and one sub-folder per stage, `NN-<name>/`. Each stag
 fingerprint (`selfalign.core.fingerprint`): its resolved settings, its model, the contents of the
 files it reads and the fingerprints of the earlier stages it reads. A stage whose done-marker
 records the same fingerprint is skipped; a stage killed half-way is run again and continues from
-its rows. A stage whose folder was made (or begun) with another fingerprint is never silently
-reused: the run stops before anything runs, naming the changed fields and the way out
+its rows. A finished stage whose fingerprint differs is never silently reused: the run stops before anything runs, naming the changed fields and the way out
 (`--fresh LABEL` redoes that stage and every stage after it, or a new `--out`).
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -23,13 +21,13 @@ import yaml
 from selfalign.core.engines import Engine, make_engine
 from selfalign.core.errors import SelfAlignError
 from selfalign.core.fingerprint import changed_fields, fingerprint, stage_settings
+from selfalign.core.inputs import read_json_object
 from selfalign.core.ledger import build_ledger
 from selfalign.core.progress import console
 from selfalign.core.prompts import capped, load_prompts
 from selfalign.core.recipe import Recipe, StageConfig, check_references
 from selfalign.core.store import DONE_FILE, ROWS_FILE, read_done, read_jsonl, write_json_atomic
 
-STARTED_FILE = "_started.json"  # the fingerprint of a stage that has begun but not finished
 BOOKKEEPING = ("fingerprint", "settings", "finished_at", "wall_s")
 
 
@@ -172,14 +170,15 @@ def _write_recipe_snapshot(recipe: Recipe, run_dir: Path) -> None:
 
 
 def load_run_record(recipe: Recipe, run_dir: Path) -> dict:
-    """`run.json`, or, when it is missing or unreadable (a kill, a full disk), the record rebuilt
-    from the stage folders' done-markers, which hold each stage's summary and wall time."""
-    try:
-        record = json.loads((run_dir / "run.json").read_text())
-        if isinstance(record, dict) and isinstance(record.get("stages"), dict):
-            return record
-    except (OSError, json.JSONDecodeError):
-        pass
+    """`run.json`, or, when it is missing (a kill before its first write, a deleted file), the record
+    rebuilt from the stage folders' done-markers, which hold each stage's summary and wall time. A
+    corrupt run.json is a one-line error: deleting it rebuilds it."""
+    path = run_dir / "run.json"
+    if path.exists():
+        try:
+            return read_json_object(path, "run record")
+        except SelfAlignError as exc:
+            raise SelfAlignError(exc.message, "delete it and run again: it is rebuilt from the stage folders") from None
     stages = {}
     for i, config in enumerate(recipe.stages):
         folder = stage_folder(run_dir, i, config)
@@ -204,8 +203,8 @@ def stage_fingerprints(recipe: Recipe) -> list[tuple[str, dict]]:
 
 
 def check_reuse(recipe: Recipe, run_dir: Path, prints: list[tuple[str, dict]], fresh: set[str]) -> int:
-    """Before anything runs: every stage folder left by an earlier run must have been made (or
-    begun) with this recipe's settings, up to the first stage asked `fresh`. Returns that stage's
+    """Before anything runs: every stage an earlier run finished must have been made with this
+    recipe's settings, up to the first stage asked `fresh`. Returns that stage's
     index (the number of stages when none is)."""
     labels = [c.label for c in recipe.stages]
     if unknown := sorted(fresh - set(labels)):
@@ -215,20 +214,12 @@ def check_reuse(recipe: Recipe, run_dir: Path, prints: list[tuple[str, dict]], f
     for i, config in enumerate(recipe.stages[:first_fresh]):
         folder = stage_folder(run_dir, i, config)
         info = read_done(folder)
-        what = "made"
-        if info is None:
-            started = folder / STARTED_FILE
-            try:
-                info = json.loads(started.read_text()) if started.exists() else None
-            except (OSError, json.JSONDecodeError):
-                info = None  # a torn write of the marker itself: the stage had not produced anything yet
-            what = "begun"
         if info is None or "fingerprint" not in info:
-            continue  # nothing there yet, or a stage finished by a selfalign that did not record fingerprints
+            continue  # not finished yet (it continues from its rows), or finished by a selfalign without fingerprints
         fp, settings = prints[i]
         if info["fingerprint"] != fp:
             raise SelfAlignError(
-                f"stage {config.label!r}: {folder} was {what} with other settings, so it is not reused; changed: "
+                f"stage {config.label!r}: {folder} was made with other settings, so it is not reused; changed: "
                 f"{changed_fields(info.get('settings') or {}, settings)}",
                 f"redo it and every stage after it with `--fresh {config.label}`, or choose a new --out")
     return first_fresh
@@ -269,7 +260,6 @@ def run_recipe(recipe: Recipe, run_dir: Path | None = None, fresh: list[str] | t
                 continue
             console.rule(f"[bold]{title}")
             folder.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(folder / STARTED_FILE, {"fingerprint": fp, "settings": settings})
             t0 = time.time()
             summary = STAGES[config.stage].run(ctx, config, folder) or {}
             entry = record["stages"].setdefault(config.label, {"wall_s": 0.0})
@@ -278,7 +268,6 @@ def run_recipe(recipe: Recipe, run_dir: Path | None = None, fresh: list[str] | t
             # the stage's own marker (its summary, e.g. the `model` a training stage wrote) gains the fingerprint
             done = read_done(folder) or {"finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **summary}
             write_json_atomic(folder / DONE_FILE, {**done, "fingerprint": fp, "settings": settings, "wall_s": entry["wall_s"]})
-            (folder / STARTED_FILE).unlink(missing_ok=True)
             write_json_atomic(run_dir / "run.json", record)
             console.print(f"  done in {time.time() - t0:.1f} s: {summary}")
     finally:

@@ -188,22 +188,16 @@ def write_json_atomic(path: str | Path, payload: Any) -> None:
 
 def read_done(folder: str | Path) -> dict | None:
     """A stage folder's done-marker, or None when the stage has not finished. A marker that is not
-    a JSON object is a one-line error: the stage cannot be trusted as finished."""
+    a JSON object is a one-line error (file, line, column): the stage cannot be trusted as finished."""
+    from selfalign.core.inputs import read_json_object
+
     path = Path(folder) / DONE_FILE
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+    if not path.exists():
         return None
-    except OSError as exc:
-        raise _os_error(path, exc, "read") from exc
     try:
-        info = json.loads(text)
-    except json.JSONDecodeError as exc:
-        info = exc
-    if not isinstance(info, dict):
-        raise SelfAlignError(f"{path}: the done-marker is corrupt (not a JSON object)",
-                             "delete that file to redo the stage; its rows are kept and reused")
-    return info
+        return read_json_object(path, "done-marker")
+    except SelfAlignError as exc:
+        raise SelfAlignError(exc.message, "delete that file to redo the stage; its rows are kept and reused") from None
 
 
 def replace_rows(folder: str | Path, rows: list[dict], filename: str = ROWS_FILE) -> RowStore:
