@@ -25,6 +25,21 @@ def test_filters_on_hand_made_answers(completion, why):
     assert sa.verdict(completion, EXEMPLAR_NGRAMS)[2] == why
 
 
+def test_an_answer_cut_off_by_the_token_cap_is_dropped():
+    """The trainer appends EOS to every kept answer: a cut-off one would teach stopping mid-sentence."""
+    completion = " Helpful.\n\nAssistant: Here are the steps. First, preheat the"
+    assert sa.verdict(completion, EXEMPLAR_NGRAMS, "length")[2] == "cut off at the token cap"
+    assert sa.verdict(completion, EXEMPLAR_NGRAMS, "stop")[2] is None
+
+
+def test_a_new_turn_of_either_side_ends_the_answer():
+    from selfalign.core.chat import truncate_at_stop
+
+    text = " Paris is the capital of France.\nAssistant: Paris is the capital of France."
+    assert truncate_at_stop(text, sa.STOPS) == (" Paris is the capital of France.", True)
+    assert truncate_at_stop(" Fine.\nAssistant (internal thoughts): more", sa.STOPS)[0] == " Fine."
+
+
 def test_leak_needs_a_full_run_of_eight_words():
     assert not sa.leaks_exemplar("the quick brown fox jumps over a lazy cat", EXEMPLAR_NGRAMS)  # 6 words in a row
     assert sa.leaks_exemplar("THE Quick brown fox, jumps over the lazy dog!", EXEMPLAR_NGRAMS)  # case and punctuation

@@ -55,7 +55,9 @@ THOUGHTS_TAG = _TEMPLATES["scaffold"]["thoughts_tag"]
 ANSWER_TAG = _TEMPLATES["scaffold"]["answer_tag"]
 PRINCIPLES_HEADING = _TEMPLATES["scaffold"]["principles_heading"]
 SEPARATOR = "\n\n###\n\n"
-STOPS = ["\n\nHuman:", "\nHuman:", "\n###"]
+# A new turn of either side ends the answer: a small base model that starts "Assistant:" again would
+# otherwise write a second answer into the first (and be dropped as repetitive, or teach run-ons).
+STOPS = ["\n\nHuman:", "\nHuman:", "\n###", "\nAssistant:", "\nAssistant ("]
 REFUSAL_OPENINGS = re.compile(_TEMPLATES["refusal_openings"], re.I)
 LEAK_NGRAM = 8
 
@@ -120,12 +122,16 @@ def opens_with_refusal(answer: str) -> bool:
     return REFUSAL_OPENINGS.match(answer.strip().replace("\u2019", "'")) is not None
 
 
-def verdict(completion: str, exemplar_ngrams: set) -> tuple[str | None, str | None, str | None]:
-    """(thoughts, answer, why dropped or None)."""
+def verdict(completion: str, exemplar_ngrams: set, finish_reason: str = "stop") -> tuple[str | None, str | None, str | None]:
+    """(thoughts, answer, why dropped or None). An answer cut off by the token cap is dropped: the
+    trainer appends an end-of-text token to every answer, so a cut-off one would teach the model to
+    stop mid-sentence (and a run-on that never ends is what the cap usually catches)."""
     parts = split_thoughts(completion)
     if parts is None:
         return None, None, "malformed: no internal thoughts or no answer"
     thoughts, answer = parts
+    if finish_reason == "length":
+        return thoughts, answer, "cut off at the token cap"
     if has_repeated_sentence(answer):
         return thoughts, answer, "repeated sentence"
     if leaks_exemplar(answer, exemplar_ngrams):
@@ -160,7 +166,7 @@ def run(ctx, config: Config, folder) -> dict:
     def build_row(job: Job, _, output) -> dict:
         t, answer_completion = output
         completion = f" {t.text.strip()}\n\n{ANSWER_TAG}{answer_completion.text}"
-        th, answer, why = verdict(completion, exemplar_ngrams)
+        th, answer, why = verdict(completion, exemplar_ngrams, answer_completion.finish_reason)
         return {"prompt_id": job.key, "prompt": job.data["prompt"], "thoughts": th, "answer": answer, "completion": completion,
                 "kept": why is None, "dropped": why, "finish_reason": answer_completion.finish_reason}
 
