@@ -31,11 +31,11 @@ def private_cache(tmp_path_factory):
 def tiny_engine(private_cache):
     from selfalign.core.engines.hf import HFEngine
 
-    return HFEngine("tiny:llama", batch_size=4)
+    return HFEngine("tiny:llama", batch_size=4, dtype="float32")  # float32 on a GPU too: tests compare to 1e-3
 
 
 @pytest.fixture(scope="session")
 def tiny_gemma_engine(private_cache):
     from selfalign.core.engines.hf import HFEngine
 
-    return HFEngine("tiny:gemma3", batch_size=4)
+    return HFEngine("tiny:gemma3", batch_size=4, dtype="float32")

@@ -118,7 +118,7 @@ def test_truthfulqa_best_answer_is_not_counted_twice(tmp_path):
 def test_resolve_system(tmp_path):
     assert resolve_system(None) is None
     hhh = resolve_system("hhh")
-    assert hhh.count("Human:") >= 14 and len(hhh.split()) > 2000
+    assert hhh.count("Human:") >= 14 and len(hhh.split()) > 1500  # the whole prompt, not a short version
     assert "harmless" in resolve_system("builtin:hhh_short")
     f = tmp_path / "sys.txt"
     f.write_text("  From a file.\n")

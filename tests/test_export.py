@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from selfalign.core.chat import render_plain
+from selfalign.core.chat import PLAIN_STOPS, render_plain
 from selfalign.core.errors import SelfAlignError
 from selfalign.core.training import LoraSettings, sft_train
 
@@ -73,7 +73,7 @@ def test_export_writes_a_merged_folder_equal_to_the_adapter_model(exported):
     for text in PROMPTS:
         torch.testing.assert_close(logits(merged, tok, text), logits(peft_model, tok, text), atol=1e-4, rtol=1e-4)
     gen = json.loads((out / "generation_config.json").read_text())
-    assert gen["stop_strings"] == ["\nHuman:", "\n\nHuman"] and gen["eos_token_id"] == tok.eos_token_id
+    assert gen["stop_strings"] == PLAIN_STOPS and gen["eos_token_id"] == tok.eos_token_id
 
 
 def test_exported_chat_template_reproduces_the_training_format(exported):

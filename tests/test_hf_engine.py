@@ -11,7 +11,7 @@ def naive_score(engine, context, continuation):
     """Full-sequence logits and log-softmax: the slow, obviously-right reference."""
     tok, model = engine.tokenizer, engine.model
     n_ctx = len(tok(context)["input_ids"])
-    ids = tok(context + continuation, return_tensors="pt")["input_ids"]
+    ids = tok(context + continuation, return_tensors="pt")["input_ids"].to(model.device)
     with torch.no_grad():
         lp = torch.log_softmax(model(ids).logits[0].float(), -1)
     return sum(lp[i - 1, ids[0, i]].item() for i in range(n_ctx, ids.shape[1]))

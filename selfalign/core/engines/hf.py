@@ -296,7 +296,7 @@ class HFEngine(Engine):
                 return self._logprob_sums(out, picks)
         logits = out.float()
         lse = torch.logsumexp(logits, dim=-1)
-        return [float((logits[b, p: p + len(t)].gather(-1, torch.tensor(t)[:, None]).squeeze(-1) - lse[b, p: p + len(t)]).sum())
+        return [float((logits[b, p: p + len(t)].gather(-1, torch.tensor(t, device=logits.device)[:, None]).squeeze(-1) - lse[b, p: p + len(t)]).sum())
                 for b, p, t in picks]
 
     @staticmethod
