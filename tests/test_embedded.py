@@ -28,7 +28,7 @@ def test_embedded_model_is_gemma_and_cached(gemma):
 def test_embedded_model_knows_a_fact(gemma):
     paris, banana = gemma.score("The capital of France is", [" Paris", " banana"])
     assert paris > banana + 3
-    text = gemma.generate(["The capital of France is"], __import__("selfalign").engines.Sampling(temperature=0, max_new_tokens=4))[0][0].text
+    text = gemma.generate(["The capital of France is"], __import__("selfalign.core.engines", fromlist=["Sampling"]).Sampling(temperature=0, max_new_tokens=4))[0][0].text
     assert "Paris" in text or "capital" in text
 
 
@@ -38,7 +38,7 @@ def test_quickstart_runs_on_the_embedded_model(tmp_path):
     res = subprocess.run([sys.executable, "-m", "selfalign.cli", "run", "--max-prompts", "2", "--out", str(out)],
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
-    rows = [json.loads(x) for x in next(out.glob("*-base_answers")).joinpath("rows.jsonl").read_text().splitlines()]
-    assert len(rows) == 2 and all(r["completion"].strip() for r in rows)
     record = json.loads((out / "run.json").read_text())
-    assert len(record["stages"]) == 9  # Self-Align end to end, HHH before and after
+    assert list(record["stages"]) == ["eval_base", "self_instruct", "self_align", "engrave", "eval_aligned"]
+    after = json.loads(next(out.glob("*-eval_aligned/results.json")).read_text())
+    assert {"behaviour", "hhh", "truthfulqa", "capability"} <= set(after["evals"])

@@ -19,6 +19,7 @@ def test_quickstart_end_to_end_with_a_kill_during_self_align(tmp_path):
     for stage in recipe["stages"]:
         if stage["stage"] == "self_align":
             stage["chunk"] = 1  # write rows prompt by prompt, so the kill lands half-way
+            stage["drop_cut_off"] = False  # a random tiny model never stops: keep its answers to train on
     path = tmp_path / "quick.yaml"
     path.write_text(yaml.safe_dump(recipe))
     env = {**os.environ, "SELFALIGN_DATA_DIR": str(make_fixture(tmp_path / "data"))}
@@ -35,12 +36,12 @@ def test_quickstart_end_to_end_with_a_kill_during_self_align(tmp_path):
     assert len(rows) == len({r["prompt_id"] for r in rows}) == 6  # every prompt once
     assert rows[: len(before)] == before
     record = json.loads((out / "run.json").read_text())
-    assert set(record["stages"]) == {"eval_base", "base_answers", "self_instruct", "self_align", "engrave",
-                                     "engraved_answers", "verbose_clone", "aligned_answers", "eval_aligned"}
+    assert set(record["stages"]) == {"eval_base", "self_instruct", "self_align", "engrave", "eval_aligned"}
     assert sum(i["lines"] for i in record["inputs"]) > 100  # the supervision budget is counted
-    aligned = json.loads(next(out.glob("*-verbose_clone/_done.json")).read_text())["model"]
+    aligned = json.loads(next(out.glob("*-engrave/_done.json")).read_text())["model"]
     assert os.path.exists(os.path.join(aligned, "adapter_config.json"))
     after = json.loads(next(out.glob("*-eval_aligned/results.json")).read_text())
-    assert after["model"] == aligned and set(after["evals"]["hhh"]["metrics"]) >= {"likelihood", "ab"}
+    assert after["model"] == aligned and set(after["evals"]["hhh"]["metrics"]) >= {"likelihood"}
+    assert {"behaviour", "truthfulqa", "capability"} <= set(after["evals"])
     report = subprocess.run([sys.executable, "-m", "selfalign.cli", "report", str(out)], capture_output=True, text=True)
     assert report.returncode == 0 and (out / "report.html").exists()

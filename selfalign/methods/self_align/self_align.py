@@ -72,6 +72,7 @@ class Config(StageConfig):
     thoughts_tokens: int = Field(96, ge=1, description="most tokens of internal thoughts (one line)")
     chunk: int = Field(64, ge=1, description="prompts answered (thoughts, then answers) before their rows are written")
     max_prompts: int | None = Field(None, ge=1)
+    drop_cut_off: bool = Field(True, description="drop answers cut off by the token cap (else keep them, trained with an EOS)")
 
     def human_inputs(self) -> list[tuple[str, str]]:
         return [(ref, asset_text(ref)) for ref in (self.principles, self.exemplars, self.system_prompts, TEMPLATES_REF)]
@@ -166,7 +167,8 @@ def run(ctx, config: Config, folder) -> dict:
     def build_row(job: Job, _, output) -> dict:
         t, answer_completion = output
         completion = f" {t.text.strip()}\n\n{ANSWER_TAG}{answer_completion.text}"
-        th, answer, why = verdict(completion, exemplar_ngrams, answer_completion.finish_reason)
+        th, answer, why = verdict(completion, exemplar_ngrams,
+                                  answer_completion.finish_reason if config.drop_cut_off else "stop")
         return {"prompt_id": job.key, "prompt": job.data["prompt"], "thoughts": th, "answer": answer, "completion": completion,
                 "kept": why is None, "dropped": why, "finish_reason": answer_completion.finish_reason}
 
