@@ -82,3 +82,17 @@ def test_done_marker_and_dataset(tmp_path):
 def test_row_without_id_is_refused(tmp_path):
     with pytest.raises(ValueError):
         RowStore(tmp_path).append([{"text": "no id"}])
+
+
+def test_rows_with_unicode_line_separators_survive_a_round_trip(tmp_path):
+    """json.dumps(ensure_ascii=False) writes U+2028, U+0085 and U+001C as they are; a JSONL reader
+    that splits on them (str.splitlines) breaks the row in two. Random-byte models write them."""
+    from selfalign.core.inputs import read_jsonl as read_user_jsonl
+    from selfalign.core.store import RowStore, read_jsonl
+
+    text = "a\u2028b\x85c\x1cd\re"
+    store = RowStore(tmp_path / "s")
+    store.append([{"id": "x", "text": text}, {"id": "y", "text": "plain"}])
+    assert [r["text"] for r in RowStore(tmp_path / "s")] == [text, "plain"]
+    assert [r["text"] for r in read_jsonl(store.path)] == [text, "plain"]
+    assert [v["text"] for _, v in read_user_jsonl(store.path)] == [text, "plain"]

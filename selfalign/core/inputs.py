@@ -120,4 +120,4 @@ def parse_json_line(line: str, path: str | Path, lineno: int) -> Any:
 def read_jsonl(path: str | Path, what: str = "JSONL file") -> list[tuple[int, Any]]:
     """(line number, parsed value) of every non-blank line."""
     return [(lineno, parse_json_line(line, path, lineno))
-            for lineno, line in enumerate(read_text(path, what).splitlines(), start=1) if line.strip()]
+            for lineno, line in enumerate(read_text(path, what).split("\n"), start=1) if line.strip()]  # "\n" only: JSONL

@@ -79,7 +79,9 @@ class RowStore:
                 raise _os_error(side, exc, "set the half-written last row aside in") from exc
             data = data[:cut]
         rows = []
-        for lineno, line in enumerate(data.decode("utf-8").splitlines(), start=1):
+        # JSONL lines end at "\n" only: str.splitlines() would also split inside a row at the U+2028, U+0085
+        # and similar characters that json.dumps(ensure_ascii=False) writes as they are.
+        for lineno, line in enumerate(data.decode("utf-8").split("\n"), start=1):
             if not line.strip():
                 continue
             try:
@@ -162,7 +164,7 @@ def read_jsonl(path: str | Path) -> list[dict]:
     """Read a JSONL file written by anyone (no repair): errors name the file and the line."""
     path = Path(path)
     rows = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):  # "\n" only, as above
         if line.strip():
             try:
                 rows.append(json.loads(line))
