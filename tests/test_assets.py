@@ -81,9 +81,9 @@ def test_hhh_dialogues_do_not_repeat_a_training_prompt():
 
 # -- seeds and filters --------------------------------------------------------------------------------
 def test_hhh_lab_prompt_sets_are_disjoint():
-    """The PMP corpus and the fine-tuning comparisons of recipes/hhh_lab.yaml come from two prompt
+    """The PMP corpus and the fine-tuning comparisons of selfalign/recipes/hhh_lab.yaml come from two prompt
     sets that must not share a prompt or a near copy (ROUGE-L > 0.7, the self-instruct rule)."""
-    recipe = yaml.safe_load((ROOT / "recipes" / "hhh_lab.yaml").read_text())
+    recipe = yaml.safe_load((ROOT / "selfalign" / "recipes" / "hhh_lab.yaml").read_text())
     refs = [s["prompts"] for s in recipe["stages"] if s.get("name") in ("pmp_corpus", "target")]
     assert len(refs) == 2 and refs[0] != refs[1]
     a, b = ([p.text for p in load_prompts(r)] for r in refs)
