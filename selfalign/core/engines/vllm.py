@@ -134,7 +134,7 @@ class VLLMEngine(Engine):
                 n_prompt = len(prompt["prompt_token_ids"])
                 comps = [
                     Completion(o.text, "length" if o.finish_reason == "length" else "stop", len(o.token_ids), n_prompt,
-                               stop_string=o.stop_reason if isinstance(o.stop_reason, str) else None)
+                               stop_string=o.stop_reason if isinstance(getattr(o, "stop_reason", None), str) else None)
                     for o in out.outputs
                 ]
                 batch.append((i, comps))
