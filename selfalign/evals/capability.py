@@ -28,16 +28,9 @@ from selfalign.core.engines.base import Engine
 from selfalign.core.errors import SelfAlignError
 from selfalign.core.store import RowStore, row_id
 from selfalign.evals.common import score_rows_resumably
+from selfalign.evals.data import CAPABILITY_WHY
 
 # task folder under bigbench/benchmark_tasks/ -> why it is in the battery (base-model accuracy vs chance)
-CAPABILITY_WHY: dict[str, str] = {
-    "general_knowledge": "everyday facts (70 items, ~7.6 choices); base 57.5% of 40 items vs 13.6% chance: "
-                         "what a model knows, which fine-tuning on its own answers could erode",
-    "arithmetic/1_digit_addition": "one-digit sums (100 items, ~6.4 choices); base 42.5% of 40 vs 16.6% chance "
-                                   "(55% per character): a skill, not a fact, that no alignment data teaches",
-    "human_organs_senses": "which organ does what (42 items, 4 choices); base 50% of 40 vs 25% chance: "
-                           "short plain-language knowledge questions, the register the assistant is trained in",
-}
 CAPABILITY_FILES = {name: f"{name}/task.json" for name in CAPABILITY_WHY}
 
 

@@ -53,7 +53,17 @@ from pathlib import Path
 
 from selfalign.core.errors import SelfAlignError
 from selfalign.core.paths import cache_dir
-from selfalign.evals.capability import CAPABILITY_WHY
+
+# The capability battery's tasks (evals/capability.py scores them), with why each was chosen; kept here
+# because this module decides which files are fetched.
+CAPABILITY_WHY: dict[str, str] = {
+    "general_knowledge": "everyday facts (70 items, ~7.6 choices); base 57.5% of 40 items vs 13.6% chance: "
+                         "what a model knows, which fine-tuning on its own answers could erode",
+    "arithmetic/1_digit_addition": "one-digit sums (100 items, ~6.4 choices); base 42.5% of 40 vs 16.6% chance "
+                                   "(55% per character): a skill, not a fact, that no alignment data teaches",
+    "human_organs_senses": "which organ does what (42 items, 4 choices); base 50% of 40 vs 25% chance: "
+                           "short plain-language knowledge questions, the register the assistant is trained in",
+}
 
 HHH_CATEGORIES = ("harmless", "helpful", "honest", "other")
 HHH_COUNTS = {"harmless": 58, "helpful": 59, "honest": 61, "other": 43}
