@@ -8,10 +8,15 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
 from rich.table import Table
 
 from selfalign.core.errors import SelfAlignError
 from selfalign.core.progress import console
+
+# What a command was asked for (tables, paths, values) goes to stdout, so it can be piped; progress,
+# warnings and errors go to `console` (stderr).
+result_console = Console(soft_wrap=True)
 
 app = typer.Typer(
     name="selfalign",
@@ -124,7 +129,7 @@ def generate(
     }
     rec = parse_recipe(data, "selfalign generate")
     record = run_recipe(rec, fresh=fresh or ())
-    console.print(f"rows: {rec.run_dir() / '01-generate' / 'rows.jsonl'}")
+    result_console.print(f"rows: {rec.run_dir() / '01-generate' / 'rows.jsonl'}")
     _print_run_summary(rec.run_dir(), record)
 
 
@@ -177,7 +182,7 @@ def eval_(
     done = stage_folder(rec.run_dir(), 0, rec.stages[0]) / "_done.json"
     done.unlink(missing_ok=True)  # always recompute the summary; the per-item rows are reused
     run_recipe(rec)
-    console.print(f"results: {done.parent / 'results.json'}")
+    result_console.print(f"results: {done.parent / 'results.json'}")
 
 
 @app.command()
@@ -222,7 +227,7 @@ def export(
 
     written = do_export(run_dir, to, stage=stage, adapter_only=adapter_only, gguf=gguf)
     for key, value in written.items():
-        console.print(f"{key}: {value}")
+        result_console.print(f"{key}: {value}")
 
 
 @app.command()
@@ -257,7 +262,7 @@ def report(
     from selfalign.core.report import build_report
 
     path = build_report(run_dir, out)
-    console.print(f"report: {path}")
+    result_console.print(f"report: {path}")
 
 
 @app.command()
@@ -280,19 +285,19 @@ def stages(
         for key, module in STAGES.items():
             doc = inspect.getdoc(module) or ""
             table.add_row(key, doc.split("\n\n")[0].replace("\n", " "))
-        console.print(table)
+        result_console.print(table)
         recipes = Table(title="shipped recipes (selfalign run NAME)")
         recipes.add_column("recipe")
         recipes.add_column("description")
         for path in sorted(builtin_recipes_dir().glob("*.yaml")):
             data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
             recipes.add_row(path.stem, str(data.get("description", "")))
-        console.print(recipes)
+        result_console.print(recipes)
         return
     if name not in STAGES:
         raise SelfAlignError(f"no stage named {name!r}", f"stages: {', '.join(STAGES)}")
     module = STAGES[name]
-    console.print(inspect.getdoc(module) or "", markup=False, highlight=False)
+    result_console.print(inspect.getdoc(module) or "", markup=False, highlight=False)
     table = Table(title=f"fields of `stage: {name}`")
     for col in ("field", "default", "what"):
         table.add_column(col, overflow="fold")
@@ -302,7 +307,7 @@ def stages(
         default = info.default_factory() if info.default_factory else info.default
         shown = "(required)" if info.is_required() else repr(default.model_dump() if hasattr(default, "model_dump") else default)
         table.add_row(field, shown, info.description or "")
-    console.print(table)
+    result_console.print(table)
 
 
 @app.command()
@@ -327,16 +332,16 @@ def models():
         table.add_row(f"tiny:{arch}", f"2-layer random {arch} with a byte tokenizer (tests)", "built on first use, seconds")
     table.add_row("PATH", "a save_pretrained folder, a PEFT adapter folder or a .gguf file", "")
     table.add_row("ORG/NAME", "a Hugging Face hub id (needs network; HF_HUB_OFFLINE respected)", "")
-    console.print(table)
+    result_console.print(table)
     cache = Table(title=f"model cache ({models_cache_dir()})")
     cache.add_column("folder")
     cache.add_column("source")
     cache.add_column("size", justify="right")
     for item in cached_models():
         cache.add_row(Path(item["folder"]).name, item["source"], f"{item['bytes'] / 1e6:.0f} MB")
-    console.print(cache)
+    result_console.print(cache)
     engines = "hf, openai" + (", vllm" if importlib.util.find_spec("vllm") else " (vllm: pip install 'selfalign[vllm]')")
-    console.print(f"engines: {engines}")
+    result_console.print(f"engines: {engines}")
 
 
 def _quiet_library_deprecations() -> None:
