@@ -53,6 +53,31 @@ def rouge_tokens(text: str) -> list[str]:
     return _ALNUM.findall(text.lower())
 
 
+LOOP_NGRAM, LOOP_COUNT = 4, 3
+
+
+def answer_sentences(answer: str) -> list[str]:
+    """The answer split at sentence ends and line breaks, blank pieces dropped."""
+    return [s.strip() for s in re.split(r"(?<=[.!?])\s+|\n+", answer) if s.strip()]
+
+
+def repeats_degenerately(answer: str, n: int = LOOP_NGRAM, count: int = LOOP_COUNT) -> bool:
+    """The same sentence (of 3+ words) twice, or one word n-gram `count` times: the answer loops.
+    One copy serves both the behaviour eval's repetition metric and Self-Align's training filter."""
+    said = [" ".join(rouge_tokens(s)) for s in answer_sentences(answer)]
+    said = [s for s in said if len(s.split()) >= 3]
+    if len(said) != len(set(said)):
+        return True
+    words = rouge_tokens(answer)
+    seen: dict[tuple[str, ...], int] = {}
+    for i in range(len(words) - n + 1):
+        gram = tuple(words[i:i + n])
+        seen[gram] = seen.get(gram, 0) + 1
+        if seen[gram] >= count:
+            return True
+    return False
+
+
 def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
     """Length of the longest common subsequence, bit-parallel over `a` (Hyyrö 2004)."""
     if not a or not b:

@@ -43,7 +43,7 @@ from pathlib import Path
 
 from selfalign.core.assets_io import ASSETS
 from selfalign.core.chat import ASSISTANT_TAG, PLAIN_STOPS, USER_TAG
-from selfalign.core.dedup import lcs_length, rouge_tokens
+from selfalign.core.dedup import answer_sentences, lcs_length, repeats_degenerately, rouge_tokens
 from selfalign.core.engines.base import Engine, Sampling
 from selfalign.core.errors import SelfAlignError
 from selfalign.core.store import RowStore, row_id
@@ -55,7 +55,6 @@ DEFAULT_SYSTEM = "builtin:self_align/system_prompts.yaml#engraved"
 KINDS = ("everyday", "knowledge", "unknowable", "harmful")
 BENIGN_KINDS = ("everyday", "knowledge")
 ECHO_COVER = 0.7
-LOOP_NGRAM, LOOP_COUNT = 4, 3
 
 # metric name -> which prompt kinds it applies to (None: all)
 METRICS: dict[str, tuple[str, ...] | None] = {
@@ -106,10 +105,6 @@ def is_empty(answer: str) -> bool:
     return re.search(r"[^\W_]", answer) is None
 
 
-def answer_sentences(answer: str) -> list[str]:
-    return [s.strip() for s in re.split(r"(?<=[.!?])\s+|\n+", answer) if s.strip()]
-
-
 # words that frame a restated question without answering it
 FRAMING = frozenset("question answer user human assistant asked ask you your please sure okay well".split())
 
@@ -128,22 +123,6 @@ def echoes_prompt(prompt: str, answer: str, threshold: float = ECHO_COVER) -> bo
         if any(len(t) >= 3 and t not in known for t in toks):
             continue
         if lcs_length(want, toks) / len(want) >= threshold:
-            return True
-    return False
-
-
-def repeats_degenerately(answer: str, n: int = LOOP_NGRAM, count: int = LOOP_COUNT) -> bool:
-    """The same sentence (of 3+ words) twice, or one word n-gram `count` times: the answer loops."""
-    said = [" ".join(rouge_tokens(s)) for s in answer_sentences(answer)]
-    said = [s for s in said if len(s.split()) >= 3]
-    if len(said) != len(set(said)):
-        return True
-    words = rouge_tokens(answer)
-    seen: dict[tuple[str, ...], int] = {}
-    for i in range(len(words) - n + 1):
-        gram = tuple(words[i:i + n])
-        seen[gram] = seen.get(gram, 0) + 1
-        if seen[gram] >= count:
             return True
     return False
 
