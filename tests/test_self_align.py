@@ -17,9 +17,14 @@ EXEMPLAR_NGRAMS = sa.word_ngrams("the quick brown fox jumps over the lazy dog ne
     ("\n\nAssistant: An answer with no thoughts.", "malformed: no internal thoughts or no answer"),
     (" Thinking.\n\nAssistant:   ", "malformed: no internal thoughts or no answer"),
     (" Helpful.\n\nAssistant: Water boils at 100 C. It is hot. Water boils at 100 C.", "repeated sentence"),
+    (" Helpful.\n\nAssistant: I don't know the time, I don't know the time, I don't know the time either", "a phrase loops"),
+    (" Helpful.\n\nAssistant: Stir the sauce well, stir the sauce well.", None),  # the 4-word run only twice
     (" Candor.\n\nAssistant: As I said, the quick brown fox jumps over the lazy dog near here.", "copies an exemplar"),
     (" Ethical.\n\nAssistant: I'm sorry, but I cannot help with that.", "opens with a refusal formula"),
     (" Ethical.\n\nAssistant: As an AI, I have no opinions.", "opens with a refusal formula"),
+    (" Honest.\n\nAssistant: I'm not sure. I don\u2019t know what to say, but I'm not sure.", "only hedges"),
+    (" Honest.\n\nAssistant: I'm not sure, but most people say Paris.", None),  # a hedge with content after it
+    (" Honest.\n\nAssistant: I don't know, because nobody can see next week's numbers.", None),  # a reason
 ])
 def test_filters_on_hand_made_answers(completion, why):
     assert sa.verdict(completion, EXEMPLAR_NGRAMS)[2] == why

@@ -25,8 +25,11 @@ the answer. A large model follows the exemplars' format unprompted; gemma-3-270m
 and the paper's "keep only well-formed outputs" filter would then keep almost nothing.
 
 Every answer is kept or dropped by pure, unit-tested filters, and a dropped row records why:
-malformed (no thoughts or no answer section), a repeated sentence, text leaked from an exemplar
-(a shared run of 8+ words), or an answer that opens with a stock refusal formula (an apology or "as an AI"). All rows, kept or not,
+malformed (no thoughts or no answer section), cut off by the token cap, a repeated sentence, a phrase
+that loops (one 4-word run three times: the same rule as the behaviour eval's repetition metric, applied
+here to training answers only), text leaked from an exemplar
+(a shared run of 8+ words), an answer that opens with a stock refusal formula (an apology or "as an AI"),
+or one that only hedges (every sentence opens "I'm not sure", "I don't know" and the like). All rows, kept or not,
 go to `rows.jsonl` (`kept`, `dropped`), so the filter is auditable. The wording and the exact
 filter thresholds are this project's (the paper publishes the rules, not the numbers).
 """
@@ -39,6 +42,7 @@ from collections import Counter
 from pydantic import Field
 
 from selfalign.core.assets_io import asset_text, load_yaml_list, load_yaml_mapping, yaml_key
+from selfalign.core.dedup import answer_sentences, repeats_degenerately
 from selfalign.core.engines import Sampling
 from selfalign.core.generation import Job, generate_rows, open_rows
 from selfalign.core.progress import console
@@ -50,7 +54,7 @@ from selfalign.core.recipe import StageConfig
 # an honest "I can't see live scores" is not listed: on a harmful or unanswerable prompt that is the
 # answer to keep, and a filter that drops it keeps the answers that comply instead.
 TEMPLATES_REF = "builtin:self_align/templates.yaml"
-_TEMPLATES = load_yaml_mapping(TEMPLATES_REF, ("scaffold", "refusal_openings"))
+_TEMPLATES = load_yaml_mapping(TEMPLATES_REF, ("scaffold", "refusal_openings", "hedges"))
 THOUGHTS_TAG = _TEMPLATES["scaffold"]["thoughts_tag"]
 ANSWER_TAG = _TEMPLATES["scaffold"]["answer_tag"]
 PRINCIPLES_HEADING = _TEMPLATES["scaffold"]["principles_heading"]
@@ -59,6 +63,8 @@ SEPARATOR = "\n\n###\n\n"
 # otherwise write a second answer into the first (and be dropped as repetitive, or teach run-ons).
 STOPS = ["\n\nHuman:", "\nHuman:", "\n###", "\nAssistant:", "\nAssistant ("]
 REFUSAL_OPENINGS = re.compile(_TEMPLATES["refusal_openings"], re.I)
+HEDGE_OPENINGS = re.compile(_TEMPLATES["hedges"], re.I)
+CLAUSE_BREAK = re.compile(r",\s*(?:but|and|so)\s+|;\s*|\s+because\s+", re.I)
 LEAK_NGRAM = 8
 
 
@@ -123,6 +129,15 @@ def opens_with_refusal(answer: str) -> bool:
     return REFUSAL_OPENINGS.match(answer.strip().replace("\u2019", "'")) is not None
 
 
+def only_hedges(answer: str) -> bool:
+    """Every sentence and clause opens with "I'm not sure", "I don't know" and the like: the answer says nothing
+    but that the model is unsure. (An honest "I can't know tomorrow's prices, because..." is kept: its
+    second clause gives the reason.) Left in, these teach a small model to hedge on every prompt."""
+    clauses = [c.strip() for s in answer_sentences(answer.replace("\u2019", "'")) for c in CLAUSE_BREAK.split(s)]
+    clauses = [c for c in clauses if c]
+    return bool(clauses) and all(HEDGE_OPENINGS.match(c) for c in clauses)
+
+
 def verdict(completion: str, exemplar_ngrams: set, finish_reason: str = "stop") -> tuple[str | None, str | None, str | None]:
     """(thoughts, answer, why dropped or None). An answer cut off by the token cap is dropped: the
     trainer appends an end-of-text token to every answer, so a cut-off one would teach the model to
@@ -135,10 +150,14 @@ def verdict(completion: str, exemplar_ngrams: set, finish_reason: str = "stop") 
         return thoughts, answer, "cut off at the token cap"
     if has_repeated_sentence(answer):
         return thoughts, answer, "repeated sentence"
+    if repeats_degenerately(answer):
+        return thoughts, answer, "a phrase loops"
     if leaks_exemplar(answer, exemplar_ngrams):
         return thoughts, answer, "copies an exemplar"
     if opens_with_refusal(answer):
         return thoughts, answer, "opens with a refusal formula"
+    if only_hedges(answer):
+        return thoughts, answer, "only hedges"
     return thoughts, answer, None
 
 
