@@ -248,7 +248,6 @@ def run_recipe(recipe: Recipe, run_dir: Path | None = None, fresh: list[str] | t
     record.update(model=recipe.model, engine=recipe.engine.name, seed=recipe.seed, inputs=ledger["inputs"],
                   supervision={k: ledger[k] for k in ("words", "lines", "not_counted")},
                   started_at=record.get("started_at") or time.strftime("%Y-%m-%dT%H:%M:%S"))
-    write_json_atomic(run_dir / "run.json", record)
     ctx = RunContext(recipe=recipe, run_dir=run_dir)
     try:
         for i, (config, (fp, settings)) in enumerate(zip(recipe.stages, prints, strict=True)):
@@ -259,7 +258,6 @@ def run_recipe(recipe: Recipe, run_dir: Path | None = None, fresh: list[str] | t
                 console.print(f"[dim]{title}: done earlier, skipped ({folder})[/]")
                 continue
             console.rule(f"[bold]{title}")
-            folder.mkdir(parents=True, exist_ok=True)
             t0 = time.time()
             summary = STAGES[config.stage].run(ctx, config, folder) or {}
             entry = record["stages"].setdefault(config.label, {"wall_s": 0.0})
@@ -270,6 +268,9 @@ def run_recipe(recipe: Recipe, run_dir: Path | None = None, fresh: list[str] | t
             write_json_atomic(folder / DONE_FILE, {**done, "fingerprint": fp, "settings": settings, "wall_s": entry["wall_s"]})
             write_json_atomic(run_dir / "run.json", record)
             console.print(f"  done in {time.time() - t0:.1f} s: {summary}")
+        # written after each stage and once at the end (a rebuilt record when every stage was skipped), never
+        # before a stage has finished: a run that stops on a bad input leaves run.json as it was
+        write_json_atomic(run_dir / "run.json", record)
     finally:
         ctx.close()
     return record
