@@ -21,6 +21,8 @@ def test_almost_cpu_recipe_end_to_end_with_a_kill_during_compare(tmp_path):
             stage.update(max_steps=2, heldout=2)
         if stage["stage"] == "mine_prompts":
             stage["include_seeds"] = True  # a random tiny model mines little; the seeds keep the run fed
+        if stage["stage"] == "eval" and "behaviour" in stage.get("evals", []):
+            stage.update(limit=2, max_new_tokens=16)  # 2 items per category or kind: the full sets are slow here
         if stage["stage"] == "compare":
             stage["bad_filter"] = False  # a random model's bytes fail every BAD rule; verdicts are still recorded
     path = tmp_path / "almost.yaml"

@@ -29,6 +29,8 @@ def test_hhh_lab_recipe_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, privat
     for stage in recipe["stages"]:
         if stage["stage"] == "pm_scaling":
             stage.update(sizes=[1, 2], epochs=1)
+        if stage["stage"] == "eval":
+            stage.update(limit=2, max_new_tokens=16)  # 2 items per category or kind: the full sets are slow here
         if stage["stage"] == "context_distill":
             stage.update(system="You are a careful, honest and kind assistant.", k=8)  # the 5k-token prompt is slow here
     out = tmp_path / "run"
@@ -37,7 +39,8 @@ def test_hhh_lab_recipe_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, privat
     assert list(record["stages"]) == ["eval_plain", "eval_prompted", "context_distill", "eval_distilled", "prompt_gain",
                                       "pmp_corpus", "target", "pmp", "pm_scaling"]
     gain = json.loads(next(out.glob("*-prompt_gain/results.json")).read_text())
-    assert {(r["metric"], r["key"]) for r in gain["rows"]} >= {("likelihood", "overall"), ("ab", "overall")}
+    assert ("hhh", "likelihood", "overall") in {(r["eval"], r["metric"], r["key"]) for r in gain["rows"]}
+    assert {r["eval"] for r in gain["rows"]} >= {"hhh", "truthfulqa", "behaviour"}
     points = [json.loads(x) for x in next(out.glob("*-pm_scaling/rows.jsonl")).read_text().splitlines()]
     assert {(p["objective"], p["n"], bool(p.get("init"))) for p in points} == {
         *((o, n, False) for o in ("ranked", "binary", "imitation") for n in (1, 2)), ("ranked", 1, True), ("ranked", 2, True)}
