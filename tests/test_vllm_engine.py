@@ -215,3 +215,68 @@ def test_peft_adapter_served_with_lora_request(fake_vllm, hf, tmp_path):
     eng.score("Hi", [" there"])
     for call in llm.calls:
         assert call["lora_request"].lora_path == str(adapter)
+
+
+# -- parallelism: passed through to vllm.LLM; seeds never come from a rank ----------------------------
+
+
+class FakeDataParallelLLM(FakeLLM):
+    """vLLM data parallelism the way its pitfall goes: the requests of a call are dealt round-robin to
+    `data_parallel_size` ranks, and a rank samples a request that carries no seed of its own from the
+    engine's seed plus a rank-local counter, so two ranks draw the same samples for their first request."""
+
+    def generate(self, prompts, sampling_params, use_tqdm=True, lora_request=None):
+        import copy
+
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
+        self.calls.append({"prompts": prompts, "params": params, "lora_request": lora_request})
+        ranks = self.kwargs.get("data_parallel_size") or 1
+        out = [None] * len(prompts)
+        for rank in range(ranks):
+            for counter, k in enumerate(range(rank, len(prompts), ranks)):
+                sp = params[k]
+                if sp.seed is None:
+                    sp = copy.copy(sp)
+                    sp.seed = self.kwargs.get("seed", 0) + counter
+                out[k] = self._one(prompts[k]["prompt_token_ids"], sp)
+        return out
+
+
+def test_parallelism_from_the_recipe_reaches_vllm_llm(fake_vllm, hf):
+    from selfalign.core.recipe import EngineConfig
+
+    options = EngineConfig(name="vllm", tensor_parallel_size=2, pipeline_parallel_size=2, data_parallel_size=4).options()
+    make_engine("vllm", "tiny:llama", **options)
+    kw = FakeLLM.last.kwargs
+    assert (kw["tensor_parallel_size"], kw["pipeline_parallel_size"], kw["data_parallel_size"]) == (2, 2, 4)
+    make_engine("vllm", "tiny:llama", **EngineConfig(name="vllm").options())  # unset: vLLM's own defaults
+    assert not {"tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"} & set(FakeLLM.last.kwargs)
+
+
+def test_data_parallel_ranks_never_duplicate_rows(fake_vllm, hf, monkeypatch, tmp_path):
+    """A `generate` stage on 2 data-parallel ranks writes exactly the rows of 1 rank: every request
+    carries its own seed (from the sampling seed and its prompt), so no rank falls back to a
+    rank-local counter, and two prompts' rows never come out as copies of each other."""
+    from selfalign.core.pipeline import run_recipe
+    from selfalign.core.recipe import parse_recipe
+    from selfalign.core.store import read_jsonl
+
+    monkeypatch.setattr(fake_vllm, "LLM", FakeDataParallelLLM)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(["Hello", "Hello there", "Tell me a story", "Why?", "What is two plus two?", "Hi"]))
+
+    def rows(dp: int) -> list[dict]:
+        engine = {"name": "vllm", **({"data_parallel_size": dp} if dp > 1 else {})}
+        recipe = parse_recipe({"name": f"dp{dp}", "model": "tiny:llama", "engine": engine, "stages": [
+            {"stage": "generate", "prompts": str(prompts), "sampling": {"n": 2, "temperature": 1.0, "max_new_tokens": 6}}]})
+        run_recipe(recipe, tmp_path / f"dp{dp}")
+        assert all(p.seed is not None for c in FakeLLM.last.calls for p in c["params"])
+        return read_jsonl(tmp_path / f"dp{dp}" / "01-generate" / "rows.jsonl")
+
+    one, two = rows(1), rows(2)
+    assert FakeLLM.last.kwargs["data_parallel_size"] == 2
+    assert len(two) == 12 and len({r["id"] for r in two}) == 12
+    key = lambda r: (r["prompt_id"], r["sample"])  # noqa: E731
+    assert sorted((key(r), r["id"], r["completion"]) for r in two) == sorted((key(r), r["id"], r["completion"]) for r in one)
+    firsts = [r["completion"] for r in two if r["sample"] == 0]
+    assert len(set(firsts)) == len(firsts)  # no two prompts' rows are the same draw

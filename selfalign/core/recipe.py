@@ -28,6 +28,9 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+PARALLELISM = ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size")
+
+
 class EngineConfig(Strict):
     """Which engine runs the models, and its options (each engine ignores the others' options)."""
 
@@ -41,6 +44,19 @@ class EngineConfig(Strict):
     api_key_env: str = Field("OPENAI_API_KEY", description="openai: environment variable holding the API key")
     max_concurrency: int = Field(8, ge=1, description="openai: requests in flight at once")
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="vllm: fraction of GPU memory to use")
+    # vLLM's own parallelism, passed to vllm.LLM as they are; they change where the work runs, not the rows
+    # (each request's seed comes from the sampling seed and its prompt), so they are not in a stage's fingerprint
+    tensor_parallel_size: int | None = Field(None, ge=1, description="vllm: GPUs each model is split across (tensor parallel)")
+    pipeline_parallel_size: int | None = Field(None, ge=1, description="vllm: pipeline stages the layers are split into")
+    data_parallel_size: int | None = Field(None, ge=1, description="vllm: model replicas serving the requests (data parallel)")
+
+    @model_validator(mode="after")
+    def _parallelism_needs_vllm(self) -> EngineConfig:
+        given = [f for f in PARALLELISM if getattr(self, f) is not None]
+        if given and self.name != "vllm":
+            raise ValueError(f"{given[0]} is a vllm setting; the {self.name} engine runs each model in one process "
+                             "(use engine: {name: vllm}, or `workers:` on a generation stage to spread it over Ray)")
+        return self
 
     def options(self) -> dict[str, Any]:
         """Keyword arguments for `make_engine` for the chosen engine."""
@@ -49,7 +65,8 @@ class EngineConfig(Strict):
             return {**common, "device": self.device, "dtype": self.dtype, "trust_remote_code": self.trust_remote_code}
         if self.name == "vllm":
             return {**common, "dtype": self.dtype, "trust_remote_code": self.trust_remote_code,
-                    "gpu_memory_utilization": self.gpu_memory_utilization}
+                    "gpu_memory_utilization": self.gpu_memory_utilization,
+                    **{f: getattr(self, f) for f in PARALLELISM if getattr(self, f) is not None}}
         return {**common, "base_url": self.base_url, "api_key_env": self.api_key_env,
                 "max_concurrency": self.max_concurrency}
 
