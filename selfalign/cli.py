@@ -62,8 +62,7 @@ def run(
 
         selfalign run quickstart --fresh self_align     # redo self_align and every stage after it
     """
-    from selfalign.core.pipeline import run_recipe
-    from selfalign.core.recipe import load_recipe
+    from selfalign.stages import load_recipe, run_recipe
 
     rec = load_recipe(recipe, {"model": model, "out": out, "engine": engine, "max_prompts": max_prompts, "seed": seed})
     console.print(f"[bold]selfalign run[/] {rec.name}: model [cyan]{rec.model}[/], engine {rec.engine.name}, "
@@ -111,8 +110,7 @@ def generate(
     Example: selfalign generate --prompts builtin:quickstart --model embedded:gemma-3-270m --n 2
     """
     from selfalign.core.models import DEFAULT_MODEL
-    from selfalign.core.pipeline import run_recipe
-    from selfalign.core.recipe import parse_recipe
+    from selfalign.stages import parse_recipe, run_recipe
 
     stem = Path(prompts.split(":", 1)[1] if prompts.startswith("builtin:") else prompts).stem
     data = {
@@ -168,8 +166,8 @@ def eval_(
     Example: selfalign eval hhh truthfulqa --model embedded:gemma-3-270m --system hhh
     """
     from selfalign.core.models import DEFAULT_MODEL
-    from selfalign.core.pipeline import run_recipe, stage_folder
-    from selfalign.core.recipe import parse_recipe
+    from selfalign.core.pipeline import stage_folder
+    from selfalign.stages import parse_recipe, run_recipe
 
     model = DEFAULT_MODEL if model is None else model
     stage = {"stage": "eval", "name": "eval" + (f"-{_slug(system)}" if system else ""), "evals": evals,
@@ -259,7 +257,7 @@ def report(
     """Write one self-contained HTML report of a run: what ran and how long, the human-written inputs
     (the supervision budget), evaluations before/after with charts, reward distributions, training
     curves, and base-vs-aligned samples side by side. Works on a run that is still going."""
-    from selfalign.core.report import build_report
+    from selfalign.stages import build_report
 
     path = build_report(run_dir, out)
     result_console.print(f"report: {path}")

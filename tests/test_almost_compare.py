@@ -9,10 +9,10 @@ import pytest
 from selfalign.core.engines.base import Completion, Engine
 from selfalign.core.errors import SelfAlignError
 from selfalign.core.pipeline import RunContext
-from selfalign.core.recipe import parse_recipe
 from selfalign.core.store import read_jsonl
 from selfalign.methods.almost import compare as cmp
 from selfalign.methods.almost import mine_prompts as mp
+from selfalign.stages import parse_recipe
 
 
 # -- rubric --------------------------------------------------------------------------------------

@@ -5,11 +5,11 @@ import json
 
 import pytest
 
-from selfalign.core.pipeline import RunContext, run_recipe
-from selfalign.core.recipe import parse_recipe
+from selfalign.core.pipeline import RunContext
 from selfalign.core.store import read_jsonl
 from selfalign.methods.almost import rlsf, self_play, sft
 from selfalign.methods.almost.rloo import kl_estimate, policy_prompt
+from selfalign.stages import parse_recipe, run_recipe
 
 PROMPTS = [f"Question {i}: how do I {verb} a {noun}?" for i, (verb, noun) in enumerate(
     [("clean", "kettle"), ("plant", "tree"), ("fix", "bike"), ("paint", "fence"), ("bake", "cake"),
@@ -245,7 +245,7 @@ def test_rlsf_with_a_vanishing_step_keeps_the_sft_policy(tmp_path, prompt_file, 
 
 # -- the three as one recipe --------------------------------------------------------------------------
 def test_self_play_sft_rlsf_recipe_end_to_end(tmp_path, prompt_file, rm_dir):
-    from selfalign.core.report import build_report
+    from selfalign.stages import build_report
 
     recipe = parse_recipe({"name": "almost-tail", "model": "tiny:llama", "engine": {"batch_size": 8}, "stages": [
         play_stage(prompt_file, rm_dir, max_prompts=4, turns=1),

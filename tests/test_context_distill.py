@@ -178,9 +178,8 @@ def resolve_tiny_folder():
 
 # -- the stage ------------------------------------------------------------------------------------------
 def test_stage_end_to_end_resumes_a_killed_teacher_pass(private_cache, tmp_path, monkeypatch):
-    from selfalign.core.pipeline import run_recipe
-    from selfalign.core.recipe import parse_recipe
     from selfalign.methods.hhh_lab import context_distill
+    from selfalign.stages import parse_recipe, run_recipe
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Say hello.\nName a colour.\nCount to three.\nWhat is rain?\nPick a number.\n")

@@ -8,9 +8,9 @@ from typer.testing import CliRunner
 from selfalign.cli import app
 from selfalign.core.errors import SelfAlignError
 from selfalign.core.fingerprint import changed_fields
-from selfalign.core.pipeline import run_recipe, stage_fingerprints
-from selfalign.core.recipe import parse_recipe
+from selfalign.core.pipeline import stage_fingerprints
 from selfalign.core.store import read_done, read_jsonl
+from selfalign.stages import parse_recipe, run_recipe
 
 
 @pytest.fixture

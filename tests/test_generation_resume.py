@@ -8,9 +8,8 @@ import pytest
 
 from selfalign.core.engines import Engine
 from selfalign.core.pipeline import RunContext
-from selfalign.core.recipe import parse_recipe
 from selfalign.core.store import read_jsonl
-from selfalign.stages import STAGES
+from selfalign.stages import STAGES, parse_recipe
 
 PROMPTS = ["How do I boil an egg?", "Name three rivers.", "Why is the sky blue?", "Write a haiku about rain."]
 TYPES = """

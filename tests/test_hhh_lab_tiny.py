@@ -6,9 +6,9 @@ import pytest
 import yaml
 from test_evals import make_fixture
 
-from selfalign.core.pipeline import run_recipe
-from selfalign.core.recipe import find_recipe, parse_recipe
+from selfalign.core.recipe import find_recipe
 from selfalign.methods.hhh_lab.prompt_gain import kept_fractions
+from selfalign.stages import parse_recipe, run_recipe
 
 
 def test_kept_fraction_hand_cases():
@@ -21,7 +21,7 @@ def test_kept_fraction_hand_cases():
 
 
 def test_hhh_lab_recipe_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, private_cache):
-    from selfalign.core.report import build_report
+    from selfalign.stages import build_report
 
     monkeypatch.setenv("SELFALIGN_DATA_DIR", str(make_fixture(tmp_path / "data")))
     recipe = yaml.safe_load(find_recipe("hhh_lab").read_text())

@@ -20,7 +20,7 @@ from selfalign.core.ledger import (
     gather,
     string_leaves,
 )
-from selfalign.core.recipe import load_recipe, parse_recipe
+from selfalign.stages import load_recipe, parse_recipe
 
 
 def test_words_ignore_formatting_and_bookkeeping():
@@ -73,7 +73,7 @@ def test_an_unreadable_input_is_an_error_naming_the_stage(tmp_path):
 
 
 def test_run_record_carries_the_ledger(private_cache, tmp_path):
-    from selfalign.core.pipeline import run_recipe
+    from selfalign.stages import run_recipe
 
     recipe = parse_recipe({"name": "x", "model": "tiny:llama", "stages": [
         {"stage": "generate", "prompts": "builtin:quickstart", "max_prompts": 1,

@@ -262,10 +262,8 @@ def train_pairs(n=6):
 
 
 def test_pmp_then_pm_scaling_end_to_end(private_cache, tmp_path):
-    from selfalign.core.pipeline import run_recipe
-    from selfalign.core.recipe import parse_recipe
-    from selfalign.core.report import build_report
     from selfalign.core.rewards import RewardModel
+    from selfalign.stages import build_report, parse_recipe, run_recipe
 
     corpus = stackexchange_fixture(tmp_path / "se.jsonl")
     data = write_jsonl(tmp_path / "pairs.jsonl", train_pairs(3))
@@ -304,10 +302,9 @@ def test_pmp_then_pm_scaling_end_to_end(private_cache, tmp_path):
 
 
 def test_pm_scaling_resumes_and_skips_finished_points(tmp_path, monkeypatch):
-    from selfalign.core.pipeline import run_recipe
-    from selfalign.core.recipe import parse_recipe
     from selfalign.methods.hhh_lab import pm_objectives
     from selfalign.methods.hhh_lab.pm_scaling import report_section
+    from selfalign.stages import parse_recipe, run_recipe
 
     trained = []
 
@@ -350,7 +347,7 @@ def test_pm_scaling_resumes_and_skips_finished_points(tmp_path, monkeypatch):
 
 
 def test_pm_scaling_config_checks_its_fields():
-    from selfalign.core.recipe import parse_recipe
+    from selfalign.stages import parse_recipe
 
     with pytest.raises(SelfAlignError, match="heldout"):
         parse_recipe({"name": "t", "stages": [{"stage": "pm_scaling", "data": "x", "heldout": 1.5}]})
@@ -362,8 +359,8 @@ def test_pm_scaling_config_checks_its_fields():
 
 def test_stage_data_refs_name_an_earlier_stage_with_or_without_at(tmp_path):
     from selfalign.core.pipeline import RunContext
-    from selfalign.core.recipe import parse_recipe
     from selfalign.methods.hhh_lab.pmp_data import source_path
+    from selfalign.stages import parse_recipe
 
     rows = write_jsonl((tmp_path / "02-compare").mkdir() or tmp_path / "02-compare" / "rows.jsonl", train_pairs(2))
     recipe = parse_recipe({"name": "t", "stages": [{"stage": "pmp", "corpus": "@compare"}]})

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from selfalign.core.errors import SelfAlignError
-from selfalign.core.recipe import load_recipe, parse_recipe
+from selfalign.stages import load_recipe, parse_recipe
 
 RECIPES = sorted((Path(__file__).resolve().parent.parent / "selfalign" / "recipes").glob("*.yaml"))
 

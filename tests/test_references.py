@@ -5,8 +5,9 @@ import json
 import pytest
 
 from selfalign.core.errors import SelfAlignError
-from selfalign.core.pipeline import RunContext, run_recipe
-from selfalign.core.recipe import check_references, load_recipe, parse_recipe
+from selfalign.core.pipeline import RunContext
+from selfalign.core.recipe import check_references
+from selfalign.stages import load_recipe, parse_recipe, run_recipe
 
 
 def recipe(*stages):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from selfalign.core.errors import SelfAlignError
-from selfalign.core.report import build_report
+from selfalign.stages import build_report
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 CHROMIUM = "/usr/bin/chromium"

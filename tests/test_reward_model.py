@@ -82,8 +82,7 @@ def test_split_by_prompt_holds_out_whole_prompts():
 
 
 def test_reward_model_stage_and_judge_reference(tmp_path, private_cache):
-    from selfalign.core.pipeline import run_recipe
-    from selfalign.core.recipe import parse_recipe
+    from selfalign.stages import parse_recipe, run_recipe
 
     data = tmp_path / "pairs.jsonl"
     rows = pairs(20) + [{"prompt": "dropped", "chosen": "x", "rejected": "y", "kept": False}]

@@ -227,9 +227,10 @@ def test_generate_pair_and_run_winrate(tiny_engine, tiny_gemma_engine, rm):
 
 def test_winrate_stage_compares_two_stages_answers_with_a_reward_model(tmp_path, private_cache):
     from selfalign.core.pipeline import RunContext
-    from selfalign.core.recipe import check_references, parse_recipe
+    from selfalign.core.recipe import check_references
     from selfalign.core.rewards import build_tiny_reward_model
     from selfalign.evals import winrate
+    from selfalign.stages import parse_recipe
 
     rm = str(build_tiny_reward_model(tmp_path / "rm"))
     recipe = parse_recipe({"name": "t", "model": "tiny:llama", "stages": [

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from selfalign.core.errors import SelfAlignError
-from selfalign.core.recipe import parse_recipe
+from selfalign.stages import parse_recipe
 
 
 def cli(*args, cwd=None):

@@ -5,8 +5,8 @@ import pytest
 from selfalign.core.engines.base import Completion, Engine
 from selfalign.core.errors import SelfAlignError
 from selfalign.core.pipeline import RunContext
-from selfalign.core.recipe import parse_recipe
 from selfalign.methods.self_align import self_align as sa
+from selfalign.stages import parse_recipe
 
 EXEMPLAR_NGRAMS = sa.word_ngrams("the quick brown fox jumps over the lazy dog near the river bank", sa.LEAK_NGRAM)
 

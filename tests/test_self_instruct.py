@@ -6,8 +6,8 @@ import pytest
 from selfalign.core.engines.base import Completion, Engine
 from selfalign.core.errors import SelfAlignError
 from selfalign.core.pipeline import RunContext
-from selfalign.core.recipe import parse_recipe
 from selfalign.methods.self_align import self_instruct as si
+from selfalign.stages import parse_recipe
 
 
 def test_parse_list_continuation():

@@ -160,8 +160,7 @@ def write_rows(path, rows):
 
 def test_engrave_stage_end_to_end(private_cache, tmp_path):
     from selfalign.core.assets_io import yaml_key
-    from selfalign.core.pipeline import run_recipe
-    from selfalign.core.recipe import parse_recipe
+    from selfalign.stages import parse_recipe, run_recipe
 
     data = write_rows(tmp_path / "answers.jsonl", [
         {"id": f"r{i}", "prompt": f"Name a colour number {i}.", "answer": f"Colour {i} is blue.", "kept": i % 3 != 0,
@@ -190,8 +189,7 @@ def test_engrave_stage_end_to_end(private_cache, tmp_path):
 
 
 def test_engrave_without_usable_rows_names_the_file(private_cache, tmp_path):
-    from selfalign.core.pipeline import run_recipe
-    from selfalign.core.recipe import parse_recipe
+    from selfalign.stages import parse_recipe, run_recipe
 
     data = write_rows(tmp_path / "bad.jsonl", [{"id": "a", "prompt": "p", "answer": "a", "kept": False}])
     recipe = parse_recipe({"name": "t", "model": "tiny:llama", "stages": [{"stage": "engrave", "data": str(data)}]})
@@ -201,8 +199,8 @@ def test_engrave_without_usable_rows_names_the_file(private_cache, tmp_path):
 
 def test_engrave_reads_an_earlier_stage_and_literal_system_text(tmp_path):
     from selfalign.core.pipeline import RunContext
-    from selfalign.core.recipe import parse_recipe
     from selfalign.methods.self_align import engrave
+    from selfalign.stages import parse_recipe
 
     recipe = parse_recipe({"name": "t", "stages": [{"stage": "engrave", "data": "answers", "system": "Be kind."}]})
     ctx = RunContext(recipe=recipe, run_dir=tmp_path, stage_dirs={"answers": tmp_path / "02-answers"})

@@ -2,9 +2,9 @@
 
 import json
 
-from selfalign.core.report import build_report
 from selfalign.evals.hhh import letters_picked, stuck_letter
 from selfalign.evals.verdict import behaviour_changes, likelihood_changes
+from selfalign.stages import build_report
 
 
 def _write(folder, name, rows):

@@ -257,9 +257,8 @@ def test_data_parallel_ranks_never_duplicate_rows(fake_vllm, hf, monkeypatch, tm
     """A `generate` stage on 2 data-parallel ranks writes exactly the rows of 1 rank: every request
     carries its own seed (from the sampling seed and its prompt), so no rank falls back to a
     rank-local counter, and two prompts' rows never come out as copies of each other."""
-    from selfalign.core.pipeline import run_recipe
-    from selfalign.core.recipe import parse_recipe
     from selfalign.core.store import read_jsonl
+    from selfalign.stages import parse_recipe, run_recipe
 
     monkeypatch.setattr(fake_vllm, "LLM", FakeDataParallelLLM)
     prompts = tmp_path / "prompts.txt"

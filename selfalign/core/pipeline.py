@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -225,10 +227,11 @@ def check_reuse(recipe: Recipe, run_dir: Path, prints: list[tuple[str, dict]], f
     return first_fresh
 
 
-def run_recipe(recipe: Recipe, run_dir: Path | None = None, fresh: list[str] | tuple[str, ...] = ()) -> dict:
+def run_recipe(recipe: Recipe, run_dir: Path | None = None, fresh: list[str] | tuple[str, ...] = (), *,
+               stages: Mapping[str, Any]) -> dict:
     """Run every unfinished stage of `recipe`; return the run record (also in `run.json`).
-    `fresh` names stages to redo from scratch, with every stage after them (their folders are deleted)."""
-    from selfalign.stages import STAGES
+    `fresh` names stages to redo from scratch, with every stage after them (their folders are deleted).
+    `stages` maps a stage kind to its module (`run(ctx, config, folder)`): `selfalign.stages.STAGES`."""
 
     run_dir = Path(run_dir or recipe.run_dir())
     check_references(recipe, recipe.name)
@@ -259,7 +262,7 @@ def run_recipe(recipe: Recipe, run_dir: Path | None = None, fresh: list[str] | t
                 continue
             console.rule(f"[bold]{title}")
             t0 = time.time()
-            summary = STAGES[config.stage].run(ctx, config, folder) or {}
+            summary = stages[config.stage].run(ctx, config, folder) or {}
             entry = record["stages"].setdefault(config.label, {"wall_s": 0.0})
             entry.update(stage=config.stage, folder=folder.name, summary=summary)
             entry["wall_s"] = round(entry.get("wall_s", 0.0) + time.time() - t0, 2)

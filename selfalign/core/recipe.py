@@ -14,6 +14,7 @@ path (`stages[0].sampling.temprature`) and what was expected, in one line each.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -182,10 +183,11 @@ def format_validation_error(source: str, exc: ValidationError, cls: type[BaseMod
 
 
 # -- loading --------------------------------------------------------------------------------------
-def parse_recipe(data: Any, source: str = "<recipe>", overrides: dict[str, Any] | None = None) -> Recipe:
-    """Validate a recipe mapping; `overrides` (from the CLI) win over the file."""
-    from selfalign.stages import STAGES
-
+def parse_recipe(data: Any, source: str = "<recipe>", overrides: dict[str, Any] | None = None, *,
+                 stages: Mapping[str, Any]) -> Recipe:
+    """Validate a recipe mapping; `overrides` (from the CLI) win over the file. `stages` maps a stage
+    kind to its module (its `Config` validates the stage's keys): `selfalign.stages.STAGES`, handed
+    in from above so that core never imports the stages."""
     if not isinstance(data, dict):
         raise SelfAlignError(f"{source}: a recipe must be a mapping of keys (name, model, stages, ...)")
     data = dict(data)
@@ -200,20 +202,20 @@ def parse_recipe(data: Any, source: str = "<recipe>", overrides: dict[str, Any] 
     raw_stages = data.pop("stages", None)
     if not isinstance(raw_stages, list) or not raw_stages:
         raise SelfAlignError(f"{source}: stages: a recipe needs a non-empty list of stages")
-    stages: list[StageConfig] = []
+    configs: list[StageConfig] = []
     for i, raw in enumerate(raw_stages):
         if not isinstance(raw, dict) or "stage" not in raw:
-            raise SelfAlignError(f"{source}: stages[{i}]: each stage needs a 'stage' key (one of: {', '.join(STAGES)})")
+            raise SelfAlignError(f"{source}: stages[{i}]: each stage needs a 'stage' key (one of: {', '.join(stages)})")
         kind = raw["stage"]
-        if kind not in STAGES:
-            raise SelfAlignError(f"{source}: stages[{i}].stage: unknown stage {kind!r} (expected one of: {', '.join(STAGES)})")
-        config_cls = STAGES[kind].Config
+        if kind not in stages:
+            raise SelfAlignError(f"{source}: stages[{i}].stage: unknown stage {kind!r} (expected one of: {', '.join(stages)})")
+        config_cls = stages[kind].Config
         try:
-            stages.append(config_cls.model_validate(raw))
+            configs.append(config_cls.model_validate(raw))
         except ValidationError as exc:
             raise SelfAlignError(format_validation_error(source, exc, config_cls, ("stages", i))) from None
     try:
-        recipe = Recipe.model_validate({**data, "stages": stages})
+        recipe = Recipe.model_validate({**data, "stages": configs})
     except ValidationError as exc:
         raise SelfAlignError(format_validation_error(source, exc, Recipe)) from None
     labels = [s.label for s in recipe.stages]
@@ -271,11 +273,12 @@ def find_recipe(ref: str | None) -> Path:
     raise SelfAlignError(f"recipe {ref!r} not found", f"pass a YAML path or one of: {', '.join(names)}")
 
 
-def load_recipe(ref: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Recipe:
+def load_recipe(ref: str | Path | None = None, overrides: dict[str, Any] | None = None, *,
+                stages: Mapping[str, Any]) -> Recipe:
     path = find_recipe(str(ref) if ref else None)
     data = read_yaml(path, "recipe")
     if data is None:
         raise SelfAlignError(f"{path}: the recipe file is empty")
-    recipe = parse_recipe(data, str(path), overrides)
+    recipe = parse_recipe(data, str(path), overrides, stages=stages)
     check_references(recipe, str(path))
     return recipe

@@ -15,6 +15,7 @@ import io
 import json
 import re
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -456,17 +457,15 @@ def section_samples(run: dict) -> tuple | None:
                     f'<colgroup><col style="width:22%"></colgroup><thead><tr><th>prompt</th>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>')
 
 
-def stage_sections(run: dict) -> list[tuple]:
+def stage_sections(run: dict, stages: Mapping[str, Any]) -> list[tuple]:
     """Sections a stage module draws itself: `report_section(stage) -> (anchor, title, html) | None`.
 
     `stage` is the dict `load_run` makes (label, folder, kind, wall_s, summary, done). A stage that
     fails to draw its section is left out with a note on stderr; the rest of the report still renders.
     """
-    from selfalign.stages import STAGES
-
     out = []
     for s in run["stages"]:
-        module = STAGES.get(s["kind"] or "")
+        module = stages.get(s["kind"] or "")
         draw = getattr(module, "report_section", None)
         if draw is None or s["folder"] is None:
             continue
@@ -480,14 +479,12 @@ def stage_sections(run: dict) -> list[tuple]:
     return out
 
 
-def lead_sections(run: dict) -> list[tuple]:
+def lead_sections(run: dict, stages: Mapping[str, Any]) -> list[tuple]:
     """Sections that answer the run's question before anything else: `report_lead(run) -> (anchor,
     title, html) | None` of a stage module (the eval stage's "Did it work?"); one that fails is left out."""
-    from selfalign.stages import STAGES
-
     out = []
     for kind in dict.fromkeys(s["kind"] for s in run["stages"] if s["kind"]):
-        draw = getattr(STAGES.get(kind), "report_lead", None)
+        draw = getattr(stages.get(kind), "report_lead", None)
         if draw is None:
             continue
         try:
@@ -500,16 +497,17 @@ def lead_sections(run: dict) -> list[tuple]:
     return out
 
 
-def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Write a self-contained HTML report of a run folder (default `RUN/report.html`); return its path."""
+def build_report(run_dir: str | Path, out: str | Path | None = None, *, stages: Mapping[str, Any]) -> Path:
+    """Write a self-contained HTML report of a run folder (default `RUN/report.html`); return its path.
+    `stages` maps a stage kind to its module, whose `report_section`/`report_lead` draw its own parts."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise SelfAlignError(f"no run folder at {run_dir}", "pass the folder a `selfalign run` wrote (its --out)")
     run = load_run(run_dir)
     found = [(s, res) for s in run["stages"] if s["folder"] for res in [_read_json(s["folder"] / "results.json")]
              if isinstance(res, dict) and isinstance(res.get("evals"), dict)]
-    sections = [x for x in (*lead_sections(run), section_stages(run), section_human_inputs(run), section_evals(found),
-                            section_rewards(found), *stage_sections(run), section_training(run),
+    sections = [x for x in (*lead_sections(run, stages), section_stages(run), section_human_inputs(run),
+                            section_evals(found), section_rewards(found), *stage_sections(run, stages), section_training(run),
                                                     section_samples(run)) if x]
     nav = "".join(f'<a href="#{a}">{esc(t)}</a>' for a, t, _ in sections)
     page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{esc(run["name"])} · selfalign report</title>'
@@ -520,6 +518,3 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     out.write_text(page, encoding="utf-8", errors="replace")
     return out
 
-
-if __name__ == "__main__":
-    print(build_report(*sys.argv[1:3]))

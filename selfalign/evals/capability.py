@@ -21,61 +21,15 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from selfalign.core.engines.base import Engine
-from selfalign.core.errors import SelfAlignError
 from selfalign.core.store import RowStore, row_id
 from selfalign.evals.common import score_rows_resumably
-from selfalign.evals.data import CAPABILITY_WHY
+from selfalign.evals.data import CAPABILITY_WHY, MCItem, load_capability, task_items  # noqa: F401 (re-exported)
 
 # task folder under bigbench/benchmark_tasks/ -> why it is in the battery (base-model accuracy vs chance)
 CAPABILITY_FILES = {name: f"{name}/task.json" for name in CAPABILITY_WHY}
-
-
-@dataclass(frozen=True)
-class MCItem:
-    id: str  # f"{task}-{index:03d}"
-    task: str
-    context: str  # the text the choices continue
-    choices: tuple[str, ...]
-    answer: int  # index of the choice scored 1 (the first, if several)
-
-
-def task_items(task: str, doc: dict, path: Path | str = "") -> list[MCItem]:
-    """The multiple-choice examples of one BIG-bench task.json, rendered as BIG-bench does for
-    zero-shot scoring: task prefix, input prefix (default "\\nQ: "), input, output prefix
-    (default "\\nA: "); an example without exactly one best choice is skipped."""
-    prefix = str(doc.get("task_prefix") or "")
-    q = doc.get("example_input_prefix", "\nQ: ")
-    a = doc.get("example_output_prefix", "\nA: ")
-    items = []
-    for i, ex in enumerate(doc.get("examples") or []):
-        scores = ex.get("target_scores") if isinstance(ex, dict) else None
-        if not isinstance(scores, dict) or len(scores) < 2 or not isinstance(ex.get("input"), str):
-            continue
-        best = max(scores.values())
-        if sum(1 for s in scores.values() if s == best) != 1:
-            continue
-        choices = tuple(str(c) for c in scores)
-        answer = list(scores.values()).index(best)
-        items.append(MCItem(f"{task.replace('/', '.')}-{i:03d}", task, f"{prefix}{q}{ex['input']}{a}".lstrip(),
-                            choices, answer))
-    if not items:
-        raise SelfAlignError(f"{path or task}: no multiple-choice examples (target_scores with one best choice)")
-    return items
-
-
-def load_capability(data_dir: str | Path | None = None, tasks: tuple[str, ...] | None = None) -> list[MCItem]:
-    from selfalign.evals.data import _read_json, bigbench_dir
-
-    folder = bigbench_dir(data_dir)
-    items = []
-    for task in tasks or tuple(CAPABILITY_WHY):
-        path = folder / f"{task}/task.json"
-        items += task_items(task, _read_json(path, data_dir), path)
-    return items
 
 
 def pick(scores: list[float], choices: tuple[str, ...], norm: bool) -> int:

@@ -160,8 +160,6 @@ def _fetch_into(dest: Path) -> Path:
             ) from exc
         load_hhh(staging)  # the counts, checked before the folder counts as complete
         load_truthfulqa(staging)
-        from selfalign.evals.capability import load_capability
-
         load_capability(staging)
         sizes = sum((staging / rel).stat().st_size for rel in DATA_FILES)
         source = {"package": f"bigbench=={BIGBENCH_VERSION}", "url": url, "sha256": SDIST_SHA256,
@@ -350,6 +348,50 @@ def load_truthfulqa(data_dir: str | Path | None = None, verify: bool = True) -> 
             incorrect_answers=false, category=category if isinstance(category, str) else str(category),
         ))
     return items
+
+
+@dataclass(frozen=True)
+class MCItem:
+    id: str  # f"{task}-{index:03d}"
+    task: str
+    context: str  # the text the choices continue
+    choices: tuple[str, ...]
+    answer: int  # index of the choice scored 1 (the first, if several)
+
+
+def task_items(task: str, doc: dict, path: Path | str = "") -> list[MCItem]:
+    """The multiple-choice examples of one BIG-bench task.json, rendered as BIG-bench does for
+    zero-shot scoring: task prefix, input prefix (default "\\nQ: "), input, output prefix
+    (default "\\nA: "); an example without exactly one best choice is skipped."""
+    prefix = str(doc.get("task_prefix") or "")
+    q = doc.get("example_input_prefix", "\nQ: ")
+    a = doc.get("example_output_prefix", "\nA: ")
+    items = []
+    for i, ex in enumerate(doc.get("examples") or []):
+        scores = ex.get("target_scores") if isinstance(ex, dict) else None
+        if not isinstance(scores, dict) or len(scores) < 2 or not isinstance(ex.get("input"), str):
+            continue
+        best = max(scores.values())
+        if sum(1 for s in scores.values() if s == best) != 1:
+            continue
+        choices = tuple(str(c) for c in scores)
+        answer = list(scores.values()).index(best)
+        items.append(MCItem(f"{task.replace('/', '.')}-{i:03d}", task, f"{prefix}{q}{ex['input']}{a}".lstrip(),
+                            choices, answer))
+    if not items:
+        raise SelfAlignError(f"{path or task}: no multiple-choice examples (target_scores with one best choice)")
+    return items
+
+
+def load_capability(data_dir: str | Path | None = None, tasks: tuple[str, ...] | None = None) -> list[MCItem]:
+    """The capability battery's items (evals/capability.py scores them), task by task in file order."""
+    folder = bigbench_dir(data_dir)
+    items = []
+    for task in tasks or tuple(CAPABILITY_WHY):
+        path = folder / f"{task}/task.json"
+        items += task_items(task, _read_json(path, data_dir), path)
+    return items
+
 
 
 def truthfulqa_prefix(data_dir: str | Path | None = None) -> str:
