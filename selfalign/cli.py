@@ -303,6 +303,11 @@ def stages(
         if field == "stage":
             continue
         default = info.default_factory() if info.default_factory else info.default
+        if field == "train" and hasattr(default, "model_dump"):  # the training settings: one row each
+            table.add_row(field, "", info.description or "")
+            for key, sub in type(default).model_fields.items():
+                table.add_row(f"  train.{key}", repr(getattr(default, key)), sub.description or "")
+            continue
         shown = "(required)" if info.is_required() else repr(default.model_dump() if hasattr(default, "model_dump") else default)
         table.add_row(field, shown, info.description or "")
     result_console.print(table)

@@ -449,8 +449,8 @@ def test_post_validation_trains_scores_drops_and_is_reused(tmp_path, monkeypatch
 
     engines = {"m-big": ScriptedEngine(compare_reply), "m-small": ScriptedEngine(compare_reply)}
     stage = _compare_stage(_prompt_file(tmp_path),
-                           post_validation={"quantile": 1.0, "model": "tiny:llama", "lora": False, "lr": 1e-3,
-                                            "max_length": 256, "max_steps": 2})
+                           post_validation={"quantile": 1.0, "model": "tiny:llama",
+                                            "train": {"lora": False, "lr": 1e-3, "max_length": 256, "max_steps": 2}})
     ctx, (config,) = make_ctx(tmp_path, [stage], engines)
     folder = tmp_path / "01-compare"
     summary = cmp.run(ctx, config, folder)

@@ -163,7 +163,7 @@ def test_sft_trains_on_assistant_turns_only(tmp_path, private_cache, monkeypatch
             seen["dataset"] = self.train_dataset
 
     monkeypatch.setattr(trl, "SFTTrainer", Capturing)
-    ctx = context(tmp_path, {"stage": "sft", "data": str(data), "epochs": 1, "max_length": 256})
+    ctx = context(tmp_path, {"stage": "sft", "data": str(data), "train": {"epochs": 1, "max_length": 256}})
     summary = sft.run(ctx, ctx.recipe.stages[0], tmp_path / "sft")
     examples = read_jsonl(tmp_path / "sft" / "examples.jsonl")
     assert [(e["conversation_id"], e["turn"]) for e in examples] == [("c1", 1), ("c1", 2), ("c2", 1)]
@@ -181,9 +181,9 @@ def test_sft_trains_on_assistant_turns_only(tmp_path, private_cache, monkeypatch
 
 
 # -- rlsf -------------------------------------------------------------------------------------------
-def rlsf_stage(prompts, rm, **extra) -> dict:
+def rlsf_stage(prompts, rm, **train) -> dict:
     return {"stage": "rlsf", "model": "tiny:llama", "prompts": str(prompts), "reward_model": rm, "heldout": 3,
-            "max_steps": 2, "max_completion_length": 8, "lr": 5e-3, **extra}
+            "max_completion_length": 8, "train": {"max_steps": 2, "lr": 5e-3, **train}}
 
 
 def test_rlsf_logs_reward_and_kl_and_writes_heldout_numbers(tmp_path, prompt_file, rm_dir, monkeypatch):
@@ -249,9 +249,9 @@ def test_self_play_sft_rlsf_recipe_end_to_end(tmp_path, prompt_file, rm_dir):
 
     recipe = parse_recipe({"name": "almost-tail", "model": "tiny:llama", "engine": {"batch_size": 8}, "stages": [
         play_stage(prompt_file, rm_dir, max_prompts=4, turns=1),
-        {"stage": "sft", "epochs": 1, "max_length": 128},
-        {"stage": "rlsf", "prompts": str(prompt_file), "reward_model": rm_dir, "heldout": 2, "max_steps": 1,
-         "max_completion_length": 6, "lora": False}]})
+        {"stage": "sft", "train": {"epochs": 1, "max_length": 128}},
+        {"stage": "rlsf", "prompts": str(prompt_file), "reward_model": rm_dir, "heldout": 2,
+         "max_completion_length": 6, "train": {"max_steps": 1, "lora": False}}]})
     record = run_recipe(recipe, tmp_path / "run")
     stages = record["stages"]
     assert stages["self_play"]["summary"]["conversations"] == 4

@@ -18,7 +18,8 @@ def test_almost_cpu_recipe_end_to_end_with_a_kill_during_compare(tmp_path):
     recipe = yaml.safe_load(find_recipe("almost_cpu").read_text())
     for stage in recipe["stages"]:
         if stage["stage"] == "rlsf":
-            stage.update(max_steps=2, heldout=2)
+            stage.update(heldout=2)
+            stage["train"] = {**stage.get("train", {}), "max_steps": 2}
         if stage["stage"] == "mine_prompts":
             stage["include_seeds"] = True  # a random tiny model mines little; the seeds keep the run fed
         if stage["stage"] == "eval" and "behaviour" in stage.get("evals", []):

@@ -142,13 +142,13 @@ def test_reply_only_targets_predict_the_reply(tiny, tmp_path):
 # -- training -----------------------------------------------------------------------------------------------
 def test_training_moves_the_student_toward_the_teacher(tiny, tmp_path):
     from selfalign.core.models import load_model, resolve
-    from selfalign.core.training import LoraSettings, model_output
+    from selfalign.core.training import TrainSettings, model_output
 
     model, tok = tiny
     key = distill.teacher_key("tiny:llama", CONTEXT, 16, "float16", 128)
     distill.teacher_pass(model, tok, CONTEXT, examples(), tmp_path / "teacher", key)
-    result = distill.distill_train("tiny:llama", tmp_path / "teacher", tmp_path / "out", lora=LoraSettings(), lr=1e-2,
-                                   epochs=8, batch_size=2, warmup_ratio=0.1)
+    result = distill.distill_train("tiny:llama", tmp_path / "teacher", tmp_path / "out",
+                                   TrainSettings(lr=1e-2, epochs=8, batch_size=2, warmup_ratio=0.1))
     assert result["steps"] == 24 and result["model"] == model_output(tmp_path / "out")
     assert result["kl_after"] < 0.7 * result["kl_before"]
     state = json.loads((tmp_path / "out" / "trainer_state.json").read_text())
@@ -185,8 +185,8 @@ def test_stage_end_to_end_resumes_a_killed_teacher_pass(private_cache, tmp_path,
     prompts.write_text("Say hello.\nName a colour.\nCount to three.\nWhat is rain?\nPick a number.\n")
     recipe = parse_recipe({"name": "t", "model": "tiny:llama", "engine": {"batch_size": 2}, "stages": [
         {"stage": "context_distill", "system": CONTEXT, "prompts": str(prompts), "k": 8, "shard_examples": 2,
-         "sampling": {"max_new_tokens": 12, "temperature": 1.0}, "max_length": 96, "batch_size": 2, "lr": 5e-3,
-         "epochs": 2},
+         "sampling": {"max_new_tokens": 12, "temperature": 1.0},
+         "train": {"max_length": 96, "batch_size": 2, "lr": 5e-3, "epochs": 2}},
         {"stage": "generate", "model": "@context_distill", "prompts": str(prompts), "max_prompts": 1,
          "sampling": {"max_new_tokens": 4}},
     ]})
@@ -259,11 +259,13 @@ def test_full_fine_tuning_writes_a_plain_model(tiny, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from selfalign.core.training import TrainSettings
+
     model, tok = tiny
     key = distill.teacher_key("tiny:llama", CONTEXT, 8, "float32", 64)
     distill.teacher_pass(model, tok, CONTEXT, examples(TEXTS[:2]), tmp_path / "teacher", key)
-    result = distill.distill_train("tiny:llama", tmp_path / "teacher", tmp_path / "out", lora=None, lr=1e-3, epochs=1,
-                                   batch_size=1, grad_accum=2, max_steps=2, reply_only=True)
+    settings = TrainSettings(lora=False, lr=1e-3, epochs=1, batch_size=1, grad_accum=2, max_steps=2)
+    result = distill.distill_train("tiny:llama", tmp_path / "teacher", tmp_path / "out", settings, reply_only=True)
     assert result["steps"] == 2 and result["lora"] == "full" and result["model"].endswith("model")
     assert not (tmp_path / "out" / "adapter").exists()
     tuned = AutoModelForCausalLM.from_pretrained(result["model"])

@@ -13,7 +13,7 @@ import torch
 
 from selfalign.core.chat import PLAIN_STOPS, render_plain
 from selfalign.core.errors import SelfAlignError
-from selfalign.core.training import LoraSettings, sft_train
+from selfalign.core.training import TrainSettings, sft_train
 
 PROMPTS = ["Human: What is the capital of France?\n\nAssistant:", "Hello, world", "Human: hi\n\nAssistant: hey"]
 CHATS = [
@@ -29,7 +29,7 @@ def make_run(root, arch: str):
     examples = [{"prompt": render_plain([{"role": "user", "content": f"say {i}"}]), "completion": f" {i} ok"}
                 for i in range(8)]
     stage = run / "02-engrave"
-    result = sft_train(f"tiny:{arch}", examples, stage, lora=LoraSettings(r=4), lr=5e-2, epochs=2, max_length=64)
+    result = sft_train(f"tiny:{arch}", examples, stage, TrainSettings(r=4, lr=5e-2, epochs=2, max_length=64))
     (stage / "_done.json").write_text(json.dumps({"model": result["model"]}))
     ev = run / "01-eval_base"
     ev.mkdir(parents=True)

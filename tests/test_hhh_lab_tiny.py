@@ -28,7 +28,8 @@ def test_hhh_lab_recipe_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, privat
     recipe["model"] = "tiny:llama"
     for stage in recipe["stages"]:
         if stage["stage"] == "pm_scaling":
-            stage.update(sizes=[1, 2], epochs=1)
+            stage.update(sizes=[1, 2])
+            stage["train"] = {**stage.get("train", {}), "epochs": 1}
         if stage["stage"] == "eval":
             stage.update(limit=2, max_new_tokens=16)  # 2 items per category or kind: the full sets are slow here
         if stage["stage"] == "context_distill":

@@ -8,6 +8,8 @@ import math
 import pytest
 
 from selfalign.core.errors import SelfAlignError
+from selfalign.core.reward_training import reward_training
+from selfalign.core.training import TrainSettings
 from selfalign.methods.hhh_lab.pm_objectives import (
     accuracy_of,
     binary_loss,
@@ -195,8 +197,8 @@ def test_binary_objective_trains_with_binary_loss_and_ranks_pairs(private_cache,
 
     monkeypatch.setattr(pm_objectives, "binary_loss", recording)
     pairs = toy_pairs()
-    result = pm_objectives.train_pm("binary", "tiny:llama", pairs, tmp_path / "bin", lr=1e-3, epochs=3, batch_size=4,
-                                    max_length=96)
+    settings = reward_training().model_copy(update={"lr": 1e-3, "epochs": 3, "batch_size": 4, "max_length": 96})
+    result = pm_objectives.train_pm("binary", "tiny:llama", pairs, tmp_path / "bin", settings)
     assert result["objective"] == "binary" and result["samples"] == 16 and result["steps"] == 12
     assert len(calls) == 12 and sum(len(c) for c in calls) == 48  # every step: single samples labelled 1 / 0
     assert {x for c in calls for x in c} == {0.0, 1.0}
@@ -218,8 +220,8 @@ def test_imitation_objective_scores_replies_by_mean_log_probability(private_cach
     from selfalign.methods.hhh_lab.pm_objectives import imitation_scores, pair_accuracy, train_pm
 
     pairs = toy_pairs()
-    result = train_pm("imitation", "tiny:llama", pairs, tmp_path / "imi", lr=1e-3, epochs=3, batch_size=4,
-                      max_length=96)
+    result = train_pm("imitation", "tiny:llama", pairs, tmp_path / "imi",
+                      TrainSettings(lora=False, lr=1e-3, epochs=3, batch_size=4, max_length=96))
     assert result["objective"] == "imitation" and result["examples"] == 8
     assert pair_accuracy("imitation", result["model"], pairs)["accuracy"] == 1.0
     # a reply's score is minus its imitation loss on exactly the tokens it was trained on
@@ -237,9 +239,9 @@ def test_unknown_objective_and_empty_pairs_are_errors(tmp_path):
     from selfalign.methods.hhh_lab.pm_objectives import train_pm
 
     with pytest.raises(SelfAlignError, match="unknown preference-model objective"):
-        train_pm("listwise", "tiny:llama", toy_pairs(), tmp_path)
+        train_pm("listwise", "tiny:llama", toy_pairs(), tmp_path, reward_training())
     with pytest.raises(SelfAlignError, match="no comparison pairs"):
-        train_pm("binary", "tiny:llama", [], tmp_path)
+        train_pm("binary", "tiny:llama", [], tmp_path, reward_training())
 
 
 # -- the stages -------------------------------------------------------------------------------------------
@@ -267,7 +269,7 @@ def test_pmp_then_pm_scaling_end_to_end(private_cache, tmp_path):
 
     corpus = stackexchange_fixture(tmp_path / "se.jsonl")
     data = write_jsonl(tmp_path / "pairs.jsonl", train_pairs(3))
-    fast = {"max_length": 96, "lr": 1e-3, "batch_size": 4}
+    fast = {"train": {"max_length": 96, "lr": 1e-3, "batch_size": 4}}
     recipe = parse_recipe({"name": "t", "model": "tiny:llama", "stages": [
         {"stage": "pmp", "corpus": str(corpus), "heldout": 0.0, **fast},
         {"stage": "pm_scaling", "data": str(data), "heldout": "hhh", "data_dir": str(hhh_fixture(tmp_path / "bb")),
@@ -310,7 +312,7 @@ def test_pm_scaling_resumes_and_skips_finished_points(tmp_path, monkeypatch):
 
     seen = set()
 
-    def fake_train(objective, base, pairs, out_dir, **settings):
+    def fake_train(objective, base, pairs, out_dir, settings, seed=0):
         trained.append((objective, len(pairs)))
         seen.update(p["prompt"] for p in pairs)
         out_dir.mkdir(parents=True)

@@ -5,9 +5,13 @@ import json
 import pytest
 from test_evals import make_fixture
 
-from selfalign.core.reward_training import is_reward_model, tokenize_pairs, train_reward_model
+from selfalign.core.reward_training import (
+    is_reward_model,
+    reward_training,
+    tokenize_pairs,
+    train_reward_model,
+)
 from selfalign.core.rewards import RewardModel
-from selfalign.core.training import LoraSettings
 from selfalign.methods.almost.reward_model import split_by_prompt
 
 GOOD = ["Sure. Here is a short, careful answer to that.", "Happy to help. The steps are listed below.",
@@ -29,8 +33,9 @@ def accuracy(rm, rows):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, private_cache):
     out = tmp_path_factory.mktemp("rm")
-    result = train_reward_model("tiny:llama", pairs(24), out, lora=None, lr=1e-3, epochs=4, batch_size=4,
-                                warmup_ratio=0.0, max_length=64)
+    settings = reward_training().model_copy(update={"lr": 1e-3, "epochs": 4, "batch_size": 4, "warmup_ratio": 0.0,
+                                                    "max_length": 64})
+    result = train_reward_model("tiny:llama", pairs(24), out, settings)
     return out, result
 
 
@@ -57,15 +62,17 @@ def test_continuing_from_a_reward_model_keeps_its_head(trained, tmp_path):
     """PMP then fine-tuning: a reward model as the base is trained further, not re-headed."""
     _, first = trained
     before = RewardModel(first["model"]).score(["q"], ["Sure. A reply."])[0]
-    again = train_reward_model(first["model"], pairs(4), tmp_path, lora=None, lr=1e-12, max_steps=1, warmup_ratio=0.0)
+    settings = reward_training().model_copy(update={"lr": 1e-12, "max_steps": 1, "warmup_ratio": 0.0})
+    again = train_reward_model(first["model"], pairs(4), tmp_path, settings)
     assert again["started_from"] == "reward model"
     after = RewardModel(again["model"]).score(["q"], ["Sure. A reply."])[0]
     assert after == pytest.approx(before, abs=1e-4)
 
 
 def test_lora_reward_model_saves_a_seq_cls_adapter(tmp_path, private_cache):
-    result = train_reward_model("tiny:llama", pairs(8), tmp_path, lora=LoraSettings(r=4, alpha=8), lr=5e-3,
-                                epochs=2, warmup_ratio=0.0, max_length=64)
+    settings = reward_training().model_copy(update={"lora": True, "r": 4, "alpha": 8, "lr": 5e-3, "epochs": 2,
+                                                    "warmup_ratio": 0.0, "max_length": 64})
+    result = train_reward_model("tiny:llama", pairs(8), tmp_path, settings)
     cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert cfg["task_type"] == "SEQ_CLS" and is_reward_model(result["model"])
     rm = RewardModel(result["model"])
@@ -88,7 +95,7 @@ def test_reward_model_stage_and_judge_reference(tmp_path, private_cache):
     rows = pairs(20) + [{"prompt": "dropped", "chosen": "x", "rejected": "y", "kept": False}]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     recipe = {"name": "rm", "model": "tiny:llama", "stages": [
-        {"stage": "reward_model", "data": str(data), "lr": 1e-3, "epochs": 2, "max_length": 64, "heldout": 0.25},
+        {"stage": "reward_model", "data": str(data), "train": {"lr": 1e-3, "epochs": 2, "max_length": 64}, "heldout": 0.25},
         {"stage": "eval", "name": "rm_hhh", "evals": ["hhh"], "scoring": ["rm"], "judge": "@reward_model",
          "data_dir": str(make_fixture(tmp_path / "data"))}]}
     out = tmp_path / "run"

@@ -7,7 +7,7 @@ import pytest
 from selfalign.core.errors import SelfAlignError
 from selfalign.core.training import (
     IGNORE,
-    LoraSettings,
+    TrainSettings,
     build_example,
     estimate_steps,
     model_output,
@@ -66,8 +66,8 @@ def lora_run(private_cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("lora")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(trl, "SFTTrainer", Recording)
-        result = sft_train("tiny:llama", [qa(i) for i in range(12)], out, lora=LoraSettings(), lr=1e-2, epochs=10,
-                           max_length=64, batch_size=4, warmup_ratio=0.1)
+        result = sft_train("tiny:llama", [qa(i) for i in range(12)], out,
+                           TrainSettings(lr=1e-2, epochs=10, max_length=64, batch_size=4, warmup_ratio=0.1))
     return out, result, seen["dataset"]
 
 
@@ -107,12 +107,12 @@ def test_loss_goes_down_and_state_is_saved(lora_run):
     assert lrs[0] < max(lrs) and lrs[-1] < 0.2 * max(lrs)  # linear warmup, then linear decay
 
 
-@pytest.mark.parametrize("lora", [None, LoraSettings(r=4, alpha=8)], ids=["full", "lora-merged"])
+@pytest.mark.parametrize("lora", [{"lora": False}, {"r": 4, "alpha": 8}], ids=["full", "lora-merged"])
 def test_full_and_merged_training_write_a_plain_model(private_cache, tmp_path, lora):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    result = sft_train("tiny:llama", [qa(i) for i in range(4)], tmp_path, lora=lora, lr=1e-3, epochs=1,
-                       max_length=64, batch_size=2, merge=True, max_steps=2)
+    result = sft_train("tiny:llama", [qa(i) for i in range(4)], tmp_path,
+                       TrainSettings(**lora, lr=1e-3, epochs=1, max_length=64, batch_size=2, merge=True, max_steps=2))
     assert result["steps"] == 2 and result["model"] == model_output(tmp_path) and result["model"].endswith("model")
     assert (tmp_path / "model" / "model.safetensors").exists() and not (tmp_path / "adapter").exists()
     model = AutoModelForCausalLM.from_pretrained(result["model"])
@@ -141,8 +141,8 @@ def test_progress_bar_total_matches_the_steps_trained_with_grad_accum(private_ca
         yield lambda rows, tokens: bar.update(rows=bar["rows"] + rows)
 
     monkeypatch.setattr(training, "progress_bar", recording_bar)
-    result = sft_train("tiny:llama", [qa(i) for i in range(5)], tmp_path, lora=LoraSettings(r=4), lr=1e-3, epochs=3,
-                       max_length=64, batch_size=2, grad_accum=2)
+    result = sft_train("tiny:llama", [qa(i) for i in range(5)], tmp_path,
+                       TrainSettings(r=4, lr=1e-3, epochs=3, max_length=64, batch_size=2, grad_accum=2))
     assert result["steps"] == estimate_steps(5, 2, 2, 3) == 6
     assert bars == [{"total": 6 * 4, "rows": 6 * 4}]  # the bar ends full: every step advanced it
 
@@ -167,7 +167,7 @@ def test_engrave_stage_end_to_end(private_cache, tmp_path):
          "thoughts": "internal thoughts are not trained on"} for i in range(9)
     ] + [{"id": "x", "prompt": "No answer here", "answer": ""}])
     recipe = parse_recipe({"name": "t", "model": "tiny:llama", "stages": [
-        {"stage": "engrave", "data": str(data), "max_length": 96, "batch_size": 2, "epochs": 1},
+        {"stage": "engrave", "data": str(data), "train": {"max_length": 96, "batch_size": 2, "epochs": 1}},
         {"stage": "generate", "model": "@engrave", "prompts": "builtin:quickstart", "max_prompts": 1,
          "sampling": {"max_new_tokens": 4}},
     ]})

@@ -28,6 +28,23 @@ from selfalign.core.models import DEFAULT_MODEL
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _partial_blocks_keep_defaults(cls, data: Any) -> Any:
+        """`sampling: {max_new_tokens: 64}` or `train: {epochs: 3}` changes that one setting: the stage's
+        other defaults (e.g. its paper temperature and top-p, its paper learning rate) stay, rather than
+        falling back to the block's own."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for name, field in cls.model_fields.items():
+            given = data.get(name)
+            if isinstance(given, dict) and field.default_factory is not None:
+                default = field.default_factory()
+                if isinstance(default, BaseModel):
+                    data[name] = {**default.model_dump(exclude_unset=False), **given}
+        return data
+
 
 PARALLELISM = ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size")
 
@@ -83,22 +100,6 @@ class StageConfig(Strict):
     @classmethod
     def _plain_name(cls, value: str | None) -> str | None:
         return _plain(value)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _partial_blocks_keep_defaults(cls, data: Any) -> Any:
-        """`sampling: {max_new_tokens: 64}` changes that one setting: the stage's other defaults
-        (e.g. its paper temperature and top-p) stay, rather than falling back to the block's own."""
-        if not isinstance(data, dict):
-            return data
-        data = dict(data)
-        for name, field in cls.model_fields.items():
-            given = data.get(name)
-            if isinstance(given, dict) and field.default_factory is not None:
-                default = field.default_factory()
-                if isinstance(default, BaseModel):
-                    data[name] = {**default.model_dump(exclude_unset=False), **given}
-        return data
 
     @property
     def label(self) -> str:
@@ -158,6 +159,14 @@ def _class_at(cls: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
     return cls
 
 
+def _moved_under_train(parent: type[BaseModel] | None, key: Any) -> str | None:
+    """`train.KEY` when `parent` has a `train:` block holding `key`: a recipe written before the
+    training settings moved into one block (lr, epochs, lora, ... at the stage's top level)."""
+    train = parent.model_fields.get("train") if parent else None
+    block = _model_class(train.annotation) if train else None
+    return f"train.{key}" if block is not None and key in block.model_fields else None
+
+
 def _loc_str(loc: tuple) -> str:
     out = ""
     for part in loc:
@@ -172,6 +181,9 @@ def format_validation_error(source: str, exc: ValidationError, cls: type[BaseMod
         where = _loc_str(prefix + loc)
         if err["type"] == "extra_forbidden":
             parent = _class_at(cls, loc[:-1])
+            if moved := _moved_under_train(parent, loc[-1]):
+                lines.append(f"{source}: {where}: a training setting: move it under train: ({moved})")
+                continue
             allowed = ", ".join(parent.model_fields) if parent else "?"
             lines.append(f"{source}: {where}: unknown key (expected one of: {allowed})")
         elif err["type"] == "missing":

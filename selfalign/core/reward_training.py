@@ -35,52 +35,19 @@ import random
 import time
 from pathlib import Path
 
-from pydantic import Field
-
 from selfalign.core.errors import SelfAlignError
 from selfalign.core.pairs import PAIR_HINT, pair_problem
 from selfalign.core.progress import console
-from selfalign.core.recipe import Strict
-from selfalign.core.training import (
-    LoraSettings,
-    _is_peft,
-    common_training_args,
-    device_and_dtype,
-    estimate_steps,
-    lora_label,
-    lora_settings,
-    loss_summary,
-    quiet_datasets,
-    run_trainer,
-    save_trained,
-)
+from selfalign.core.training import TrainSettings, _is_peft, device_and_dtype, fit
 
 
-class RewardTraining(Strict):
-    """How a reward (preference) model is trained: ALMoST's published reward-model settings as
-    defaults. Shared by `reward_model`, `pmp`, `pm_scaling` and `compare`'s post-validation."""
-
-    lora: bool = Field(False, description="LoRA adapter + trained head (else full fine-tuning, as in the papers)")
-    r: int = Field(16, ge=1, description="LoRA rank")
-    alpha: int = Field(16, ge=1, description="LoRA alpha")
-    dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout")
-    lr: float = Field(2e-5, gt=0, description="peak learning rate (ALMoST's reward model: 2e-5)")
-    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (ALMoST: 0.1)")
-    epochs: float = Field(1.0, gt=0, description="passes over the pairs (ALMoST: 1)")
-    max_length: int = Field(1024, ge=8, description="tokens per text, cut from the left (ALMoST: 1024)")
-    batch_size: int = Field(4, ge=1, description="pairs per device step")
-    grad_accum: int = Field(1, ge=1, description="gradient accumulation (ALMoST's batch is 128 pairs = batch_size x grad_accum)")
-    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="fraction of steps with linear warmup (ALMoST: 3%)")
-    scheduler: str = Field("cosine", description="learning-rate schedule (ALMoST: cosine)")
-    merge: bool = Field(False, description="with LoRA: save a merged plain model instead of the adapter")
-    max_steps: int = Field(-1, description="stop after this many optimizer steps (-1: the epochs decide)")
-
-    def train_settings(self, seed: int) -> dict:
-        """Keyword arguments of `selfalign.core.reward_training.train_reward_model` / `selfalign.methods.hhh_lab.pm_objectives.train_pm`."""
-        return dict(lora=lora_settings(self), lr=self.lr, epochs=self.epochs, max_length=self.max_length,
-                    batch_size=self.batch_size, grad_accum=self.grad_accum, warmup_ratio=self.warmup_ratio,
-                    weight_decay=self.weight_decay, scheduler=self.scheduler, seed=seed, merge=self.merge,
-                    max_steps=self.max_steps)
+def reward_training() -> TrainSettings:
+    """How a reward (preference) model is trained by default: ALMoST's published reward-model settings
+    (full fine-tuning, lr 2e-5, weight decay 0.1, 1 epoch, max length 1024, cosine, 3% warmup; its
+    batch of 128 is `batch_size x grad_accum`). The `train:` default of `reward_model`, `pmp`,
+    `pm_scaling` and `compare`'s post-validation."""
+    return TrainSettings(lora=False, lr=2e-5, weight_decay=0.1, epochs=1.0, max_length=1024, scheduler="cosine",
+                         warmup_ratio=0.03)
 
 
 def split_by_prompt(pairs: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -145,7 +112,7 @@ def load_for_reward_training(ref: str, device: str, dtype: str):
     return model.to(device), tok, "causal LM"
 
 
-def prepare_for_training(base: str, lora: LoraSettings | None, merge: bool, seed: int, what: str = "reward model"):
+def prepare_for_training(base: str, settings: TrainSettings, seed: int, what: str = "reward model"):
     """(scalar-head model in training mode, tokenizer, started_from, merge) to train a `what` from `base`.
 
     A LoRA adapter cannot sit on an adapter: with an adapter `base`, the new model is saved merged
@@ -155,7 +122,8 @@ def prepare_for_training(base: str, lora: LoraSettings | None, merge: bool, seed
 
     from selfalign.core.models import resolve
 
-    if lora is not None and not merge and resolve(base).kind == "peft":
+    merge = settings.merge
+    if settings.lora and not merge and resolve(base).kind == "peft":
         console.print(f"  note: {base} is an adapter; the new {what} is saved merged (an adapter cannot sit on an adapter)")
         merge = True
     set_seed(seed)
@@ -182,24 +150,7 @@ def check_pairs(pairs: list[dict], source: str = "pairs") -> None:
             raise SelfAlignError(f"{source}[{i}]: {problem}", PAIR_HINT)
 
 
-def train_reward_model(
-    base: str,
-    pairs: list[dict],
-    out_dir: Path,
-    *,
-    lora: LoraSettings | None,
-    lr: float = 2e-5,
-    epochs: float = 1.0,
-    max_length: int = 1024,
-    batch_size: int = 4,
-    grad_accum: int = 1,
-    warmup_ratio: float = 0.03,
-    weight_decay: float = 0.1,
-    scheduler: str = "cosine",
-    seed: int = 0,
-    merge: bool = False,
-    max_steps: int = -1,
-) -> dict:
+def train_reward_model(base: str, pairs: list[dict], out_dir: Path, settings: TrainSettings, seed: int = 0) -> dict:
     """Train a scalar reward model on `pairs` from `base`; save it into `out_dir` (see the module docstring).
 
     Returns `{"model": folder RewardModel loads, "train_loss", "first_loss", "last_loss", "steps",
@@ -214,30 +165,13 @@ def train_reward_model(
     t0 = time.time()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model, tokenizer, started_from, merge = prepare_for_training(base, lora, merge, seed)
-    rows = tokenize_pairs(tokenizer, pairs, max_length)
-    total_steps = estimate_steps(len(rows), batch_size, grad_accum, epochs, max_steps)
-    args = RewardConfig(
-        **common_training_args(out_dir, lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
-                               grad_accum=grad_accum, warmup_ratio=warmup_ratio, seed=seed, total_steps=total_steps,
-                               scheduler=scheduler),
-        weight_decay=weight_decay,
-        max_length=None,  # already truncated from the left above; TRL would drop long pairs instead
-    )
-    with quiet_datasets():
-        trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                                processing_class=tokenizer, peft_config=lora.peft_config("SEQ_CLS") if lora else None)
-    kind = lora_label(lora)
-    console.print(f"  training a reward model from {base} ({started_from}, {kind}) on {len(rows)} pairs, "
-                  f"{total_steps} steps, lr {lr:g}")
-    result = run_trainer(trainer, "reward model", total_steps, batch_size * grad_accum, out_dir)
-    dest = save_trained(trainer.model, tokenizer, base, out_dir, adapter=lora is not None and not merge)
-    return {
-        "model": str(dest.resolve()),
-        **loss_summary(trainer, result),
-        "pairs": len(rows),
-        "tokens": sum(len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows),
-        "started_from": started_from,
-        "lora": kind,
-        "wall_s": round(time.time() - t0, 1),
-    }
+    model, tokenizer, started_from, merge = prepare_for_training(base, settings, seed)
+    rows = tokenize_pairs(tokenizer, pairs, settings.max_length)
+    fitted = fit(settings, base=base, out_dir=out_dir, seed=seed, model=model, tokenizer=tokenizer,
+                 dataset=Dataset.from_list(rows), examples=len(rows), trainer_class=RewardTrainer,
+                 config_class=RewardConfig,
+                 config_args={"max_length": None},  # already truncated from the left above; TRL would drop long pairs
+                 peft_task="SEQ_CLS", merge=merge, label="reward model", started=t0,
+                 describe=f"training a reward model from {base} ({started_from}, {settings.kind}) on {len(rows)} pairs")
+    return fitted.save(pairs=len(rows), tokens=sum(len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows),
+                       started_from=started_from)

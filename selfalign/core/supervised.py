@@ -4,10 +4,13 @@ and ALMoST's SFT all train this way; only where their demonstrations come from d
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from selfalign.core.chat import render_plain
-from selfalign.core.training import lora_settings, sft_train, write_examples
+from selfalign.core.errors import SelfAlignError
+from selfalign.core.store import read_jsonl
+from selfalign.core.training import TrainSettings, sft_train, write_examples
 
 
 def training_example(system: str, prompt: str, answer: str, eos: str) -> dict:
@@ -17,13 +20,38 @@ def training_example(system: str, prompt: str, answer: str, eos: str) -> dict:
     return {"prompt": text, "completion": " " + answer.strip() + eos}
 
 
-def train_on_examples(ctx, config, base: str, examples: list[dict], folder: Path, **settings) -> dict:
+def kept_rows(rows: list[dict], usable: Callable[[dict], bool], unusable: str) -> tuple[list[dict], dict]:
+    """The rows an earlier stage did not reject (`kept: false`) that `usable` accepts, and counts of
+    the rest: `{"not kept": n, unusable: m}`."""
+    out, skipped = [], {"not kept": 0, unusable: 0}
+    for row in rows:
+        if row.get("kept", True) is False:
+            skipped["not kept"] += 1
+        elif not usable(row):
+            skipped[unusable] += 1
+        else:
+            out.append(row)
+    return out, skipped
+
+
+def training_rows(ctx, data: str, select: Callable[[list[dict]], tuple[list[dict], dict]], cap: int | None,
+                  none_left: str) -> tuple[Path, list[dict], dict]:
+    """(source file, rows to train on, counts of the skipped) of a stage's `data` (`@stage` or a JSONL
+    file): `select` picks the rows, then at most `cap` (or the recipe's max_prompts) are kept. No row
+    left is an error: `SOURCE: none_left`, with the counts and the `data` it read as the hint."""
+    source = ctx.rows_file(data)
+    rows, skipped = select(read_jsonl(source))
+    if limit := ctx.max_prompts(cap):
+        rows = rows[:limit]
+    if not rows:
+        raise SelfAlignError(f"{source}: {none_left}", f"skipped: {skipped}; data: is set to {data!r}")
+    return source, rows, skipped
+
+
+def train_on_examples(ctx, settings: TrainSettings, base: str, examples: list[dict], folder: Path) -> dict:
     """Write `examples.jsonl` (exactly what is trained on) into `folder`, then fine-tune `base` on the
-    examples' prompt/completion there with the stage's training fields (lora, r, alpha, dropout, lr,
-    epochs, max_length, batch_size, grad_accum, warmup_ratio, merge); `settings` adds `sft_train`'s others."""
+    examples' prompt/completion there with the stage's `train:` settings and the recipe's seed."""
     write_examples(folder, examples)
     ctx.free_accelerator()
     return sft_train(base, [{"prompt": e["prompt"], "completion": e["completion"]} for e in examples], folder,
-                     lora=lora_settings(config), lr=config.lr, epochs=config.epochs, max_length=config.max_length,
-                     batch_size=config.batch_size, grad_accum=config.grad_accum, warmup_ratio=config.warmup_ratio,
-                     seed=ctx.recipe.seed, merge=config.merge, **settings)
+                     settings, ctx.recipe.seed)

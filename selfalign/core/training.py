@@ -30,11 +30,15 @@ the base as a selfalign reference, which `selfalign.core.models.resolve` prefers
 `merge=True`: a plain `save_pretrained` folder), the tokenizer beside either, and
 `trainer_state.json` (the HF trainer state, whose `log_history` the run report plots).
 
-The other trainers (`selfalign.core.reward_training` reward models, `selfalign.methods.hhh_lab.pm_objectives` binary PMs,
-`selfalign.methods.almost.rloo` RLOO, `selfalign.methods.hhh_lab.distill` context distillation) set up their Hugging Face / TRL
-trainer with the helpers here: `common_training_args` (the shared `TrainingArguments` keywords),
-`quiet_datasets`, `run_trainer` (progress bar, trainer state), `loss_summary`, `estimate_steps`,
-`load_for_training`, `save_trained`.
+**One settings value, one skeleton.** Every training stage has a `train:` block, a `TrainSettings`
+(LoRA, learning rate, epochs, lengths, batch, schedule; each field described, the stage's paper
+values as its defaults), and hands it whole to `fit`, the one trainer skeleton: it wraps the model
+in LoRA (or lets a TRL trainer do it), builds the `TrainingArguments` every trainer shares
+(`common_training_args`), runs the trainer under selfalign's progress bar, and saves the result.
+What differs between trainers (the model, the data, the trainer class, a few arguments of its
+own) is what the caller passes: SFT here (`sft_train`), reward models
+(`selfalign.core.reward_training`), binary and imitation PMs (`selfalign.methods.hhh_lab.pm_objectives`),
+RLOO (`selfalign.methods.almost.rloo`) and context distillation (`selfalign.methods.hhh_lab.distill`).
 """
 
 from __future__ import annotations
@@ -43,15 +47,19 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from pydantic import Field
 
 from selfalign.core.chat import attach_plain_template
 from selfalign.core.errors import SelfAlignError
 from selfalign.core.models import load_model, resolve
 from selfalign.core.progress import console, progress_bar
+from selfalign.core.recipe import Strict
 
 IGNORE = -100  # the label the loss ignores
 ADAPTER_DIR = "adapter"
@@ -60,31 +68,47 @@ STATE_FILE = "trainer_state.json"
 BASE_FILE = "selfalign_base.json"
 
 
-@dataclass
-class LoraSettings:
-    """LoRA on the attention projections; defaults are Self-Align's (r 16, alpha 16, dropout 0.05)."""
+class TrainSettings(Strict):
+    """How a stage trains: the `train:` block of every training stage, handed whole to `fit`.
 
-    r: int = 16
-    alpha: int = 16
-    dropout: float = 0.05
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    The class defaults are Self-Align's Principle Engraving (Sun et al. 2023: LoRA r 16, alpha 16,
+    dropout 0.05 on q/k/v/o; lr 4e-4; 1 epoch; max length 512; warmup then linear decay). A stage
+    whose paper trains otherwise gives its own defaults (`train: TrainSettings = Field(default_factory=
+    lambda: TrainSettings(lr=2e-5, ...))`); a recipe's partial block changes only the keys it names.
+    """
+
+    lora: bool = Field(True, description="train a LoRA adapter on q/k/v/o (else all weights)")
+    r: int = Field(16, ge=1, description="LoRA rank")
+    alpha: int = Field(16, ge=1, description="LoRA alpha (the update is scaled by alpha / r)")
+    dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout")
+    lr: float = Field(4e-4, gt=0, description="peak learning rate, reached after the warmup")
+    epochs: float = Field(1.0, gt=0, description="passes over the training data")
+    max_steps: int = Field(-1, description="stop after this many optimizer steps (-1: the epochs decide)")
+    max_length: int = Field(512, ge=8, description="tokens per training example; a longer prompt is cut from the left")
+    batch_size: int = Field(4, ge=1, description="examples per device step (not published for most steps)")
+    grad_accum: int = Field(1, ge=1, description="gradient accumulation steps: the batch is batch_size x grad_accum")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="fraction of the steps with linear warmup")
+    scheduler: str = Field("linear", description="learning-rate schedule after warmup (transformers' names: linear, "
+                                                 "cosine, constant, ...)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    merge: bool = Field(False, description="with LoRA: merge the adapter into the weights and save a plain model")
 
     def peft_config(self, task_type: str):
-        """PEFT's `LoraConfig` of these settings for `task_type` (CAUSAL_LM, SEQ_CLS)."""
+        """PEFT's `LoraConfig` of these settings for `task_type` (CAUSAL_LM, SEQ_CLS); None without LoRA."""
+        if not self.lora:
+            return None
         from peft import LoraConfig
 
         return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
-                          target_modules=list(self.target_modules), task_type=task_type)
+                          target_modules=list(LORA_TARGETS), task_type=task_type)
+
+    @property
+    def kind(self) -> str:
+        """How a summary names the kind of training: `LoRA r16` or `full`."""
+        return f"LoRA r{self.r}" if self.lora else "full"
 
 
-def lora_settings(config) -> LoraSettings | None:
-    """The LoRA settings of a stage config with `lora`, `r`, `alpha`, `dropout` fields; None for full fine-tuning."""
-    return LoraSettings(r=config.r, alpha=config.alpha, dropout=config.dropout) if config.lora else None
-
-
-def lora_label(lora: LoraSettings | None) -> str:
-    """How a summary names the kind of training: `LoRA r16` or `full`."""
-    return f"LoRA r{lora.r}" if lora else "full"
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")  # the attention projections, as Self-Align
 
 
 # -- tokenization (pure, unit-tested) ---------------------------------------------------------------
@@ -217,29 +241,30 @@ def estimate_steps(examples: int, batch_size: int, grad_accum: int, epochs: floa
     return math.ceil(epochs * math.ceil(math.ceil(examples / batch_size) / grad_accum))
 
 
-def common_training_args(out_dir: Path, *, lr: float, epochs: float, max_steps: int, batch_size: int, grad_accum: int,
-                         warmup_ratio: float, seed: int, total_steps: int, scheduler: str | None = None,
-                         logging_steps: int | None = None, checkpointing: bool = True,
+def common_training_args(out_dir: Path, settings: TrainSettings, seed: int, total_steps: int, *,
+                         batch_size: int | None = None, logging_steps: int | None = None, checkpointing: bool = True,
                          count_tokens: bool = True) -> dict:
     """The `TrainingArguments` keywords every selfalign trainer shares (TRL's configs take them too).
 
     bf16 on a GPU, the CPU otherwise; no saving, no reporting, no tqdm (`run_trainer` draws the
     progress bar); a loss logged about 50 times a run, at least every 10 steps (`logging_steps`
-    overrides); `scheduler` None keeps the trainer's default; `checkpointing`: activation
-    checkpointing on a GPU (on the CPU it only costs time); `count_tokens`: count the non-padding
-    input tokens, which the progress bar shows as tokens/s.
+    overrides); `batch_size` overrides the settings' (RLOO's batch is counted in replies);
+    `checkpointing`: activation checkpointing on a GPU (on the CPU it only costs time);
+    `count_tokens`: count the non-padding input tokens, which the progress bar shows as tokens/s.
     """
     import torch
 
     cuda = torch.cuda.is_available()
     args = dict(
         output_dir=str(out_dir),
-        learning_rate=lr,
-        num_train_epochs=epochs,
-        max_steps=max_steps,
-        per_device_train_batch_size=batch_size,
-        gradient_accumulation_steps=grad_accum,
-        warmup_steps=warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of the total steps
+        learning_rate=settings.lr,
+        num_train_epochs=settings.epochs,
+        max_steps=settings.max_steps,
+        per_device_train_batch_size=batch_size or settings.batch_size,
+        gradient_accumulation_steps=settings.grad_accum,
+        warmup_steps=settings.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of the total steps
+        lr_scheduler_type=settings.scheduler,
+        weight_decay=settings.weight_decay,
         seed=seed,
         data_seed=seed,
         bf16=cuda,
@@ -250,8 +275,6 @@ def common_training_args(out_dir: Path, *, lr: float, epochs: float, max_steps: 
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
-    if scheduler is not None:
-        args["lr_scheduler_type"] = scheduler
     if checkpointing:
         args["activation_checkpointing"] = cuda
     if count_tokens:
@@ -300,11 +323,81 @@ def loss_summary(trainer, result, digits: int = 4) -> dict:
     }
 
 
-def load_for_training(base: str, lora: LoraSettings | None, merge: bool):
+@dataclass
+class Fitted:
+    """A trained model not yet saved: what `fit` returns. `save` writes it and returns the summary."""
+
+    trainer: Any
+    result: Any  # what trainer.train() returned
+    tokenizer: Any
+    base: str
+    out_dir: Path
+    settings: TrainSettings
+    merge: bool
+    started: float
+    total_steps: int
+
+    def save(self, losses: bool = True, digits: int = 4, **extra) -> dict:
+        """Save the model (`save_trained`); return `{"model", train/first/last loss and steps (with
+        `losses`), **extra, "lora", "wall_s"}`."""
+        adapter = self.settings.lora and not self.merge
+        dest = save_trained(self.trainer.model, self.tokenizer, self.base, self.out_dir, adapter=adapter)
+        return {
+            "model": str(dest.resolve()),
+            **(loss_summary(self.trainer, self.result, digits) if losses else {}),
+            **extra,
+            "lora": self.settings.kind,
+            "wall_s": round(time.time() - self.started, 1),
+        }
+
+
+def fit(settings: TrainSettings, *, base: str, out_dir: Path, seed: int, model, tokenizer, dataset, examples: int,
+        trainer_class, config_class, peft_task: str, describe: str, label: str, started: float,
+        merge: bool | None = None, total_steps: int | None = None, batch_size: int | None = None,
+        config_args: dict | None = None, trainer_args: dict | Callable[[Any], dict] | None = None,
+        logging_steps: int | None = None, checkpointing: bool = True, count_tokens: bool = True) -> Fitted:
+    """The one trainer skeleton: LoRA, arguments, trainer, progress bar. Every selfalign trainer runs here.
+
+    `model`/`tokenizer`: loaded by the caller, in training mode; `dataset` (of `examples` rows) is
+    handed to `trainer_class` as it is. LoRA (`settings.lora`, task type `peft_task`) is applied by the
+    trainer where it takes a `peft_config` (TRL's), else here before the trainer is built.
+    `config_class` (`TrainingArguments` or a TRL config) gets `common_training_args` and `config_args`;
+    `trainer_args` are the trainer's own keywords, or a function of the (wrapped) model that returns
+    them. `total_steps` and `batch_size` override what the settings imply (RLOO counts replies);
+    `merge` overrides the settings' (an adapter base is saved merged). `describe` opens the log line.
+    """
+    import inspect
+
+    out_dir = Path(out_dir)
+    merge = settings.merge if merge is None else merge
+    batch = batch_size or settings.batch_size
+    if total_steps is None:
+        total_steps = estimate_steps(examples, batch, settings.grad_accum, settings.epochs, settings.max_steps)
+    peft = settings.peft_config(peft_task)
+    own = {}
+    if "peft_config" in inspect.signature(trainer_class.__init__).parameters:
+        own["peft_config"] = peft
+    elif peft is not None:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, peft)
+        model.train()
+    args = config_class(**common_training_args(out_dir, settings, seed, total_steps, batch_size=batch_size,
+                                               logging_steps=logging_steps, checkpointing=checkpointing,
+                                               count_tokens=count_tokens), **(config_args or {}))
+    extra = trainer_args(model) if callable(trainer_args) else (trainer_args or {})
+    with quiet_datasets():
+        trainer = trainer_class(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, **own, **extra)
+    console.print(f"  {describe}, {total_steps} steps, lr {settings.lr:g}")
+    result = run_trainer(trainer, label, total_steps, batch * settings.grad_accum, out_dir)
+    return Fitted(trainer, result, tokenizer, base, out_dir, settings, merge, started, total_steps)
+
+
+def load_for_training(base: str, settings: TrainSettings):
     """(causal LM in training mode, tokenizer) to fine-tune from `base`; an adapter is merged first, so
     training continues from the adapted weights. A new adapter on an adapter is refused unless `merge`."""
     resolved = resolve(base)
-    if resolved.kind == "peft" and lora is not None and not merge:
+    if resolved.kind == "peft" and settings.lora and not settings.merge:
         raise SelfAlignError(
             f"{base} is a LoRA adapter; a new adapter on top of it could not be loaded on its own",
             "train with merge: true, or train on a merged model (merge: true on the stage that made it)",
@@ -324,23 +417,7 @@ def write_examples(folder: Path, examples: list[dict]) -> None:
     tmp.replace(Path(folder) / "examples.jsonl")
 
 
-def sft_train(
-    base: str,
-    examples: list[dict],
-    out_dir: Path,
-    *,
-    lora: LoraSettings | None,
-    lr: float,
-    epochs: float,
-    max_length: int,
-    batch_size: int = 4,
-    grad_accum: int = 1,
-    warmup_ratio: float = 0.03,
-    scheduler: str = "linear",
-    seed: int = 0,
-    merge: bool = False,
-    max_steps: int = -1,
-) -> dict:
+def sft_train(base: str, examples: list[dict], out_dir: Path, settings: TrainSettings, seed: int = 0) -> dict:
     """Fine-tune `base` on prompt/completion `examples` (loss on the completion); save into `out_dir`.
 
     Returns `{"model": folder to load, "train_loss", "steps", "examples", "wall_s", ...}`.
@@ -351,8 +428,9 @@ def sft_train(
     t0 = time.time()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = load_for_training(base, lora, merge)
+    model, tokenizer = load_for_training(base, settings)
 
+    max_length = settings.max_length
     rows, cuts = tokenize_examples(tokenizer, examples, max_length)
     if not rows:
         raise SelfAlignError(f"no training example fits in max_length {max_length} ({len(examples)} given)",
@@ -360,29 +438,12 @@ def sft_train(
     if cuts["dropped_too_long"]:
         console.print(f"  [yellow]note:[/] {cuts['dropped_too_long']} examples dropped: their answer alone is longer "
                       f"than max_length {max_length}")
-    total_steps = estimate_steps(len(rows), batch_size, grad_accum, epochs, max_steps)
-    args = SFTConfig(
-        **common_training_args(out_dir, lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
-                               grad_accum=grad_accum, warmup_ratio=warmup_ratio, seed=seed, total_steps=total_steps,
-                               scheduler=scheduler),
-        max_length=max_length,  # already enforced above; TRL's own cut is then a no-op
-    )
-    with quiet_datasets():
-        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                             peft_config=lora.peft_config("CAUSAL_LM") if lora else None)
-    kind = lora_label(lora)
-    console.print(f"  fine-tuning {base} ({kind}) on {len(rows)} examples, {total_steps} steps, lr {lr:g}")
-    result = run_trainer(trainer, "training", total_steps, batch_size * grad_accum, out_dir)
-    dest = save_trained(trainer.model, tokenizer, base, out_dir, adapter=lora is not None and not merge)
-    return {
-        "model": str(dest.resolve()),
-        **loss_summary(trainer, result),
-        "examples": len(rows),
-        "tokens": sum(len(r["input_ids"]) for r in rows),
-        **cuts,
-        "lora": kind,
-        "wall_s": round(time.time() - t0, 1),
-    }
+    fitted = fit(settings, base=base, out_dir=out_dir, seed=seed, model=model, tokenizer=tokenizer,
+                 dataset=Dataset.from_list(rows), examples=len(rows), trainer_class=SFTTrainer, config_class=SFTConfig,
+                 config_args={"max_length": max_length},  # already enforced above; TRL's own cut is then a no-op
+                 peft_task="CAUSAL_LM", describe=f"fine-tuning {base} ({settings.kind}) on {len(rows)} examples",
+                 label="training", started=t0)
+    return fitted.save(examples=len(rows), tokens=sum(len(r["input_ids"]) for r in rows), **cuts)
 
 
 def model_output(folder: Path) -> str:

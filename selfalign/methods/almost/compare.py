@@ -80,8 +80,9 @@ from selfalign.core.errors import SelfAlignError
 from selfalign.core.generation import Job, generate_rows, open_rows
 from selfalign.core.progress import console
 from selfalign.core.recipe import StageConfig, Strict
-from selfalign.core.reward_training import RewardTraining
+from selfalign.core.reward_training import reward_training
 from selfalign.core.store import RowStore, replace_rows, row_id
+from selfalign.core.training import TrainSettings
 from selfalign.evals.common import resolve_system
 
 PREAMBLE_FILE = ASSETS / "almost" / "preamble.txt"
@@ -99,8 +100,11 @@ class Configuration(Strict):
     shots: int | None = Field(None, ge=0, description="HHH example dialogues after the system text (default: 14 with hhh, else 0)")
 
 
-class PostValidation(RewardTraining):
+class PostValidation(Strict):
     """The as-is reward model that double-checks the rubric's pairs (settings: ALMoST's reward model)."""
+
+    train: TrainSettings = Field(default_factory=reward_training,
+                                 description="how the as-is reward model is trained (ALMoST's reward-model settings)")
 
     quantile: float = Field(0.1, gt=0, le=1, description="drop this fraction of the negative-margin pairs, most negative first")
     model: str | None = Field(None, description="where the reward model starts (default: the stage's model)")
@@ -349,15 +353,16 @@ def _post_validate(ctx, config: Config, pv: PostValidation, rows: list[dict], fo
     alive = [r for r in rows if r["kept"]]
     record_file = folder / PV_FILE
     # what the scores depend on (not the quantile: changing it only re-reads the margins)
-    key = row_id("post_validation", [r["id"] for r in alive], pv.model_dump(exclude={"quantile", "merge"}), config.model, ctx.recipe.seed)
+    key = row_id("post_validation", [r["id"] for r in alive], {"model": pv.model, **pv.train.model_dump(exclude={"merge"})},
+                 config.model, ctx.recipe.seed)
     record = json.loads(record_file.read_text()) if record_file.exists() else None
     if not record or record.get("key") != key:
         base = ctx.model_for(config, pv.model)
         ctx.free_accelerator()
         result = train_reward_model(base, [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}
                                            for r in alive], folder / "post_validation",
-                                    **pv.train_settings(ctx.recipe.seed))
-        rm = RewardModel(result["model"], max_length=pv.max_length)
+                                    pv.train, ctx.recipe.seed)
+        rm = RewardModel(result["model"], max_length=pv.train.max_length)
         prompts = [r["prompt"] for r in alive]
         chosen = rm.score(prompts, [r["chosen"] for r in alive])
         rejected = rm.score(prompts, [r["rejected"] for r in alive])

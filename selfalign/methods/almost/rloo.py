@@ -34,17 +34,7 @@ from selfalign.core.chat import render_plain
 from selfalign.core.errors import SelfAlignError
 from selfalign.core.models import load_model, resolve
 from selfalign.core.progress import console
-from selfalign.core.training import (
-    LoraSettings,
-    _atomic_save,
-    _is_peft,
-    common_training_args,
-    device_and_dtype,
-    lora_label,
-    quiet_datasets,
-    run_trainer,
-    save_trained,
-)
+from selfalign.core.training import TrainSettings, _atomic_save, _is_peft, device_and_dtype, fit
 
 
 def policy_prompt(dialogue: Sequence[dict], system: str | None = None) -> str:
@@ -93,23 +83,19 @@ def rloo_train(
     rows: list[dict],
     reward_fn: RewardFunction,
     out_dir: Path,
+    settings: TrainSettings,
     *,
-    lora: LoraSettings | None,
     beta: float = 0.05,
-    lr: float = 1e-5,
-    epochs: float = 1.0,
-    max_steps: int = -1,
     num_generations: int = 4,
     prompts_per_step: int = 2,
-    grad_accum: int = 1,
     max_completion_length: int = 128,
     temperature: float = 1.0,
     top_p: float = 1.0,
-    warmup_ratio: float = 0.0,
     seed: int = 0,
-    merge: bool = False,
 ) -> dict:
-    """RLOO-train `policy` on `rows` (from `rl_dataset_rows`); save into `out_dir`.
+    """RLOO-train `policy` on `rows` (from `rl_dataset_rows`); save into `out_dir`. `settings` is the
+    `train:` block (its batch_size and max_length are not used: a step takes `prompts_per_step` prompts
+    and `num_generations` replies to each, of at most `max_completion_length` tokens).
 
     Returns `{"model": folder to load, "steps", "prompts", "first_reward", "last_reward", "last_kl", ...}`.
     """
@@ -127,50 +113,39 @@ def rloo_train(
     was_adapter = _is_peft(model)
     if was_adapter:
         model = model.merge_and_unload()  # the policy (and the KL reference) is the adapted model
-    if was_adapter and lora is not None and not merge:
+    merge = settings.merge
+    if was_adapter and settings.lora and not merge:
         console.print("  [yellow]note:[/] the policy is itself a LoRA adapter; the RL adapter is merged into it on save")
         merge = True
-    if lora is None and was_adapter:
+    if not settings.lora and was_adapter:
         # full fine-tuning: TRL loads the frozen reference from the policy's folder, so there must be one
         ref_dir = out_dir / "reference"
         _atomic_save(ref_dir, lambda f: (model.save_pretrained(f, safe_serialization=True), tokenizer.save_pretrained(f)))
         model.config._name_or_path = str(ref_dir)
-    elif lora is None:
+    elif not settings.lora:
         model.config._name_or_path = str(Path(resolved.path).resolve()) if resolved.is_local else resolved.path
     model.train()
 
     batch = num_generations * prompts_per_step
-    total_steps = max_steps if max_steps > 0 else math.ceil(len(rows) * epochs / (prompts_per_step * grad_accum))
-    args = RLOOConfig(
-        **common_training_args(out_dir, lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch,
-                               grad_accum=grad_accum, warmup_ratio=warmup_ratio, seed=seed, total_steps=total_steps,
-                               logging_steps=1,  # every step's reward and KL: the curves are the point of this stage
-                               count_tokens=False),
-        num_generations=num_generations,
-        max_completion_length=max_completion_length,
-        temperature=temperature,
-        top_p=top_p,
-        beta=beta,
-    )
-    with quiet_datasets():
-        trainer = RLOOTrainer(model=model, reward_funcs=reward_fn, args=args, train_dataset=Dataset.from_list(rows),
-                              processing_class=tokenizer, peft_config=lora.peft_config("CAUSAL_LM") if lora else None)
-    kind = lora_label(lora)
-    console.print(f"  RLOO on {policy} ({kind}): {len(rows)} prompts, k {num_generations}, beta {beta:g}, "
-                  f"{total_steps} steps, lr {lr:g}")
-    run_trainer(trainer, "RLOO", total_steps, batch * grad_accum, out_dir)
+    total_steps = (settings.max_steps if settings.max_steps > 0
+                   else math.ceil(len(rows) * settings.epochs / (prompts_per_step * settings.grad_accum)))
+    fitted = fit(settings, base=policy, out_dir=out_dir, seed=seed, model=model, tokenizer=tokenizer,
+                 dataset=Dataset.from_list(rows), examples=len(rows), trainer_class=RLOOTrainer, config_class=RLOOConfig,
+                 config_args=dict(num_generations=num_generations, max_completion_length=max_completion_length,
+                                  temperature=temperature, top_p=top_p, beta=beta),
+                 trainer_args={"reward_funcs": reward_fn}, peft_task="CAUSAL_LM", merge=merge,
+                 total_steps=total_steps, batch_size=batch,
+                 logging_steps=1,  # every step's reward and KL: the curves are the point of this stage
+                 count_tokens=False, label="RLOO", started=t0,
+                 describe=f"RLOO on {policy} ({settings.kind}): {len(rows)} prompts, k {num_generations}, beta {beta:g}")
 
-    dest = save_trained(trainer.model, tokenizer, policy, out_dir, adapter=lora is not None and not merge)
-
-    log = trainer.state.log_history
+    log = fitted.trainer.state.log_history
     series = {key: [e[key] for e in log if isinstance(e.get(key), int | float)] for key in ("reward", "kl")}
-    return {
-        "model": str(dest.resolve()),
-        "steps": int(trainer.state.global_step),
-        "prompts": len(rows),
-        "first_reward": round(series["reward"][0], 4) if series["reward"] else None,
-        "last_reward": round(series["reward"][-1], 4) if series["reward"] else None,
-        "last_kl": round(series["kl"][-1], 4) if series["kl"] else None,
-        "lora": kind,
-        "wall_s": round(time.time() - t0, 1),
-    }
+    return fitted.save(
+        losses=False,
+        steps=int(fitted.trainer.state.global_step),
+        prompts=len(rows),
+        first_reward=round(series["reward"][0], 4) if series["reward"] else None,
+        last_reward=round(series["reward"][-1], 4) if series["reward"] else None,
+        last_kl=round(series["kl"][-1], 4) if series["kl"] else None,
+    )

@@ -55,7 +55,7 @@ from selfalign.core.errors import SelfAlignError
 from selfalign.core.progress import console
 from selfalign.core.recipe import StageConfig
 from selfalign.core.store import RowStore, row_id
-from selfalign.core.training import lora_settings, model_output
+from selfalign.core.training import TrainSettings, model_output
 from selfalign.evals.common import resolve_system
 from selfalign.methods.almost.rloo import (
     RewardFunction,
@@ -76,19 +76,13 @@ class Config(StageConfig):
     prompts: str = Field("@mine_prompts", description="@<stage> (rows with `prompt`, `kept`) or a prompt file")
     heldout: int = Field(32, ge=1, description="prompts set aside (a seeded sample), never trained on, for the evaluation")
     system: str | None = Field(None, description="system prompt above each dialogue (default none, as the SFT stage trains)")
-    lora: bool = Field(True, description="train a LoRA adapter on the policy (else: all weights)")
-    r: int = Field(16, ge=1, description="LoRA rank")
-    alpha: int = Field(16, ge=1, description="LoRA alpha")
-    dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout")
-    merge: bool = Field(False, description="merge the adapter into the weights and save a plain model")
+    train: TrainSettings = Field(default_factory=lambda: TrainSettings(lr=1e-5, warmup_ratio=0.0),
+                                 description="how the policy is trained (not published: LoRA r 16, lr 1e-5, 1 epoch "
+                                             "over the prompts, no warmup); its batch_size and max_length are not "
+                                             "used: see prompts_per_step, num_generations, max_completion_length")
     beta: float = Field(0.05, ge=0, description="KL penalty coefficient (not published; TRL's default)")
-    lr: float = Field(1e-5, gt=0, description="learning rate (not published)")
-    epochs: float = Field(1.0, gt=0, description="passes over the training prompts")
-    max_steps: int | None = Field(None, ge=1, description="stop after this many steps (overrides epochs)")
     num_generations: int = Field(4, ge=2, description="k: replies sampled per prompt (the leave-one-out group)")
     prompts_per_step: int = Field(2, ge=1, description="prompts per optimisation step (k replies each)")
-    grad_accum: int = Field(1, ge=1, description="gradient accumulation steps")
-    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="fraction of steps with linear warmup")
     temperature: float = Field(1.0, gt=0, description="sampling temperature in training and the held-out evaluation")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus mass in training and the held-out evaluation")
     max_prompt_length: int = Field(256, ge=8, description="prompts longer than this (tokens, rendered) are not trained on")
@@ -126,13 +120,11 @@ def _train(ctx, config: Config, folder: Path, policy: str, train: list[tuple[str
     if len(fits) < config.prompts_per_step:
         raise SelfAlignError(f"{config.label}: {len(fits)} training prompts, fewer than prompts_per_step "
                              f"({config.prompts_per_step})", "lower heldout or prompts_per_step, or mine more prompts")
-    lora = lora_settings(config)
     ctx.free_accelerator()
-    result = rloo_train(policy, fits, RewardFunction(rm), folder, lora=lora, beta=config.beta, lr=config.lr,
-                        epochs=config.epochs, max_steps=config.max_steps or -1, num_generations=config.num_generations,
-                        prompts_per_step=config.prompts_per_step, grad_accum=config.grad_accum,
+    result = rloo_train(policy, fits, RewardFunction(rm), folder, config.train, beta=config.beta,
+                        num_generations=config.num_generations, prompts_per_step=config.prompts_per_step,
                         max_completion_length=config.max_completion_length, temperature=config.temperature,
-                        top_p=config.top_p, warmup_ratio=config.warmup_ratio, seed=ctx.recipe.seed, merge=config.merge)
+                        top_p=config.top_p, seed=ctx.recipe.seed)
     result["prompts_too_long"] = len(rows) - len(fits)
     model_output(folder)  # raises if nothing was saved
     tmp = done.with_suffix(".tmp")

@@ -30,11 +30,11 @@ from pathlib import Path
 
 from pydantic import Field
 
-from selfalign.core.errors import SelfAlignError
 from selfalign.core.progress import console
 from selfalign.core.recipe import StageConfig
-from selfalign.core.store import RowStore, read_jsonl, row_id
-from selfalign.core.supervised import train_on_examples
+from selfalign.core.store import RowStore, row_id
+from selfalign.core.supervised import kept_rows, train_on_examples, training_rows
+from selfalign.core.training import TrainSettings
 from selfalign.evals.common import resolve_system
 from selfalign.methods.almost.rloo import policy_prompt
 
@@ -43,18 +43,9 @@ class Config(StageConfig):
     stage: str = "sft"
     data: str = Field("self_play", description="an earlier stage's name (its rows.jsonl) or a JSONL file of rows with `messages`")
     system: str | None = Field(None, description="system prompt at training (default none): text, a .txt file, hhh or builtin:NAME")
-    lora: bool = Field(False, description="train a LoRA adapter instead of all weights (the paper fine-tunes all)")
-    r: int = Field(16, ge=1, description="LoRA rank")
-    alpha: int = Field(16, ge=1, description="LoRA alpha")
-    dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout")
-    lr: float = Field(2e-5, gt=0, description="peak learning rate")
-    epochs: float = Field(3.0, gt=0)
-    max_length: int = Field(512, ge=8, description="tokens per example (dialogue so far + reply)")
-    batch_size: int = Field(4, ge=1, description="examples per step (not published)")
-    grad_accum: int = Field(1, ge=1, description="gradient accumulation steps")
-    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="fraction of steps with linear warmup (not published)")
-    scheduler: str = Field("linear", description="learning-rate schedule after warmup (not published)")
-    merge: bool = Field(False, description="with lora: merge the adapter and save a plain model")
+    train: TrainSettings = Field(default_factory=lambda: TrainSettings(lora=False, lr=2e-5, epochs=3.0, max_length=512),
+                                 description="how the model is fine-tuned (the paper's: all weights, lr 2e-5, 3 epochs, "
+                                             "max length 512 tokens of dialogue so far + reply)")
     max_conversations: int | None = Field(None, ge=1, description="train on at most the first N kept conversations")
 
     def human_inputs(self) -> list[tuple[str, str]]:
@@ -74,29 +65,17 @@ def turn_examples(messages: list[dict], system: str | None = None) -> list[tuple
 
 def conversations(rows: list[dict]) -> tuple[list[dict], dict]:
     """Rows with a dialogue holding an assistant turn and not rejected (`kept: false`); counts of the rest."""
-    out, skipped = [], {"not kept": 0, "no assistant turn": 0}
-    for row in rows:
-        messages = row.get("messages") or []
-        if row.get("kept", True) is False:
-            skipped["not kept"] += 1
-        elif not any(m.get("role") == "assistant" and str(m.get("content") or "").strip() for m in messages):
-            skipped["no assistant turn"] += 1
-        else:
-            out.append(row)
-    return out, skipped
+    return kept_rows(rows, lambda r: any(m.get("role") == "assistant" and str(m.get("content") or "").strip()
+                                         for m in r.get("messages") or []), "no assistant turn")
 
 
 def run(ctx, config: Config, folder) -> dict:
     folder = Path(folder)
     base = ctx.model_for(config)
     system = resolve_system(config.system)
-    source = ctx.rows_file(config.data)
-    rows, skipped = conversations(read_jsonl(source))
-    if cap := ctx.max_prompts(config.max_conversations):
-        rows = rows[:cap]
-    if not rows:
-        raise SelfAlignError(f"{source}: no conversation to train on (rows need `messages` with an assistant turn, "
-                             "and kept not false)", f"skipped: {skipped}; data: is set to {config.data!r}")
+    source, rows, skipped = training_rows(ctx, config.data, conversations, config.max_conversations,
+                                          "no conversation to train on (rows need `messages` with an assistant turn, "
+                                          "and kept not false)")
     examples = []
     for r in rows:
         cid = r.get("id") or row_id("conversation", r["messages"])
@@ -106,7 +85,7 @@ def run(ctx, config: Config, folder) -> dict:
     store = RowStore(folder)  # the done-marker lives beside the examples and the model
     console.print(f"  {len(examples)} assistant turns from {len(rows)} conversations in {source} "
                   f"({skipped['not kept']} not kept, {skipped['no assistant turn']} without an assistant turn)")
-    result = train_on_examples(ctx, config, base, examples, folder, scheduler=config.scheduler)
+    result = train_on_examples(ctx, config.train, base, examples, folder)
     summary = {**result, "base": base, "data": str(source), "conversations": len(rows), "skipped": skipped}
     store.mark_done(**summary)
     return summary

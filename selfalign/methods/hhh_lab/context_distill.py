@@ -32,7 +32,7 @@ choice: samples close to the prompted model's own distribution).
 Simplifications: the loss is the KL between the two distributions coarsened to the teacher's
 top-k tokens and one bucket for the rest, a lower bound on the exact KL that tightens as k grows
 (exact at k = vocabulary size). The choice of X (the prompted model's own replies to a prompt set)
-is this project's; the paper's corpus is not reproduced. An X longer than `max_length` tokens is cut
+is this project's; the paper's corpus is not reproduced. An X longer than `train.max_length` tokens is cut
 from the right (each kept position still has its full left context). X and the teacher pass use
 the plain `Human:/Assistant:` format whatever the engine's `chat_format`. A killed run keeps its
 samples and teacher shards and trains again from the start.
@@ -55,6 +55,7 @@ from selfalign.core.progress import console
 from selfalign.core.prompts import prompt_file_text
 from selfalign.core.recipe import StageConfig
 from selfalign.core.store import RowStore, read_jsonl, row_id
+from selfalign.core.training import TrainSettings
 from selfalign.evals.common import resolve_system
 
 TEACHER_DIR = "teacher"
@@ -72,20 +73,12 @@ class Config(StageConfig):
     k: int = Field(64, ge=1, description="teacher log-probs stored per token (plus the remaining mass)")
     topk_dtype: Literal["float16", "float32"] = Field("float16", description="storage type of the stored log-probs")
     tokens: Literal["all", "reply"] = Field("all", description="average the KL over all tokens of X or the reply's only")
-    max_length: int = Field(512, ge=8, description="tokens of X (the student's input); longer X is cut from the right")
     teacher_batch_tokens: int = Field(4096, ge=64, description="tokens of X per teacher forward pass (besides the context)")
     shard_examples: int = Field(64, ge=1, description="texts per stored shard (the unit a killed teacher pass resumes by)")
-    lora: bool = Field(True, description="train a LoRA adapter (else: full fine-tuning)")
-    r: int = Field(16, ge=1, description="LoRA rank")
-    alpha: int = Field(16, ge=1, description="LoRA alpha")
-    dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout")
-    lr: float = Field(4e-4, gt=0, description="peak learning rate (LoRA; use ~1e-5 for full fine-tuning)")
-    epochs: float = Field(1.0, gt=0)
-    batch_size: int = Field(4, ge=1)
-    grad_accum: int = Field(1, ge=1, description="gradient accumulation steps")
-    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="fraction of steps with linear warmup")
-    merge: bool = Field(False, description="merge the adapter into the weights and save a plain model")
-    max_steps: int = Field(-1, description="stop after N optimizer steps (-1: run the epochs)")
+    train: TrainSettings = Field(default_factory=TrainSettings,
+                                 description="how the student is trained (not published: LoRA r 16, lr 4e-4 (~1e-5 for "
+                                             "full fine-tuning), 1 epoch); max_length: tokens of X, the student's "
+                                             "input, a longer X cut from the right")
     kl_eval_examples: int = Field(256, ge=1, description="texts the KL before/after training is measured on")
 
     def human_inputs(self) -> list[tuple[str, str]]:
@@ -170,7 +163,6 @@ def _teacher_model(ctx, teacher: str):
 
 def run(ctx, config: Config, folder) -> dict:
     from selfalign.core.models import load_tokenizer, resolve
-    from selfalign.core.training import lora_settings
     from selfalign.methods.hhh_lab import distill
 
     folder = Path(folder)
@@ -191,7 +183,7 @@ def run(ctx, config: Config, folder) -> dict:
     if not examples:
         raise SelfAlignError(f"{config.label}: no text X to distil on (every reply was empty)", f"look at {store.path}")
 
-    key = distill.teacher_key(teacher, system, config.k, config.topk_dtype, config.max_length)
+    key = distill.teacher_key(teacher, system, config.k, config.topk_dtype, config.train.max_length)
     teacher_dir = folder / TEACHER_DIR
     if set(e["id"] for e in examples) - distill.prepare_teacher_dir(teacher_dir, key):
         model, tok, loaded_here = _teacher_model(ctx, teacher)
@@ -205,12 +197,9 @@ def run(ctx, config: Config, folder) -> dict:
     context_tokens = len(distill.context_ids(tok, system, distill.special_prefix(tok)))
     ids = [e["id"] for e in examples]
     stats = distill.TeacherTargets(teacher_dir, ids).stats(reply_only=config.tokens == "reply")
-    lora = lora_settings(config)
     ctx.free_accelerator()
-    result = distill.distill_train(
-        base, teacher_dir, folder, lora=lora, lr=config.lr, epochs=config.epochs, batch_size=config.batch_size,
-        grad_accum=config.grad_accum, warmup_ratio=config.warmup_ratio, seed=ctx.recipe.seed, merge=config.merge,
-        max_steps=config.max_steps, reply_only=config.tokens == "reply", kl_eval_examples=config.kl_eval_examples, ids=ids)
+    result = distill.distill_train(base, teacher_dir, folder, config.train, ctx.recipe.seed, reply_only=config.tokens == "reply",
+                                   kl_eval_examples=config.kl_eval_examples, ids=ids)
     named = config.system if len(config.system) <= 80 else config.system[:77] + "..."
     summary = {**result, "base": base, "teacher": teacher, "system": named, "context_tokens": context_tokens,
                "k": config.k, "topk_dtype": config.topk_dtype, "tokens": config.tokens, "x_source": source, **stats}

@@ -46,17 +46,7 @@ from pathlib import Path
 from selfalign.core.compat import kv_cache_name
 from selfalign.core.errors import SelfAlignError
 from selfalign.core.progress import console, progress_bar
-from selfalign.core.training import (
-    LoraSettings,
-    common_prefix_length,
-    common_training_args,
-    estimate_steps,
-    load_for_training,
-    lora_label,
-    loss_summary,
-    run_trainer,
-    save_trained,
-)
+from selfalign.core.training import TrainSettings, common_prefix_length, fit, load_for_training
 
 SEPARATOR = "\n\n"  # between the context and X, as `render_plain` puts it between a system prompt and a turn
 MANIFEST = "manifest.json"
@@ -496,25 +486,18 @@ def distill_train(
     base: str,
     teacher_dir: Path,
     out_dir: Path,
-    *,
-    lora: LoraSettings | None,
-    lr: float,
-    epochs: float,
-    batch_size: int = 4,
-    grad_accum: int = 1,
-    warmup_ratio: float = 0.03,
-    scheduler: str = "linear",
+    settings: TrainSettings,
     seed: int = 0,
-    merge: bool = False,
-    max_steps: int = -1,
+    *,
     reply_only: bool = False,
     kl_eval_examples: int = 256,
     ids: list[str] | None = None,
 ) -> dict:
     """Fine-tune `base` (without the context) to match the teacher targets stored in `teacher_dir`.
 
-    `ids` picks the stored examples to train on (default: all). Returns `{"model", "kl_before",
-    "kl_after", "train_loss", "steps", ...}`; writes what `sft_train` writes into `out_dir`."""
+    `ids` picks the stored examples to train on (default: all); `settings.max_length` is not read here
+    (the stored texts were cut to it). Returns `{"model", "kl_before", "kl_after", "train_loss",
+    "steps", ...}`; writes what `sft_train` writes into `out_dir`."""
     from transformers import TrainingArguments
 
     from selfalign.core.models import load_tokenizer, resolve
@@ -525,7 +508,7 @@ def distill_train(
     data = TeacherTargets(teacher_dir, ids)
     if len(data) == 0:
         raise SelfAlignError(f"{teacher_dir}: no stored teacher targets to train on", "check the texts X (all empty?)")
-    model, tokenizer = load_for_training(base, lora, merge)
+    model, tokenizer = load_for_training(base, settings)
     _check_same_tokenizer(tokenizer, load_tokenizer(resolve(data.key["teacher"])), base, data.key["teacher"])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     probe = data[0]
@@ -536,37 +519,18 @@ def distill_train(
     kl_before = mean_kl(model, measured, pad_id, reply_only)
     console.print(f"  KL(teacher with context || student without) before training: {kl_before:.4f} nats/token")
 
-    if lora is not None:
-        from peft import get_peft_model
-
-        model = get_peft_model(model, lora.peft_config("CAUSAL_LM"))
     model.train()
-    split = output_head(model)
-    total_steps = estimate_steps(len(data), batch_size, grad_accum, epochs, max_steps)
-    args = TrainingArguments(
-        **common_training_args(out_dir, lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
-                               grad_accum=grad_accum, warmup_ratio=warmup_ratio, seed=seed, total_steps=total_steps,
-                               scheduler=scheduler),
-        remove_unused_columns=False, label_names=[],
-    )
-    trainer = _trainer_class()(model=model, args=args, train_dataset=data, processing_class=tokenizer, split=split,
-                               data_collator=lambda feats: collate_targets(feats, pad_id, reply_only))
-    kind = lora_label(lora)
-    console.print(f"  distilling into {base} ({kind}) on {len(data)} texts, {total_steps} steps, lr {lr:g}")
-    result = run_trainer(trainer, "training", total_steps, batch_size * grad_accum, out_dir)
-    trained = trainer.model
-    kl_after = mean_kl(trained, measured, pad_id, reply_only)
+    fitted = fit(settings, base=base, out_dir=out_dir, seed=seed, model=model, tokenizer=tokenizer, dataset=data,
+                 examples=len(data), trainer_class=_trainer_class(), config_class=TrainingArguments,
+                 config_args={"remove_unused_columns": False, "label_names": []},
+                 trainer_args=lambda wrapped: {"split": output_head(wrapped),
+                                               "data_collator": lambda feats: collate_targets(feats, pad_id, reply_only)},
+                 peft_task="CAUSAL_LM", label="training", started=t0,
+                 describe=f"distilling into {base} ({settings.kind}) on {len(data)} texts")
+    kl_after = mean_kl(fitted.trainer.model, measured, pad_id, reply_only)
     console.print(f"  ... after training: {kl_after:.4f} nats/token")
-    dest = save_trained(trained, tokenizer, base, out_dir, lora is not None and not merge)
-    return {
-        "model": str(dest.resolve()),
-        "kl_before": round(kl_before, 5),
-        "kl_after": round(kl_after, 5),
-        "kl_examples": len(measured),
-        **loss_summary(trainer, result, digits=5),
-        "lora": kind,
-        "wall_s": round(time.time() - t0, 1),
-    }
+    return fitted.save(digits=5, kl_before=round(kl_before, 5), kl_after=round(kl_after, 5),
+                       kl_examples=len(measured))
 
 
 def _check_same_tokenizer(student_tok, teacher_tok, student: str, teacher: str) -> None:

@@ -29,7 +29,7 @@ Simplifications:
   parameterisation); samples are shuffled, so a pair's two replies need not share a batch;
 - imitation scoring does not renormalise for reply length beyond the mean over tokens; the
   closing EOS is one of the averaged tokens (it is trained on too);
-- imitation ignores `weight_decay` (`sft_train` uses the trainer's default, 0).
+- imitation ignores `weight_decay` (it trains as SFT does, with none).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from pathlib import Path
 
 from selfalign.core.errors import SelfAlignError
 from selfalign.core.pairs import PAIR_HINT, pair_problem, pair_verdict
-from selfalign.core.training import LoraSettings
+from selfalign.core.training import TrainSettings
 
 OBJECTIVES = ("ranked", "binary", "imitation")
 
@@ -140,24 +140,7 @@ def _pad_collator(pad_id: int):
     return collate
 
 
-def train_binary(
-    base: str,
-    pairs: Sequence[dict],
-    out_dir: Path,
-    *,
-    lora: LoraSettings | None = None,
-    lr: float = 2e-5,
-    epochs: float = 1.0,
-    max_length: int = 1024,
-    batch_size: int = 4,
-    grad_accum: int = 1,
-    warmup_ratio: float = 0.03,
-    weight_decay: float = 0.1,
-    scheduler: str = "cosine",
-    seed: int = 0,
-    merge: bool = False,
-    max_steps: int = -1,
-) -> dict:
+def train_binary(base: str, pairs: Sequence[dict], out_dir: Path, settings: TrainSettings, seed: int = 0) -> dict:
     """Binary discrimination: every reply a sample labelled good/bad, BCE on the one logit.
 
     Saves `out_dir/model/` (full or merged) or `out_dir/adapter/` (LoRA, task type SEQ_CLS), which
@@ -166,30 +149,16 @@ def train_binary(
     from datasets import Dataset
     from transformers import Trainer, TrainingArguments
 
-    from selfalign.core.progress import console
     from selfalign.core.reward_training import prepare_for_training
-    from selfalign.core.training import (
-        common_training_args,
-        estimate_steps,
-        lora_label,
-        loss_summary,
-        run_trainer,
-        save_trained,
-    )
+    from selfalign.core.training import fit
 
     check_pairs(pairs)
     t0 = time.time()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model, tokenizer, started_from, merge = prepare_for_training(base, lora, merge, seed, what="model")
-    rows = encode_samples(tokenizer, binary_samples(pairs), max_length)
+    model, tokenizer, started_from, merge = prepare_for_training(base, settings, seed, what="model")
+    rows = encode_samples(tokenizer, binary_samples(pairs), settings.max_length)
     pad_id = model.config.get_text_config().pad_token_id
-
-    if lora is not None:
-        from peft import get_peft_model
-
-        model = get_peft_model(model, lora.peft_config("SEQ_CLS"))
-    total_steps = estimate_steps(len(rows), batch_size, grad_accum, epochs, max_steps)
 
     class BinaryTrainer(Trainer):
         loss_is_scaled_for_ga = False  # binary_loss is a per-batch mean
@@ -200,34 +169,25 @@ def train_binary(
             loss = binary_loss(outputs.logits.squeeze(-1), labels)
             return (loss, outputs) if return_outputs else loss
 
-    args = TrainingArguments(
-        **common_training_args(out_dir, lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
-                               grad_accum=grad_accum, warmup_ratio=warmup_ratio, seed=seed, total_steps=total_steps,
-                               scheduler=scheduler, checkpointing=False),
-        weight_decay=weight_decay, remove_unused_columns=False,
-    )
-    trainer = BinaryTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                            data_collator=_pad_collator(pad_id), processing_class=tokenizer)
-    kind = lora_label(lora)
-    console.print(f"  binary discrimination from {base} ({started_from}, {kind}) on {len(rows)} samples ({len(pairs)} pairs), "
-                  f"{total_steps} steps, lr {lr:g}")
-    result = run_trainer(trainer, "binary PM", total_steps, batch_size * grad_accum, out_dir)
-    dest = save_trained(trainer.model, tokenizer, base, out_dir, adapter=lora is not None and not merge)
-    return {
-        "model": str(dest.resolve()), "objective": "binary", **loss_summary(trainer, result),
-        "pairs": len(pairs), "samples": len(rows),
-        "tokens": sum(len(r["input_ids"]) for r in rows), "started_from": started_from, "lora": kind,
-        "wall_s": round(time.time() - t0, 1),
-    }
+    fitted = fit(settings, base=base, out_dir=out_dir, seed=seed, model=model, tokenizer=tokenizer,
+                 dataset=Dataset.from_list(rows), examples=len(rows), trainer_class=BinaryTrainer,
+                 config_class=TrainingArguments, config_args={"remove_unused_columns": False}, checkpointing=False,
+                 trainer_args={"data_collator": _pad_collator(pad_id)}, peft_task="SEQ_CLS", merge=merge,
+                 label="binary PM", started=t0,
+                 describe=f"binary discrimination from {base} ({started_from}, {settings.kind}) on {len(rows)} samples "
+                          f"({len(pairs)} pairs)")
+    return fitted.save(objective="binary", pairs=len(pairs), samples=len(rows),
+                       tokens=sum(len(r["input_ids"]) for r in rows), started_from=started_from)
 
 
 # -- the dispatcher ---------------------------------------------------------------------------------------
-def train_pm(objective: str, base: str, pairs: Sequence[dict], out_dir: Path, **settings) -> dict:
+def train_pm(objective: str, base: str, pairs: Sequence[dict], out_dir: Path, settings: TrainSettings,
+             seed: int = 0) -> dict:
     """Train a preference model of one objective on `pairs`; returns the trainer's summary with `model`.
 
-    `settings` are `train_reward_model`'s keyword arguments (lora, lr, epochs, max_length, batch_size,
-    grad_accum, warmup_ratio, weight_decay, scheduler, seed, merge, max_steps). `base` is a causal LM;
-    for ranked and binary it may also be a reward model to continue from (a PMP'd one).
+    `settings` is the stage's `train:` block, the same for every objective (imitation leaves out its
+    weight decay). `base` is a causal LM; for ranked and binary it may also be a reward model to
+    continue from (a PMP'd one).
     """
     check_objective(objective)
     check_pairs(pairs)
@@ -235,20 +195,16 @@ def train_pm(objective: str, base: str, pairs: Sequence[dict], out_dir: Path, **
     if objective == "ranked":
         from selfalign.core.reward_training import train_reward_model
 
-        result = train_reward_model(base, pairs, Path(out_dir), **settings)
+        result = train_reward_model(base, pairs, Path(out_dir), settings, seed)
     elif objective == "binary":
-        result = train_binary(base, pairs, Path(out_dir), **settings)
+        result = train_binary(base, pairs, Path(out_dir), settings, seed)
     else:
         from selfalign.core.models import load_tokenizer, resolve
         from selfalign.core.training import sft_train
 
         eos = load_tokenizer(resolve(base)).eos_token or ""
-        settings = {k: v for k, v in settings.items() if k != "weight_decay"}
-        settings.setdefault("lora", None)
-        settings.setdefault("lr", 2e-5)
-        settings.setdefault("epochs", 1.0)
-        settings.setdefault("max_length", 1024)
-        result = sft_train(base, imitation_examples(pairs, eos), Path(out_dir), **settings)
+        plain = settings.model_copy(update={"weight_decay": 0.0})  # the language-model loss, as SFT trains it
+        result = sft_train(base, imitation_examples(pairs, eos), Path(out_dir), plain, seed)
         result["pairs"] = len(pairs)
     return {**result, "objective": objective}
 

@@ -58,16 +58,20 @@ from pydantic import Field, field_validator
 from selfalign.core.errors import SelfAlignError
 from selfalign.core.progress import console
 from selfalign.core.recipe import StageConfig
-from selfalign.core.reward_training import RewardTraining
+from selfalign.core.reward_training import reward_training
 from selfalign.core.store import RowStore, row_id
+from selfalign.core.training import TrainSettings
 from selfalign.methods.hhh_lab.pm_objectives import OBJECTIVES
 from selfalign.methods.hhh_lab.pmp_data import load_corpus, source_path
 
 Objective = Literal["ranked", "binary", "imitation"]
 
 
-class Config(RewardTraining, StageConfig):
+class Config(StageConfig):
     stage: str = "pm_scaling"
+    train: TrainSettings = Field(default_factory=reward_training,
+                                 description="how every preference model is trained, whatever its objective (not "
+                                             "published: ALMoST's reward-model settings; imitation has no weight decay)")
     data: str = Field(..., description="training comparisons: an earlier stage (@compare), a JSONL of prompt/chosen/"
                                        "rejected, or a StackExchange file")
     format: Literal["auto", "stackexchange", "pairs"] = Field("auto", description="layout of `data` (see `pmp`)")
@@ -184,8 +188,7 @@ def run(ctx, config: Config, folder) -> dict:
     store = RowStore(folder)
     (folder / "heldout.jsonl").write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in heldout),
                                           encoding="utf-8")
-    settings = config.train_settings(ctx.recipe.seed)
-    shown = {k: v for k, v in settings.items() if k != "lora"} | {"lora": config.lora}
+    shown = {**config.train.model_dump(), "seed": ctx.recipe.seed}
     points = plan_points(config, sizes)
     console.print(f"  {len(pool)} training pairs from {source}, {len(heldout)} held out ({held_label}); "
                   f"{len(points)} points")
@@ -199,9 +202,9 @@ def run(ctx, config: Config, folder) -> dict:
         shutil.rmtree(out, ignore_errors=True)  # what a killed run left half-trained
         console.print(f"  [bold]{objective}[/], n = {n}" + (f", from {init}" if init else ""))
         ctx.free_accelerator()
-        result = train_pm(objective, start, pool[:n], out, **settings)
-        acc = pair_accuracy(objective, result["model"], heldout, batch_size=max(8, config.batch_size),
-                            max_length=config.max_length)
+        result = train_pm(objective, start, pool[:n], out, config.train, ctx.recipe.seed)
+        acc = pair_accuracy(objective, result["model"], heldout, batch_size=max(8, config.train.batch_size),
+                            max_length=config.train.max_length)
         row = {"id": rid, "objective": objective, "n": n, "init": init, "accuracy": acc["accuracy"],
                "ties": acc["ties"], "mean_margin": acc["mean_margin"], "heldout_pairs": len(heldout),
                "by_category": category_accuracy(heldout, acc["verdicts"]),

@@ -48,15 +48,19 @@ from pydantic import Field
 from selfalign.core.errors import SelfAlignError
 from selfalign.core.progress import console
 from selfalign.core.recipe import StageConfig
-from selfalign.core.reward_training import RewardTraining
+from selfalign.core.reward_training import reward_training
 from selfalign.core.store import RowStore, row_id
+from selfalign.core.training import TrainSettings
 from selfalign.methods.hhh_lab.pmp_data import binarise, load_corpus, source_path
 
 WRITE_CHUNK = 1000
 
 
-class Config(RewardTraining, StageConfig):
+class Config(StageConfig):
     stage: str = "pmp"
+    train: TrainSettings = Field(default_factory=reward_training,
+                                 description="how the preference model is pre-trained (not published: ALMoST's "
+                                             "reward-model settings, all weights, lr 2e-5, weight decay 0.1, 1 epoch)")
     corpus: str = Field(..., description="StackExchange file/folder (JSONL, JSON, Parquet), a JSONL of prompt/chosen/"
                                          "rejected, or an earlier stage's rows (@compare)")
     format: Literal["auto", "stackexchange", "pairs"] = Field(
@@ -101,10 +105,10 @@ def run(ctx, config: Config, folder) -> dict:
                   f"training on {len(trained_on)} comparisons{' (binarised)' if config.binarise else ''}")
     ctx.free_accelerator()
     result = train_reward_model(base, [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows], folder,
-                                **config.train_settings(ctx.recipe.seed))
+                                config.train, ctx.recipe.seed)
     evals = {}
     if heldout:
-        rm = RewardModel(result["model"], max_length=config.max_length)
+        rm = RewardModel(result["model"], max_length=config.train.max_length)
         evals["heldout_raw"] = preference_accuracy(rm, heldout)
         if config.binarise:
             evals["heldout_binarised"] = preference_accuracy(rm, binarise(heldout))

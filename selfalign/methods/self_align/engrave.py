@@ -21,7 +21,7 @@ or `lora: false`), `trainer_state.json` (losses), and the done-marker whose `mod
 later stage loads.
 
 Simplifications: the warmup fraction (3%) and batch size (4) are not published for this step and
-are fields; a prompt longer than `max_length` loses tokens from the left of the rendered text
+are fields of `train:`; a prompt longer than `train.max_length` loses tokens from the left of the rendered text
 (system prompt first), an answer that alone is too long is dropped (see `selfalign.core.training`);
 a killed run trains again from the start (training is minutes on CPU-sized data, and a half-trained
 adapter is never marked done).
@@ -34,12 +34,12 @@ from pathlib import Path
 from pydantic import Field
 
 from selfalign.core.assets_io import yaml_key
-from selfalign.core.errors import SelfAlignError
 from selfalign.core.models import load_tokenizer, resolve
 from selfalign.core.progress import console
 from selfalign.core.recipe import StageConfig
-from selfalign.core.store import RowStore, read_jsonl, row_id
-from selfalign.core.supervised import train_on_examples, training_example
+from selfalign.core.store import RowStore, row_id
+from selfalign.core.supervised import kept_rows, train_on_examples, training_example, training_rows
+from selfalign.core.training import TrainSettings
 
 
 class Config(StageConfig):
@@ -47,17 +47,9 @@ class Config(StageConfig):
     data: str = Field(..., description="an earlier stage's name (its rows.jsonl) or a JSONL file with prompt, answer, [kept]")
     system: str = Field("builtin:self_align/system_prompts.yaml#engraved",
                         description="system prompt: FILE.yaml#KEY (builtin: or a path) or the text itself")
-    lora: bool = Field(True, description="train a LoRA adapter (else: full fine-tuning)")
-    r: int = Field(16, ge=1, description="LoRA rank")
-    alpha: int = Field(16, ge=1, description="LoRA alpha")
-    dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout")
-    lr: float = Field(4e-4, gt=0, description="peak learning rate")
-    epochs: float = Field(1.0, gt=0)
-    max_length: int = Field(512, ge=8, description="tokens per example (system + prompt + answer)")
-    batch_size: int = Field(4, ge=1)
-    grad_accum: int = Field(1, ge=1, description="gradient accumulation steps")
-    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="fraction of steps with linear warmup (not published)")
-    merge: bool = Field(False, description="merge the adapter into the weights and save a plain model")
+    train: TrainSettings = Field(default_factory=TrainSettings,
+                                 description="how the base model is fine-tuned (the paper's: LoRA r 16 on q/k/v/o, "
+                                             "lr 4e-4, 1 epoch, max length 512 tokens of system + prompt + answer)")
     max_examples: int | None = Field(None, ge=1, description="train on at most the first N usable rows")
 
     def human_inputs(self) -> list[tuple[str, str]]:
@@ -80,35 +72,23 @@ def system_text(ref: str) -> str:
 
 def usable_rows(rows: list[dict]) -> tuple[list[dict], dict]:
     """Rows with a prompt and an answer that were not rejected (`kept: false`); counts of the rest."""
-    out, skipped = [], {"not kept": 0, "no prompt or answer": 0}
-    for row in rows:
-        if row.get("kept", True) is False:
-            skipped["not kept"] += 1
-        elif not str(row.get("prompt") or "").strip() or not str(row.get("answer") or "").strip():
-            skipped["no prompt or answer"] += 1
-        else:
-            out.append(row)
-    return out, skipped
+    return kept_rows(rows, lambda r: bool(str(r.get("prompt") or "").strip() and str(r.get("answer") or "").strip()),
+                     "no prompt or answer")
 
 
 def run(ctx, config: Config, folder) -> dict:
     folder = Path(folder)
     base = ctx.model_for(config)
     system = system_text(config.system)
-    source = ctx.rows_file(config.data)
-    rows, skipped = usable_rows(read_jsonl(source))
-    if cap := ctx.max_prompts(config.max_examples):
-        rows = rows[:cap]
-    if not rows:
-        raise SelfAlignError(f"{source}: no usable rows to train on (rows need prompt and answer, and kept not false)",
-                             f"skipped: {skipped}")
+    source, rows, skipped = training_rows(ctx, config.data, usable_rows, config.max_examples,
+                                          "no usable rows to train on (rows need prompt and answer, and kept not false)")
     eos = load_tokenizer(resolve(base)).eos_token or ""
     examples = [{"id": r.get("id") or row_id("engrave", r["prompt"], r["answer"]),
                  **training_example(system, r["prompt"], r["answer"], eos)} for r in rows]
     store = RowStore(folder)  # the done-marker lives beside the examples and the adapter
     console.print(f"  {len(examples)} examples from {source} ({skipped['not kept']} not kept, "
                   f"{skipped['no prompt or answer']} empty)")
-    result = train_on_examples(ctx, config, base, examples, folder)
+    result = train_on_examples(ctx, config.train, base, examples, folder)
     summary = {**result, "base": base, "data": str(source), "skipped": skipped}
     store.mark_done(**summary)
     return summary

@@ -21,6 +21,7 @@ from selfalign.core.generation import Job, generate_rows, open_rows
 from selfalign.core.progress import console
 from selfalign.core.recipe import StageConfig
 from selfalign.core.supervised import training_example
+from selfalign.core.training import TrainSettings
 
 
 class Config(StageConfig):
@@ -30,15 +31,9 @@ class Config(StageConfig):
     system_prompts: str = "builtin:self_align/system_prompts.yaml"
     sampling: Sampling = Field(default_factory=lambda: Sampling(
         temperature=0.3, top_p=0.7, max_new_tokens=512, repetition_penalty=1.1))
-    lora: bool = True
-    r: int = 16
-    alpha: int = 16
-    dropout: float = 0.05
-    lr: float = 4e-4
-    epochs: float = 1.0
-    max_length: int = 768
-    batch_size: int = 4
-    merge: bool = False
+    train: TrainSettings = Field(default_factory=lambda: TrainSettings(max_length=768),
+                                 description="how the base model is fine-tuned on the verbose answers (the paper's: "
+                                             "as principle engraving, LoRA r 16, lr 4e-4, 1 epoch, max length 768)")
     max_prompts: int | None = Field(None, ge=1)
 
     def human_inputs(self) -> list[tuple[str, str]]:
@@ -46,7 +41,7 @@ class Config(StageConfig):
 
 
 def run(ctx, config: Config, folder) -> dict:
-    from selfalign.core.training import lora_settings, sft_train
+    from selfalign.core.training import sft_train
 
     base = ctx.model_for(config)
     teacher = ctx.model_for(config, config.teacher)
@@ -66,10 +61,8 @@ def run(ctx, config: Config, folder) -> dict:
     # the same training text as principle engraving; the trainer appends the EOS token
     examples = [training_example(short, r["prompt"], r["answer"], eos="") for r in rows]
     console.print(f"  fine-tuning {base} on {len(examples)} verbose answers, without the verbose prompt")
-    lora = lora_settings(config)
     ctx.free_accelerator()
-    result = sft_train(base, examples, folder / "train", lora=lora, lr=config.lr, epochs=config.epochs,
-                       max_length=config.max_length, batch_size=config.batch_size, seed=ctx.recipe.seed, merge=config.merge)
+    result = sft_train(base, examples, folder / "train", config.train, ctx.recipe.seed)
     summary = {"model": result["model"], "answers": len(rows), "train_loss": result.get("train_loss"),
                "steps": result.get("steps"), "teacher": teacher}
     store.mark_done(**summary)
