@@ -9,6 +9,7 @@ import pytest
 from selfalign.core.engines.base import Completion, Engine
 from selfalign.core.errors import SelfAlignError
 from selfalign.core.pipeline import RunContext
+from selfalign.core.report import render_section
 from selfalign.core.store import read_jsonl
 from selfalign.methods.almost import compare as cmp
 from selfalign.methods.almost import mine_prompts as mp
@@ -355,7 +356,7 @@ def test_compare_end_to_end_on_tiny_llama(tmp_path, tiny_engine):
     assert summary["kept"] == sum(r["kept"] for r in rows)
     assert summary["after_bad_response"] == sum(not r["bad_response"] for r in rows)
     assert json.loads((folder / "_done.json").read_text())["pairs"] == 9
-    anchor, title, html = cmp.report_section({"label": "compare", "folder": folder, "summary": summary})
+    anchor, title, html = render_section(cmp.report_section({"label": "compare", "folder": folder, "summary": summary}))
     assert "Filter funnel" in html and "hhh1 &gt; bare" in html
 
 
@@ -380,7 +381,7 @@ def test_compare_rows_filters_and_report(tmp_path):
     assert summary["after_bad_response"] >= summary["after_length_filter"] == summary["kept"]
     assert summary["per_config_pair"]["hhh2 > none"]["pairs"] == 5
     assert sum(v["pairs"] for v in summary["per_config_pair"].values()) == 25
-    _, _, html = cmp.report_section({"label": "compare", "folder": folder, "summary": summary})
+    _, _, html = render_section(cmp.report_section({"label": "compare", "folder": folder, "summary": summary}))
     assert "after bad response" in html and "hhh2 &gt; plain" in html and "Example kept pairs" in html
     # the same responses, the length filter off: rows rewritten from the stored responses, nothing generated
     ctx, (config,) = make_ctx(tmp_path, [_compare_stage(_prompt_file(tmp_path), length_filter=False)], engines)
@@ -400,7 +401,7 @@ def test_report_sections_of_a_stage_still_writing(tmp_path):
     assert cmp.report_section({"label": "compare", "folder": folder}) is None
     row = {"source": "mined", "prompt": "How do tides work?", "kept": True, "dropped": None}
     (folder / "rows.jsonl").write_text(json.dumps(row) + "\n" + '{"source": "mined", "pro')
-    anchor, title, html = mp.report_section({"label": "mine_prompts", "folder": folder, "summary": {"rounds": 1}})
+    anchor, title, html = render_section(mp.report_section({"label": "mine_prompts", "folder": folder, "summary": {"rounds": 1}}))
     assert "1 prompts mined from 1 candidates" in html and "How do tides work?" in html
 
 

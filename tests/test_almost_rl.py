@@ -6,6 +6,7 @@ import json
 import pytest
 
 from selfalign.core.pipeline import RunContext
+from selfalign.core.report import render_section
 from selfalign.core.store import read_jsonl
 from selfalign.methods.almost import rlsf, self_play, sft
 from selfalign.methods.almost.rloo import kl_estimate, policy_prompt
@@ -216,7 +217,7 @@ def test_rlsf_logs_reward_and_kl_and_writes_heldout_numbers(tmp_path, prompt_fil
     assert any(abs(r["logp_rlsf"] - r["logp_sft"]) > 1e-4 for r in rows if r["policy"] == "rlsf"), "the policy did not move"
     assert summary["heldout_reward_gain"] == res["reward_gain"] and summary["steps"] == 2
     assert (folder / "adapter" / "adapter_config.json").exists()
-    anchor, title, html = rlsf.report_section({"label": "rlsf", "folder": folder})
+    anchor, title, html = render_section(rlsf.report_section({"label": "rlsf", "folder": folder}))
     assert "held-out" in title and "<img" in html and "RLSF" in html
 
 

@@ -6,6 +6,7 @@ import json
 import pytest
 
 from selfalign.core.errors import SelfAlignError
+from selfalign.core.report import render_section
 from selfalign.methods.hhh_lab import distill
 
 CONTEXT = "The assistant below is polite, honest and brief. It says so when it does not know. " * 2
@@ -233,7 +234,7 @@ def test_stage_end_to_end_resumes_a_killed_teacher_pass(private_cache, tmp_path,
     from selfalign.core.report import load_run
 
     stage = next(s for s in load_run(run_dir)["stages"] if s["label"] == "context_distill")
-    anchor, title, html = context_distill.report_section(stage)
+    anchor, title, html = render_section(context_distill.report_section(stage))
     assert f"{summary['kl_before']:.4f}" in html and "top-8" in html and "<img" in html
 
 

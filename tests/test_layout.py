@@ -157,3 +157,11 @@ def test_core_imports_nothing_from_the_layers_above():
         for target in targets if any(target == h or target.startswith(h + ".") for h in HIGHER)
     )
     assert not upward, "core reaches up:\n" + "\n".join(upward)
+
+
+def test_stages_declare_their_report_parts_through_the_public_api():
+    # report.py owns the HTML; methods and evals hand it values through selfalign.core.report_api
+    graph = _graph()
+    reaching = sorted(m for m, targets in graph.items() if m.startswith(("selfalign.methods", "selfalign.evals"))
+                      and "selfalign.core.report" in targets)
+    assert not reaching, f"import selfalign.core.report_api instead: {reaching}"

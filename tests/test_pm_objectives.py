@@ -8,6 +8,7 @@ import math
 import pytest
 
 from selfalign.core.errors import SelfAlignError
+from selfalign.core.report import render_section
 from selfalign.core.reward_training import reward_training
 from selfalign.core.training import TrainSettings
 from selfalign.methods.hhh_lab.pm_objectives import (
@@ -344,7 +345,7 @@ def test_pm_scaling_resumes_and_skips_finished_points(tmp_path, monkeypatch):
     assert record["stages"]["pm_scaling"]["summary"]["accuracy"] == {
         "ranked-2": 0.75, "binary-2": 0.5, "ranked-8": 0.75, "binary-8": 0.5}
 
-    anchor, title, html = report_section({"label": "pm_scaling", "folder": folder, "summary": {}})
+    anchor, title, html = render_section(report_section({"label": "pm_scaling", "folder": folder, "summary": {}}))
     assert anchor == "pm-scaling-pm_scaling" and html.count("<tr>") == 1 + 4 and "<img" in html
 
 

@@ -9,10 +9,8 @@ matplotlib's Agg canvas (no pyplot, no global backend switch); the page needs no
 from __future__ import annotations
 
 import base64
-import contextlib
 import html
 import io
-import json
 import re
 import sys
 from collections.abc import Mapping
@@ -24,6 +22,23 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from selfalign.core.errors import SelfAlignError
+from selfalign.core.report_api import (
+    Bold,
+    Chart,
+    Code,
+    Facts,
+    Heading,
+    Items,
+    Muted,
+    Section,
+    Table,
+    Text,
+    is_number,
+    read_json,
+    read_rows,
+    short,
+    wall_time,
+)
 from selfalign.core.store import DONE_FILE, ROWS_FILE
 
 MAX_SAMPLES = 8
@@ -57,24 +72,7 @@ def esc(value: Any) -> str:
     return html.escape(_CONTROL.sub(visible, str(value)))
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def _read_rows(path: Path) -> list[dict]:
-    """A rows.jsonl's rows, skipping a half-written line of a stage still running (the file is not touched)."""
-    rows = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if path.is_file() else []:
-        with contextlib.suppress(ValueError):
-            rows.append(json.loads(line))
-    return [r for r in rows if isinstance(r, dict)]
-
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
+_read_json, _read_rows, _is_num, _fmt_wall, _short = read_json, read_rows, is_number, wall_time, short
 
 
 def load_run(run_dir: Path) -> dict:
@@ -208,20 +206,8 @@ def chart_training(title: str, log: list[dict]) -> str | None:
 
 
 # -- sections ------------------------------------------------------------------------------------
-def _fmt_wall(s: Any) -> str:
-    if not _is_num(s):
-        return "—"
-    s = float(s)
-    return f"{s:.1f} s" if s < 60 else f"{int(s // 60)} min {int(s % 60):02d} s" if s < 3600 else f"{int(s // 3600)} h {int(s % 3600 // 60):02d} min"
-
-
 def _fmt(v: Any) -> str:
     return "—" if v is None else f"{v:.3f}" if isinstance(v, float) else esc(v)
-
-
-def _short(text: Any, n: int = 60) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= n else text[: n - 1] + "…"
 
 
 def _section(anchor: str, title: str, body: str) -> tuple[str, str, str]:
@@ -457,6 +443,111 @@ def section_samples(run: dict) -> tuple | None:
                     f'<colgroup><col style="width:22%"></colgroup><thead><tr><th>prompt</th>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>')
 
 
+# -- what stages declare (selfalign.core.report_api) ------------------------------------------------
+def _inline(value: Any) -> str:
+    """One value in a paragraph or a table cell: numbers formatted, text escaped, Bold/Muted/Code marked."""
+    if isinstance(value, Bold):
+        return f"<b>{_inline(value.value)}</b>"
+    if isinstance(value, Muted):
+        return f'<span class="muted">{_inline(value.value)}</span>'
+    if isinstance(value, Code):
+        return f"<code>{esc(value.value)}</code>"
+    if isinstance(value, list):  # a cell of several parts
+        return "".join(_inline(v) for v in value)
+    return _fmt(value)
+
+
+def _numeric_column(table: Table, i: int) -> bool:
+    if table.numeric is not None:
+        return table.columns[i] in table.numeric
+    values = [row[i] for row in table.rows if row[i] is not None]
+    return bool(values) and all(is_number(v.value if isinstance(v, Bold) else v) for v in values)
+
+
+def render_table(table: Table) -> str:
+    num = [_numeric_column(table, i) for i in range(len(table.columns))]
+    cls = lambda i: ' class="num"' if num[i] else ""  # noqa: E731
+    head = "".join(f"<th{cls(i)}>{esc(c)}</th>" for i, c in enumerate(table.columns))
+    box = (lambda html_: f'<div class="cell">{html_}</div>') if table.style == "samples" else (lambda html_: html_)
+    body = "".join("<tr>" + "".join(f"<td{cls(i)}>{box(_inline(v))}</td>" for i, v in enumerate(row)) + "</tr>"
+                   for row in table.rows)
+    style = f' class="{table.style}"' if table.style else ""
+    cols = f'<colgroup><col style="width:{table.first_width}"></colgroup>' if table.first_width else ""
+    return f"<table{style}>{cols}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def render_chart(chart: Chart) -> str:
+    from matplotlib.ticker import NullLocator
+
+    color = lambda i, s: PALETTE[(i if s.color is None else s.color) % len(PALETTE)]  # noqa: E731
+    fig = Figure(figsize=chart.size)
+    ax = fig.add_subplot()
+    if chart.kind == "line":
+        for i, s in enumerate(chart.series):
+            ax.plot(s.x, s.y, marker="o", ms=4, color=color(i, s), linestyle="--" if s.dashed else "-", label=s.name)
+        if chart.hline is not None:
+            ax.axhline(chart.hline[0], color="#8C8C8C", linestyle=":", linewidth=1, label=chart.hline[1])
+    elif chart.kind == "histogram":
+        values = [v for s in chart.series for v in s.y]
+        lo, hi = min(values), max(values)
+        n_bins = max(5, min(30, len(values) // 4))
+        bins = [lo + (hi - lo or 1) * i / n_bins for i in range(n_bins + 1)]
+        for i, s in enumerate(chart.series):
+            if s.y:
+                ax.hist(s.y, bins=bins, alpha=0.55, color=color(i, s), histtype="stepfilled", label=s.name)
+                if chart.mean_lines:
+                    ax.axvline(sum(s.y) / len(s.y), color=color(i, s), ls="--", lw=1.2)
+    else:  # barh: one bar a series, its first value, labelled with it
+        ax.barh([s.name for s in chart.series], [s.y[0] for s in chart.series], height=0.55,
+                color=[color(i, s) for i, s in enumerate(chart.series)])
+        for y, s in enumerate(chart.series):
+            ax.text(s.y[0], y, f" {s.y[0]:.3f}", va="center", fontsize=9)
+    if chart.log_x:
+        ax.set_xscale("log")
+    if chart.xticks is not None:
+        ax.set_xticks(chart.xticks, [f"{n:,}" for n in chart.xticks])
+        ax.xaxis.set_minor_locator(NullLocator())
+    if chart.xlabel:
+        ax.set_xlabel(chart.xlabel)
+    if chart.ylabel:
+        ax.set_ylabel(chart.ylabel)
+    if chart.title:
+        ax.set_title(chart.title, fontsize=11)
+    if chart.kind != "barh":
+        ax.legend(frameon=False, fontsize=8)
+    _tidy(ax, grid=chart.grid)
+    if chart.kind == "line":
+        fig.tight_layout()
+    return _png(fig, chart.alt)
+
+
+def render_block(block: Any) -> str:
+    if isinstance(block, Heading):
+        return f"<h3>{esc(block.text)}</h3>"
+    if isinstance(block, Text):
+        opening = '<p class="muted">' if block.muted else "<p>"
+        return opening + "".join(_inline(p) for p in block.parts) + "</p>"
+    if isinstance(block, Table):
+        return render_table(block)
+    if isinstance(block, Facts):
+        cards = "".join(f'<div class="fact"><b>{esc(k)}</b>{esc(v)}</div>' for k, v in block.items if v is not None)
+        return f'<div class="facts">{cards}</div>'
+    if isinstance(block, Items):
+        items = "".join(f'<li>{esc(i[0])} <span class="muted">{esc(i[1])}</span></li>' if isinstance(i, tuple)
+                        else f"<li>{esc(i)}</li>" for i in block.items)
+        return f"<h3>{esc(block.heading)}</h3><ul>{items}</ul>"
+    if isinstance(block, Chart):
+        return render_chart(block)
+    raise TypeError(f"a report section holds Heading, Text, Table, Facts, Items or Chart blocks, not {type(block).__name__}")
+
+
+def render_section(section: Section | tuple) -> tuple[str, str, str]:
+    """(anchor, title, html) of a section a stage declared (a ready tuple passes through)."""
+    if isinstance(section, tuple):
+        return section
+    return _section(section.anchor, section.title, "".join(render_block(b) for b in section.blocks))
+
+
 def stage_sections(run: dict, stages: Mapping[str, Any]) -> list[tuple]:
     """Sections a stage module draws itself: `report_section(stage) -> (anchor, title, html) | None`.
 
@@ -471,6 +562,7 @@ def stage_sections(run: dict, stages: Mapping[str, Any]) -> list[tuple]:
             continue
         try:
             section = draw(s)
+            section = render_section(section) if section else None
         except Exception as exc:  # a half-written stage must not take the whole report down
             print(f"report: section of stage {s['label']} left out ({type(exc).__name__}: {exc})", file=sys.stderr)
             continue
@@ -489,6 +581,7 @@ def lead_sections(run: dict, stages: Mapping[str, Any]) -> list[tuple]:
             continue
         try:
             section = draw(run)
+            section = render_section(section) if section else None
         except Exception as exc:
             print(f"report: lead section of {kind} stages left out ({type(exc).__name__}: {exc})", file=sys.stderr)
             continue

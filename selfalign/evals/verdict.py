@@ -14,7 +14,6 @@ with the base and final answers side by side, so a reader sees what the rates me
 
 from __future__ import annotations
 
-import html
 import json
 from pathlib import Path
 
@@ -135,63 +134,60 @@ def _interval(change: dict, scale: float = 100) -> str:
     return f"{change['delta'] * scale:+.1f} [{change['low'] * scale:+.1f}, {change['high'] * scale:+.1f}]"
 
 
-def lead_html(base_label: str, final_label: str, base: Path, final: Path) -> str | None:
-    e = html.escape
+def lead_section(base_label: str, final_label: str, base: Path, final: Path):
+    """The "Did it work?" section (a `selfalign.core.report_api.Section`), or None with nothing to compare."""
+    from selfalign.core.report_api import Bold, Heading, Muted, Section, Table, Text
+
     beh = behaviour_changes(base, final)
     lik = likelihood_changes(base, final)
     if not beh and not lik:
         return None
-    parts = [f'<p class="muted">base: {e(base_label)} · final: {e(final_label)}. Changes are final − base in '
-             'percentage points with a paired bootstrap 95% interval (2,000 resamples, seeded); a change is called '
-             'real only when its interval excludes zero. Rates carry Wilson 95% intervals.</p>']
+    blocks = [Text([f"base: {base_label} · final: {final_label}. Changes are final − base in percentage points with "
+                    "a paired bootstrap 95% interval (2,000 resamples, seeded); a change is called real only when its "
+                    "interval excludes zero. Rates carry Wilson 95% intervals."], muted=True)]
     real_gain = False
+    numbers = ["base", "final", "change (pp)", "n"]
     if beh:
-        rows = []
-        for m in beh:
-            real_gain |= m["verdict"] == "better"
-            rows.append(f"<tr><td>{e(m['label'])}</td><td class='num'>{_pct(m['base'])} "
-                        f"<span class='muted'>[{_pct(m['base_ci'][0])}, {_pct(m['base_ci'][1])}]</span></td>"
-                        f"<td class='num'>{_pct(m['final'])} <span class='muted'>[{_pct(m['final_ci'][0])}, "
-                        f"{_pct(m['final_ci'][1])}]</span></td><td class='num'>{_interval(m['change'])}</td>"
-                        f"<td>{e(m['verdict'])}</td><td class='num'>{m['n']}</td></tr>")
-        parts.append("<h3>Behaviour on held-out prompts</h3><table class='metrics'><thead><tr><th>rate</th>"
-                     "<th class='num'>base</th><th class='num'>final</th><th class='num'>change (pp)</th>"
-                     f"<th>verdict</th><th class='num'>n</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
-                     "<p class='muted'>Higher is better for clean_stop, declines and admits_unknown; lower for the "
-                     "rest. Keyword judgements see surface form only (see evals/behaviour.py).</p>")
+        real_gain |= any(m["verdict"] == "better" for m in beh)
+        rows = [[m["label"], [_pct(m["base"]), " ", Muted(f"[{_pct(m['base_ci'][0])}, {_pct(m['base_ci'][1])}]")],
+                 [_pct(m["final"]), " ", Muted(f"[{_pct(m['final_ci'][0])}, {_pct(m['final_ci'][1])}]")],
+                 _interval(m["change"]), m["verdict"], m["n"]] for m in beh]
+        blocks += [Heading("Behaviour on held-out prompts"),
+                   Table(["rate", "base", "final", "change (pp)", "verdict", "n"], rows, numeric=numbers, style="metrics"),
+                   Text(["Higher is better for clean_stop, declines and admits_unknown; lower for the rest. Keyword "
+                         "judgements see surface form only (see evals/behaviour.py)."], muted=True)]
     if lik:
         rows = []
         for m in lik:
             if "skipped" in m:
-                rows.append(f"<tr><td>{e(m['label'])}</td><td colspan='5' class='muted'>{e(m['skipped'])}</td></tr>")
+                rows.append([m["label"], Muted(m["skipped"]), "", "", "", ""])
                 continue
             real_gain |= m["verdict"] == "better"
-            rows.append(f"<tr><td>{e(m['label'])}</td><td class='num'>{_pct(m['base'])}</td>"
-                        f"<td class='num'>{_pct(m['final'])}</td><td class='num'>{_interval(m['change'])}</td>"
-                        f"<td>{e(m['verdict'])}</td><td class='num'>{m['change']['n']}</td></tr>")
-        parts.append("<h3>Likelihood evals</h3><table class='metrics'><thead><tr><th>metric</th><th class='num'>base</th>"
-                     "<th class='num'>final</th><th class='num'>change (pp)</th><th>verdict</th><th class='num'>n</th>"
-                     f"</tr></thead><tbody>{''.join(rows)}</tbody></table>")
+            rows.append([m["label"], _pct(m["base"]), _pct(m["final"]), _interval(m["change"]), m["verdict"],
+                         m["change"]["n"]])
+        blocks += [Heading("Likelihood evals"),
+                   Table(["metric", "base", "final", "change (pp)", "verdict", "n"], rows, numeric=numbers,
+                         style="metrics")]
     if not real_gain:
-        parts.insert(1, "<p><b>No significant gain: no metric improved with an interval that excludes zero. "
-                        "At this scale, this run's method did not measurably make the model better.</b></p>")
+        blocks.insert(1, Text([Bold("No significant gain: no metric improved with an interval that excludes zero. "
+                                    "At this scale, this run's method did not measurably make the model better.")]))
     samples = side_by_side(base, final)
     if samples:
-        rows = "".join(f"<tr><td><div class='cell'><span class='muted'>{e(b.get('kind', ''))}</span><br>{e(b['prompt'])}</div></td>"
-                       f"<td><div class='cell'>{e(b['answer']) or '<i>(empty)</i>'}</div></td>"
-                       f"<td><div class='cell'>{e(f['answer']) or '<i>(empty)</i>'}</div></td></tr>" for b, f in samples)
-        parts.append(f"<h3>Held-out prompts, side by side</h3><table class='samples'><colgroup><col style='width:22%'>"
-                     f"</colgroup><thead><tr><th>prompt</th><th>base</th><th>final</th></tr></thead><tbody>{rows}</tbody></table>")
-    return "".join(parts)
+        blocks += [Heading("Held-out prompts, side by side"),
+                   Table(["prompt", "base", "final"],
+                         [[[Muted(b.get("kind", "")), "\n" + b["prompt"]], b["answer"] or Muted("(empty)"),
+                           f["answer"] or Muted("(empty)")] for b, f in samples],
+                         numeric=[], style="samples", first_width="22%")]
+    return Section("did-it-work", "Did it work?", blocks)
 
 
-def report_lead(run: dict) -> tuple[str, str, str] | None:
+def report_lead(run: dict):
     """The report's first section (a `report_lead` hook of the eval stage): first vs last eval stage."""
     evals = [s for s in run["stages"] if s.get("kind") == "eval" and s.get("folder") is not None
              and (Path(s["folder"]) / "results.json").is_file()]
     if len(evals) < 2:
         return None
     base, final = evals[0], evals[-1]
-    body = lead_html(f"{base['label']} ({_results(base['folder']).get('model', '')})",
-                     f"{final['label']} ({_results(final['folder']).get('model', '')})", Path(base["folder"]), Path(final["folder"]))
-    return ("did-it-work", "Did it work?", f'<section id="did-it-work"><h2>Did it work?</h2>{body}</section>') if body else None
+    return lead_section(f"{base['label']} ({_results(base['folder']).get('model', '')})",
+                        f"{final['label']} ({_results(final['folder']).get('model', '')})", Path(base["folder"]),
+                        Path(final["folder"]))

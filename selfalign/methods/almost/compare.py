@@ -440,31 +440,30 @@ def run(ctx, config: Config, folder) -> dict:
 
 def report_section(stage: dict):
     """The filter funnel, pairs per configuration pair, and a few example pairs."""
-    from selfalign.core.report import _read_rows, _section, _short, esc
+    from selfalign.core.report_api import Bold, Heading, Section, Table, read_rows, short
 
-    rows = _read_rows(Path(stage["folder"]) / "rows.jsonl")  # a half-written last line is skipped
+    rows = read_rows(Path(stage["folder"]) / "rows.jsonl")  # a half-written last line is skipped
     if not rows:
         return None
     flow = funnel(rows)
     steps = [("pairs from the rubric", flow["pairs"])] + [
         (f"after {name.replace('_', ' ')}", flow[f"after_{name}"]) for name in FILTERS
         if name != "post_validation" or any(r.get("post_validation") is not None for r in rows)]
-    funnel_rows = "".join(f'<tr><td>{esc(k)}</td><td class="num">{v}</td></tr>' for k, v in steps)
     dropped = Counter(drop_reason(r) for r in rows if r.get("dropped_by"))
-    why = "".join(f'<tr><td>{esc(k)}</td><td class="num">{n}</td></tr>' for k, n in dropped.most_common())
-    per = "".join(f'<tr><td>{esc(k)}</td><td class="num">{v["pairs"]}</td><td class="num">{v["kept"]}</td></tr>'
-                  for k, v in flow["per_config_pair"].items())
     kept = [r for r in rows if r["kept"]]
     examples = random.Random(0).sample(kept, min(3, len(kept)))
-    ex = "".join(f'<tr><td>{esc(_short(r["prompt"], 160))}</td><td><b>{esc(r["chosen_config"])}</b>: '
-                 f'{esc(_short(r["chosen"], 400))}</td><td><b>{esc(r["rejected_config"])}</b>: {esc(_short(r["rejected"], 400))}</td></tr>'
-                 for r in examples)
-    body = ('<h3>Filter funnel</h3><table><thead><tr><th>step</th><th class="num">pairs</th></tr></thead>'
-            f'<tbody>{funnel_rows}</tbody></table>'
-            + (f'<h3>Why pairs were dropped</h3><table><thead><tr><th>filter: rule</th><th class="num">pairs</th></tr></thead>'
-               f'<tbody>{why}</tbody></table>' if why else "")
-            + '<h3>Per configuration pair</h3><table><thead><tr><th>chosen &gt; rejected</th><th class="num">pairs</th>'
-            f'<th class="num">kept</th></tr></thead><tbody>{per}</tbody></table>'
-            + ('<h3>Example kept pairs</h3><table><thead><tr><th>prompt</th><th>chosen</th><th>rejected</th></tr></thead>'
-               f'<tbody>{ex}</tbody></table>' if ex else ""))
-    return _section(f"stage-{stage['label']}", f"Synthetic comparisons ({stage['label']})", body)
+    blocks = [Heading("Filter funnel"), Table(["step", "pairs"], [list(s) for s in steps], numeric=["pairs"])]
+    if dropped:
+        blocks += [Heading("Why pairs were dropped"),
+                   Table(["filter: rule", "pairs"], [[k, n] for k, n in dropped.most_common()], numeric=["pairs"])]
+    blocks += [Heading("Per configuration pair"),
+               Table(["chosen > rejected", "pairs", "kept"], [[k, v["pairs"], v["kept"]]
+                                                              for k, v in flow["per_config_pair"].items()],
+                     numeric=["pairs", "kept"])]
+    if examples:
+        blocks += [Heading("Example kept pairs"),
+                   Table(["prompt", "chosen", "rejected"],
+                         [[short(r["prompt"], 160), [Bold(r["chosen_config"]), ": " + short(r["chosen"], 400)],
+                           [Bold(r["rejected_config"]), ": " + short(r["rejected"], 400)]] for r in examples],
+                         numeric=[])]
+    return Section(f"stage-{stage['label']}", f"Synthetic comparisons ({stage['label']})", blocks)

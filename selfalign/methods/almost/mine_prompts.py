@@ -185,21 +185,20 @@ def run(ctx, config: Config, folder) -> dict:
 
 def report_section(stage: dict):
     """Candidates kept and dropped (by reason), and a few mined prompts."""
-    from selfalign.core.report import _read_rows, _section, esc
+    from selfalign.core.report_api import Items, Section, Table, Text, read_rows
 
-    rows = [r for r in _read_rows(Path(stage["folder"]) / "rows.jsonl") if r.get("source") == "mined"]
+    rows = [r for r in read_rows(Path(stage["folder"]) / "rows.jsonl") if r.get("source") == "mined"]
     if not rows:
         return None
     reasons = Counter("kept" if r["kept"] else r["dropped"] for r in rows)
-    table = "".join(f'<tr><td>{esc(k)}</td><td class="num">{n}</td></tr>' for k, n in reasons.most_common())
     kept = [r["prompt"] for r in rows if r["kept"]]
-    examples = "".join(f"<li>{esc(p)}</li>" for p in random.Random(0).sample(kept, min(8, len(kept))))
     dups = [r for r in rows if r["dropped"] == DUPLICATE][:3]
-    dup_list = "".join(f'<li>{esc(r["prompt"])} <span class="muted">(ROUGE-L {r["rouge_l"]:.2f} to: {esc(r["closest"])})</span></li>'
-                       for r in dups)
-    body = (f'<p>{len(kept)} prompts mined from {len(rows)} candidates '
-            f'({esc((stage.get("summary") or {}).get("rounds", "?"))} rounds).</p>'
-            f'<table><thead><tr><th>verdict</th><th class="num">candidates</th></tr></thead><tbody>{table}</tbody></table>'
-            + (f"<h3>Some mined prompts</h3><ul>{examples}</ul>" if kept else "")
-            + (f"<h3>Some near-duplicates dropped</h3><ul>{dup_list}</ul>" if dups else ""))
-    return _section(f"stage-{stage['label']}", f"Prompt mining ({stage['label']})", body)
+    blocks = [Text([f"{len(kept)} prompts mined from {len(rows)} candidates "
+                    f"({(stage.get('summary') or {}).get('rounds', '?')} rounds)."]),
+              Table(["verdict", "candidates"], [[k, n] for k, n in reasons.most_common()])]
+    if kept:
+        blocks.append(Items("Some mined prompts", random.Random(0).sample(kept, min(8, len(kept)))))
+    if dups:
+        blocks.append(Items("Some near-duplicates dropped",
+                            [(r["prompt"], f"(ROUGE-L {r['rouge_l']:.2f} to: {r['closest']})") for r in dups]))
+    return Section(f"stage-{stage['label']}", f"Prompt mining ({stage['label']})", blocks)

@@ -214,38 +214,24 @@ def run(ctx, config: Config, folder) -> dict:
 
 def report_section(stage: dict):
     """The held-out comparison: a table of both policies' rewards and the KL, and their reward histograms."""
-    from matplotlib.figure import Figure
+    from selfalign.core.report_api import Bold, Chart, Code, Section, Series, Table, Text, read_json
 
-    from selfalign.core.report import PALETTE, _png, _read_json, _section, _tidy, esc
-
-    res = _read_json(stage["folder"] / HELDOUT_FILE)
+    res = read_json(stage["folder"] / HELDOUT_FILE)
     if not isinstance(res, dict) or not all(isinstance(res.get(k), dict) for k in ("sft", "rlsf")):
         return None
-    rows = "".join(f'<tr><td>{name.upper()}</td><td><code>{esc("/".join(Path(str(res[name].get("model"))).parts[-2:]))}</code></td>'
-                   f'<td class="num">{esc(res[name].get("reward_mean"))}</td><td class="num">{esc(res[name].get("reward_std"))}</td>'
-                   f'<td class="num">{esc(res[name].get("mean_tokens"))}</td></tr>' for name in ("sft", "rlsf"))
-    table = ('<table class="metrics"><thead><tr><th>policy</th><th>model</th><th class="num">mean reward</th>'
-             '<th class="num">std</th><th class="num">reply tokens</th></tr></thead>'
-             f'<tbody>{rows}</tbody></table>'
-             f'<p>reward gain <b>{esc(res.get("reward_gain"))}</b>; KL(RLSF ‖ SFT) on the RLSF samples '
-             f'<b>{esc(res.get("kl_rlsf_sft"))}</b> nats per reply; {esc(res.get("prompts"))} held-out prompts, '
-             'never trained on, one sample each.</p>')
-    fig = Figure(figsize=(6.2, 3.0))
-    ax = fig.add_subplot()
-    both = [x for name in ("sft", "rlsf") for x in res[name].get("rewards") or []]
-    if both:
-        lo, hi = min(both), max(both)
-        n_bins = max(5, min(30, len(both) // 4))
-        bins = [lo + (hi - lo or 1) * i / n_bins for i in range(n_bins + 1)]
-        for name, color in (("sft", PALETTE[0]), ("rlsf", PALETTE[1])):
-            values = res[name].get("rewards") or []
-            if values:
-                mean = sum(values) / len(values)
-                ax.hist(values, bins=bins, alpha=0.55, color=color, histtype="stepfilled",
-                        label=f"{name.upper()} (mean {mean:.2f})")
-                ax.axvline(mean, color=color, ls="--", lw=1.2)
-        ax.set(xlabel="reward", ylabel="replies")
-        ax.legend(frameon=False, fontsize=8)
-        _tidy(ax)
-        table += _png(fig, "held-out reward distribution: SFT and RLSF")
-    return _section(f"stage-{stage['label']}", f"{stage['label']}: held-out reward, SFT vs RLSF", table)
+    columns = ["policy", "model", "mean reward", "std", "reply tokens"]
+    blocks = [Table(columns, [[name.upper(), Code("/".join(Path(str(res[name].get("model"))).parts[-2:])),
+                               res[name].get("reward_mean"), res[name].get("reward_std"), res[name].get("mean_tokens")]
+                              for name in ("sft", "rlsf")], numeric=columns[2:], style="metrics"),
+              Text(["reward gain ", Bold(res.get("reward_gain")), "; KL(RLSF ‖ SFT) on the RLSF samples ",
+                    Bold(res.get("kl_rlsf_sft")), f" nats per reply; {res.get('prompts')} held-out prompts, "
+                    "never trained on, one sample each."])]
+    series = []
+    for i, name in enumerate(("sft", "rlsf")):
+        values = res[name].get("rewards") or []
+        if values:
+            series.append(Series(f"{name.upper()} (mean {sum(values) / len(values):.2f})", [], values, color=i))
+    if series:
+        blocks.append(Chart("histogram", series, "held-out reward distribution: SFT and RLSF", xlabel="reward",
+                            ylabel="replies", mean_lines=True, size=(6.2, 3.0)))
+    return Section(f"stage-{stage['label']}", f"{stage['label']}: held-out reward, SFT vs RLSF", blocks)

@@ -200,20 +200,18 @@ def turn_stats(rows: list[dict]) -> dict:
 
 def report_section(stage: dict):
     """Best-of-N at a glance: per assistant turn, the chosen replies' mean reward against all candidates'."""
-    from selfalign.core.report import _read_rows, _section, esc
+    from selfalign.core.report_api import Section, Table, Text, read_rows
 
-    rows = _read_rows(stage["folder"] / "rows.jsonl")
+    rows = read_rows(stage["folder"] / "rows.jsonl")
     if not rows:
         return None
     depth = max((len(r.get("turns") or []) for r in rows), default=0)
-    body = []
+    table = []
     for t in range(depth):
         st = turn_stats([{"turns": [r["turns"][t]]} for r in rows if len(r.get("turns") or []) > t])
-        body.append(f'<tr><td>{t + 1}</td><td class="num">{st["assistant_turns"]}</td>'
-                    f'<td class="num">{esc(st["chosen_reward"])}</td><td class="num">{esc(st["candidate_reward"])}</td></tr>')
+        table.append([t + 1, st["assistant_turns"], st["chosen_reward"], st["candidate_reward"]])
     ended = Counter(r.get("ended") for r in rows)
-    note = "; ".join(f"{esc(k)}: {v}" for k, v in ended.items())
-    html = ('<table class="metrics"><thead><tr><th>assistant turn</th><th class="num">conversations</th>'
-            '<th class="num">chosen reply reward</th><th class="num">all candidates reward</th></tr></thead>'
-            f'<tbody>{"".join(body)}</tbody></table><p class="muted">{len(rows)} conversations; ended: {note}</p>')
-    return _section(f"stage-{stage['label']}", f"{stage['label']}: reward-model-guided self-play", html)
+    columns = ["assistant turn", "conversations", "chosen reply reward", "all candidates reward"]
+    return Section(f"stage-{stage['label']}", f"{stage['label']}: reward-model-guided self-play", [
+        Table(columns, table, numeric=columns[1:], style="metrics"),
+        Text([f"{len(rows)} conversations; ended: " + "; ".join(f"{k}: {v}" for k, v in ended.items())], muted=True)])

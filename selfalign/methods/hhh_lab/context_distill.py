@@ -208,11 +208,9 @@ def run(ctx, config: Config, folder) -> dict:
 
 
 # -- report --------------------------------------------------------------------------------------------
-def report_section(stage: dict) -> tuple[str, str, str] | None:
+def report_section(stage: dict):
     """Context distillation's numbers: the teacher's setting and the KL before and after training."""
-    from matplotlib.figure import Figure
-
-    from selfalign.core.report import PALETTE, _png, _section, _tidy, esc
+    from selfalign.core.report_api import Bold, Chart, Facts, Muted, Section, Series, Text
 
     folder = stage.get("folder")
     summary = stage.get("summary") or {}
@@ -226,17 +224,13 @@ def report_section(stage: dict) -> tuple[str, str, str] | None:
              ("teacher mass in top-k", summary.get("teacher_topk_mass")), ("texts X", summary.get("texts")),
              ("target tokens", f"{summary.get('target_tokens')} ({summary.get('tokens')})"),
              ("X from", summary.get("x_source")), ("trained", f"{summary.get('lora')}, {summary.get('steps')} steps")]
-    cards = "".join(f'<div class="fact"><b>{esc(k)}</b>{esc(v)}</div>' for k, v in facts if v is not None)
-    fig = Figure(figsize=(5, 2.2))
-    ax = fig.add_subplot()
-    ax.barh(["after", "before"], [after, before], height=0.55, color=[PALETTE[2], PALETTE[3]])
-    for y, v in enumerate([after, before]):
-        ax.text(v, y, f" {v:.3f}", va="center", fontsize=9)
-    ax.set_xlabel("mean KL(teacher with C ‖ student without C), nats/token")
-    _tidy(ax, grid=False)
     change = f"{100 * (after - before) / before:+.1f}%" if before else ""
-    body = (f'<div class="facts">{cards}</div><p>Mean truncated KL on {esc(summary.get("kl_examples"))} training texts: '
-            f"<b>{before:.4f}</b> before, <b>{after:.4f}</b> after training ({esc(change)}). "
-            '<span class="muted">The KL over the teacher\'s top-k tokens plus one bucket for the rest: a lower bound on '
-            "the exact KL.</span></p>" + _png(fig, "KL before and after context distillation"))
-    return _section(f"context-distill-{stage.get('label')}", f"Context distillation: {stage.get('label')}", body)
+    return Section(f"context-distill-{stage.get('label')}", f"Context distillation: {stage.get('label')}", [
+        Facts(facts),
+        Text([f"Mean truncated KL on {summary.get('kl_examples')} training texts: ", Bold(f"{before:.4f}"), " before, ",
+              Bold(f"{after:.4f}"), f" after training ({change}). ",
+              Muted("The KL over the teacher's top-k tokens plus one bucket for the rest: a lower bound on "
+                    "the exact KL.")]),
+        Chart("barh", [Series("after", [], [after], color=2), Series("before", [], [before], color=3)],
+              "KL before and after context distillation",
+              xlabel="mean KL(teacher with C ‖ student without C), nats/token", size=(5, 2.2), grid=False)])

@@ -232,40 +232,26 @@ def run(ctx, config: Config, folder) -> dict:
 
 
 # -- report --------------------------------------------------------------------------------------------
-def chart_scaling(rows: list[dict], title: str) -> str:
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import NullLocator
+def chart_scaling(rows: list[dict], title: str):
+    """Held-out accuracy against training comparisons, a line per objective (dashed: from the PMP model)."""
+    from selfalign.core.report_api import Chart, Series
 
-    from selfalign.core.report import PALETTE, _png, _tidy
-
-    fig = Figure(figsize=(6.4, 4.0))
-    ax = fig.add_subplot()
     lines: dict[tuple[str, bool], list[tuple[int, float]]] = defaultdict(list)
     for r in rows:
         lines[(r["objective"], bool(r.get("init")))].append((r["n"], r["accuracy"]))
-    for (objective, with_init), pts in sorted(lines.items(), key=lambda kv: (OBJECTIVES.index(kv[0][0]), kv[0][1])):
-        pts.sort()
-        color = PALETTE[OBJECTIVES.index(objective) % len(PALETTE)]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=4, color=color,
-                linestyle="--" if with_init else "-", label=objective + (" (with PMP)" if with_init else ""))
-    ax.axhline(0.5, color="#8C8C8C", linestyle=":", linewidth=1, label="chance")
-    ax.set_xscale("log")
-    sizes = sorted({r["n"] for r in rows})
-    ax.set_xticks(sizes, [f"{n:,}" for n in sizes])
-    ax.xaxis.set_minor_locator(NullLocator())
-    ax.set_xlabel("training comparisons (n)")
-    ax.set_ylabel("held-out accuracy")
-    ax.set_title(title, fontsize=11)
-    ax.legend(frameon=False, fontsize=8)
-    _tidy(ax)
-    fig.tight_layout()
-    return _png(fig, f"preference-model accuracy against training comparisons: {title}")
+    series = [Series(objective + (" (with PMP)" if with_init else ""), [p[0] for p in sorted(pts)],
+                     [p[1] for p in sorted(pts)], color=OBJECTIVES.index(objective), dashed=with_init)
+              for (objective, with_init), pts in sorted(lines.items(),
+                                                        key=lambda kv: (OBJECTIVES.index(kv[0][0]), kv[0][1]))]
+    return Chart("line", series, f"preference-model accuracy against training comparisons: {title}",
+                 xlabel="training comparisons (n)", ylabel="held-out accuracy", title=title, log_x=True,
+                 xticks=sorted({r["n"] for r in rows}), hline=(0.5, "chance"))
 
 
 def report_section(stage: dict):
-    from selfalign.core.report import _fmt, _fmt_wall, _read_rows, _section, esc
+    from selfalign.core.report_api import Section, Table, Text, read_rows, wall_time
 
-    rows = [r for r in _read_rows(Path(stage["folder"]) / "rows.jsonl")
+    rows = [r for r in read_rows(Path(stage["folder"]) / "rows.jsonl")
             if r.get("objective") in OBJECTIVES and isinstance(r.get("n"), int) and isinstance(r.get("accuracy"), float)]
     if not rows:
         return None
@@ -274,19 +260,13 @@ def report_section(stage: dict):
     summary = stage.get("summary") or {}
     title = f"{stage['label']}: held out {held} ({rows[0].get('heldout_pairs')} pairs)"
     cats = sorted({c for r in rows for c in (r.get("by_category") or {})})
-    head = "".join(f'<th class="num">{esc(c)}</th>' for c in cats)
-    body = "".join(
-        f'<tr><td>{esc(r["objective"])}</td><td>{esc(r.get("init") or "—")}</td><td class="num">{r["n"]}</td>'
-        f'<td class="num">{_fmt(r["accuracy"])}</td>'
-        + "".join(f'<td class="num">{_fmt((r.get("by_category") or {}).get(c))}</td>' for c in cats)
-        + f'<td class="num">{_fmt(r.get("ties"))}</td><td class="num">{_fmt(r.get("steps"))}</td>'
-        f'<td class="num">{_fmt(r.get("train_loss"))}</td><td class="num">{_fmt_wall(r.get("wall_s"))}</td></tr>'
-        for r in rows)
-    note = (f'<p class="muted">Each point: a model trained on the first n comparisons of a seeded shuffle of '
-            f'{esc(summary.get("data") or "the data")}, scored on the held-out pairs; a pair is right when the chosen '
-            'reply scores higher (ties count half). Dashed: fine-tuned from the pre-trained (PMP) model.</p>')
-    table = (f'<table class="metrics compact"><thead><tr><th>objective</th><th>init</th><th class="num">n</th>'
-             f'<th class="num">accuracy</th>{head}<th class="num">ties</th><th class="num">steps</th>'
-             f'<th class="num">train loss</th><th class="num">wall</th></tr></thead><tbody>{body}</tbody></table>')
-    return _section(f"pm-scaling-{stage['label']}", f"Preference models: accuracy vs data ({stage['label']})",
-                    note + chart_scaling(rows, title) + table)
+    numbers = ["n", "accuracy", *cats, "ties", "steps", "train loss", "wall"]
+    table = [[r["objective"], r.get("init") or "—", r["n"], r["accuracy"],
+              *((r.get("by_category") or {}).get(c) for c in cats), r.get("ties"), r.get("steps"), r.get("train_loss"),
+              wall_time(r.get("wall_s"))] for r in rows]
+    note = (f"Each point: a model trained on the first n comparisons of a seeded shuffle of "
+            f"{summary.get('data') or 'the data'}, scored on the held-out pairs; a pair is right when the chosen "
+            "reply scores higher (ties count half). Dashed: fine-tuned from the pre-trained (PMP) model.")
+    return Section(f"pm-scaling-{stage['label']}", f"Preference models: accuracy vs data ({stage['label']})",
+                   [Text([note], muted=True), chart_scaling(rows, title),
+                    Table(["objective", "init", *numbers], table, numeric=numbers, style="metrics compact")])

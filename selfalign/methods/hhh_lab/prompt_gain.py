@@ -84,23 +84,19 @@ def run(ctx, config: Config, folder) -> dict:
 
 
 def report_section(stage: dict):
-    from selfalign.core.report import _fmt, _section, esc
+    """The prompt's gain on each metric, and how much of it the distilled model kept without the prompt."""
+    from selfalign.core.report_api import Bold, Section, Table, Text, read_json
 
-    path = Path(stage["folder"]) / "results.json"
-    if not path.exists():
+    res = read_json(Path(stage["folder"]) / "results.json")
+    if not isinstance(res, dict):
         return None
-    res = json.loads(path.read_text())
     names = res.get("stages") or {}
-    body = "".join(
-        f'<tr><td>{esc(r["eval"])} {esc(r["metric"])}</td><td>{esc(r["key"])}</td>'
-        + "".join(f'<td class="num">{_fmt(r[k])}</td>' for k in ("plain", "prompted", "distilled", "gain", "kept"))
-        + f'<td class="num"><b>{_fmt(r["kept_fraction"])}</b></td></tr>' for r in res.get("rows") or [])
-    head = "".join(f'<th class="num">{esc(h)}</th>' for h in (
-        f"no prompt ({names.get('plain', '')})", f"prompt ({names.get('prompted', '')})",
-        f"distilled ({names.get('distilled', '')})", "gain", "kept", "kept fraction"))
-    note = ('<p class="muted">gain = prompted − no prompt; kept = distilled − no prompt; kept fraction = kept / gain '
-            '(1 = the distilled model, without the prompt, does as well as the prompted model; empty where the prompt '
-            'changed nothing).</p>')
-    return _section(f"gain-{stage['label']}", "Context distillation: the prompt's gain kept",
-                    note + f'<table class="metrics compact"><thead><tr><th>metric</th><th>category</th>{head}</tr></thead>'
-                    f'<tbody>{body}</tbody></table>')
+    numbers = [f"no prompt ({names.get('plain', '')})", f"prompt ({names.get('prompted', '')})",
+               f"distilled ({names.get('distilled', '')})", "gain", "kept", "kept fraction"]
+    rows = [[f"{r['eval']} {r['metric']}", r["key"], *(r[k] for k in ("plain", "prompted", "distilled", "gain", "kept")),
+             Bold(r["kept_fraction"])] for r in res.get("rows") or []]
+    note = ("gain = prompted − no prompt; kept = distilled − no prompt; kept fraction = kept / gain (1 = the distilled "
+            "model, without the prompt, does as well as the prompted model; empty where the prompt changed nothing).")
+    return Section(f"gain-{stage['label']}", "Context distillation: the prompt's gain kept",
+                   [Text([note], muted=True),
+                    Table(["metric", "category", *numbers], rows, numeric=numbers, style="metrics compact")])
