@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from selfalign.core.errors import SelfAlignError
@@ -376,9 +377,10 @@ def main() -> None:
     except SelfAlignError as exc:
         if debug:
             raise
-        console.print(f"[bold red]error:[/] {exc.message}", highlight=False)
+        # escaped: a message may hold brackets that are not markup (pip install 'selfalign[ray]')
+        console.print(f"[bold red]error:[/] {escape(exc.message)}", highlight=False)
         if exc.hint:
-            console.print(f"  [dim]→ {exc.hint}[/]", highlight=False)
+            console.print(f"  [dim]→ {escape(exc.hint)}[/]", highlight=False)
         sys.exit(2)
     except (OSError, UnicodeError, RecursionError) as exc:
         # a file or disk problem that no reader turned into a SelfAlignError (a full or read-only disk

@@ -17,6 +17,8 @@ from typing import Any
 
 from selfalign.core.recipe import Recipe, StageConfig
 
+PLACEMENT = ("workers", "ray_address")  # where a stage's rows are made, not what they are
+
 
 def _leaves(value: Any, prefix: str) -> dict[str, Any]:
     if isinstance(value, dict):
@@ -54,7 +56,7 @@ def file_digest(ref: str) -> str | None:
 def stage_settings(recipe: Recipe, config: StageConfig, earlier: dict[str, str]) -> dict[str, Any]:
     """The named fields a stage's outputs depend on; `earlier` maps the labels of the stages before
     it to their fingerprints."""
-    dump = config.model_dump(mode="json")
+    dump = config.model_dump(mode="json", exclude=set(PLACEMENT))
     model = config.model or recipe.model
     settings: dict[str, Any] = {
         "model": model,
@@ -64,6 +66,10 @@ def stage_settings(recipe: Recipe, config: StageConfig, earlier: dict[str, str])
         "engine.chat_format": recipe.engine.chat_format,
         **_leaves(dump, "config"),
     }
+    from selfalign.core.launcher import launched
+
+    if launched(recipe, config):  # batch_size is per process: N processes train on N times the batch
+        settings["launcher.num_processes"] = recipe.launcher.num_processes
     for key, value in _leaves(dump, "config").items():
         for text in _strings(value):
             if (digest := file_digest(text)) is not None:

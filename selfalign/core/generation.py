@@ -97,7 +97,17 @@ def generate_rows(ctx, store: RowStore, *, stage: str, label: str, model: str, s
             out.append(row)
         return out
 
-    if pending:
+    from selfalign.core import distributed, ranks
+
+    stage_config = getattr(ctx, "current", None)
+    if pending and ranks.is_follower():  # a launched training stage's other processes: the main one generates
+        ranks.wait_for_rows(store, [rid for i in pending for rid in ids[i]])
+    elif pending and stage_config is not None and distributed.wants_ray(stage_config):
+        with progress_bar(label, total=len(pending), already_done=len(jobs) - len(pending)) as advance:
+            made, tokens = distributed.generate_on_workers(
+                ctx, store, stage_config, model=model, sampling=sampling, jobs=jobs, ids=ids, pending=pending,
+                rows_of=rows_of, produce=produce, chunk=chunk, check=check, progress=advance)
+    elif pending:
         engine = ctx.engine(model)
         if check is not None:
             check(engine, [jobs[i] for i in pending])
@@ -115,5 +125,7 @@ def generate_rows(ctx, store: RowStore, *, stage: str, label: str, model: str, s
                     store.append([r for i, outs in zip(part, outputs, strict=True) for r in rows_of(i, outs)])
                     made, tokens = made + len(part), tokens + chunk_tokens
                     advance(len(part), chunk_tokens)
+    if not ranks.is_follower():
+        store.merge_shards()  # complete or not: readers of rows.jsonl see every row written so far
     by_id = {r["id"]: r for r in store}
     return Generated([[by_id[rid] for rid in job_rows if rid in by_id] for job_rows in ids], made, tokens)

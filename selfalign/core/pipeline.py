@@ -24,6 +24,7 @@ from selfalign.core.engines import Engine, make_engine
 from selfalign.core.errors import SelfAlignError
 from selfalign.core.fingerprint import changed_fields, fingerprint, stage_settings
 from selfalign.core.inputs import read_json_object
+from selfalign.core.launcher import launched, run_launched
 from selfalign.core.ledger import build_ledger
 from selfalign.core.progress import console
 from selfalign.core.prompts import capped, load_prompts
@@ -41,6 +42,7 @@ class RunContext:
     run_dir: Path
     engines: dict[tuple, Engine] = field(default_factory=dict)
     stage_dirs: dict[str, Path] = field(default_factory=dict)
+    current: StageConfig | None = None  # the stage running now (its `workers` spread its generation over Ray)
 
     def model_for(self, config: StageConfig, ref: str | None = None) -> str:
         """The stage's model: its own `model`, else the recipe's. `@label` names the model an
@@ -262,7 +264,11 @@ def run_recipe(recipe: Recipe, run_dir: Path | None = None, fresh: list[str] | t
                 continue
             console.rule(f"[bold]{title}")
             t0 = time.time()
-            summary = stages[config.stage].run(ctx, config, folder) or {}
+            ctx.current = config
+            if launched(recipe, config):  # a training stage under `accelerate launch`, in a child process
+                summary = run_launched(ctx, config, folder, fp)
+            else:
+                summary = stages[config.stage].run(ctx, config, folder) or {}
             entry = record["stages"].setdefault(config.label, {"wall_s": 0.0})
             entry.update(stage=config.stage, folder=folder.name, summary=summary)
             entry["wall_s"] = round(entry.get("wall_s", 0.0) + time.time() - t0, 2)

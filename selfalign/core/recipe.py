@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from selfalign.core.errors import SelfAlignError
 from selfalign.core.inputs import SAFE_NAME, read_yaml
+from selfalign.core.launcher import LauncherConfig
 from selfalign.core.models import DEFAULT_MODEL
 
 
@@ -95,6 +96,11 @@ class StageConfig(Strict):
     stage: str
     name: str | None = Field(None, description="folder name of the stage in the run (default: the stage type)")
     model: str | None = Field(None, description="model reference for this stage (default: the recipe's model)")
+    # generation stages only (checked at load); where the rows are made, not what they are: not fingerprinted
+    workers: int | None = Field(None, ge=1, description="generation stages: Ray workers sharing the stage's rows "
+                                "(pip install 'selfalign[ray]'); 1 or unset: this process")
+    ray_address: str | None = Field(None, description="generation stages: a running Ray cluster to use ('auto', "
+                                    "'ray://host:10001'); unset with workers > 1: a local one")
 
     @field_validator("name")
     @classmethod
@@ -129,6 +135,8 @@ class Recipe(Strict):
     out: str | None = Field(None, description="run folder (default runs/<name>)")
     max_prompts: int | None = Field(None, ge=1, description="cap on prompts per stage, for quick runs")
     stages: list[StageConfig] = Field(..., min_length=1)
+    launcher: LauncherConfig | None = Field(None, description="run training stages under `accelerate launch` "
+                                            "(an accelerate config and a number of processes)")
 
     @field_validator("name")
     @classmethod
@@ -230,6 +238,11 @@ def parse_recipe(data: Any, source: str = "<recipe>", overrides: dict[str, Any] 
         recipe = Recipe.model_validate({**data, "stages": configs})
     except ValidationError as exc:
         raise SelfAlignError(format_validation_error(source, exc, Recipe)) from None
+    from selfalign.core.distributed import check_workers
+    from selfalign.core.launcher import check_launcher
+
+    check_workers(recipe, stages, source)
+    check_launcher(recipe, source)
     labels = [s.label for s in recipe.stages]
     if dupes := sorted({x for x in labels if labels.count(x) > 1}):
         raise SelfAlignError(f"{source}: stages: two stages share the name {dupes[0]!r}; give one a distinct `name`")

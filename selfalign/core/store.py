@@ -6,6 +6,13 @@ process loses at most the batch in flight; on restart the stage asks `done_ids()
 what is already there. A truncated last line (the process died mid-write) is cut off, kept in a
 side file, and reported; a broken line anywhere else is an error naming the file and line,
 because that is corruption, not an interrupted write.
+
+Shards: a stage spread over workers (`workers: N`, `selfalign.core.distributed`) appends worker
+K's rows to `rows.shard-K.jsonl` beside `rows.jsonl`. The store reads the main file and every
+shard as one set of rows (an id is taken once, from the first file that has it), so resume,
+exactly-once and the done-marker do not care how many workers wrote them; `merge_shards` folds
+them into the main file once the stage's generation is complete, so readers of `rows.jsonl`
+see everything.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -41,39 +49,76 @@ def _os_error(path: Path, exc: OSError, doing: str) -> SelfAlignError:
     return SelfAlignError(f"cannot {doing} {path}: {exc.strerror or exc}", hint)
 
 
-class RowStore:
-    """Rows of one stage, in `folder/rows.jsonl`, with a done-marker `folder/_done.json`."""
+def shard_path(folder: str | Path, filename: str, shard: int) -> Path:
+    """Worker `shard`'s file beside `filename`: rows.jsonl -> rows.shard-3.jsonl."""
+    stem, ext = _split_ext(filename)
+    return Path(folder) / f"{stem}.shard-{shard}{ext}"
 
-    def __init__(self, folder: str | Path, filename: str = ROWS_FILE):
+
+def shard_paths(folder: str | Path, filename: str = ROWS_FILE) -> list[Path]:
+    """The shard files of `filename` in `folder`, by shard number."""
+    stem, ext = _split_ext(filename)
+    pattern = re.compile(re.escape(stem) + r"\.shard-(\d+)" + re.escape(ext))
+    found = [(int(m.group(1)), p) for p in Path(folder).glob(f"{stem}.shard-*{ext}") if (m := pattern.fullmatch(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def _split_ext(filename: str) -> tuple[str, str]:
+    stem, dot, ext = filename.rpartition(".")
+    return (stem, f".{ext}") if dot and stem else (filename, "")
+
+
+class RowStore:
+    """Rows of one stage, in `folder/rows.jsonl` and its shards, with a done-marker `folder/_done.json`.
+
+    `repair=False` reads without touching the files (a reader beside a writer: a half-written last
+    line is skipped, not cut off)."""
+
+    def __init__(self, folder: str | Path, filename: str = ROWS_FILE, repair: bool = True):
         self.folder = Path(folder)
+        self.filename = filename
         self.path = self.folder / filename
         self.repaired_tail: str | None = None  # what was cut off a truncated last line, if anything
+        self._repair = repair
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise _os_error(self.folder, exc, "create the run folder") from exc
-        self._rows: list[dict] = self._read_and_repair()
-        self._ids = {r["id"] for r in self._rows if "id" in r}
+        self.reload()
+
+    def reload(self) -> None:
+        """(Re)read the main file and every shard (an id once, from the first file that has it)."""
+        self._rows: list[dict] = []
+        self._ids: set[str] = set()
+        for path in [self.path, *shard_paths(self.folder, self.filename)]:
+            for row in self._read_and_repair(path):
+                if "id" in row and row["id"] in self._ids:
+                    continue  # the same row in two files (a merge killed before it removed the shards)
+                self._rows.append(row)
+                if "id" in row:
+                    self._ids.add(row["id"])
 
     # -- reading -------------------------------------------------------------------------------
-    def _read_and_repair(self) -> list[dict]:
-        if not self.path.exists():
+    def _read_and_repair(self, path: Path) -> list[dict]:
+        if not path.exists():
             return []
         try:
-            data = self.path.read_bytes()
+            data = path.read_bytes()
         except OSError as exc:
-            raise _os_error(self.path, exc, "read") from exc
-        if data and not data.endswith(b"\n"):
+            raise _os_error(path, exc, "read") from exc
+        if data and not data.endswith(b"\n") and not self._repair:
+            data = data[: data.rfind(b"\n") + 1]
+        elif data and not data.endswith(b"\n"):
             cut = data.rfind(b"\n") + 1
             tail = data[cut:]
-            self.repaired_tail = tail.decode("utf-8", errors="replace")
-            side = self.path.with_name(self.path.name + ".truncated-tail")
+            self.repaired_tail = self.repaired_tail or tail.decode("utf-8", errors="replace")
+            side = path.with_name(path.name + ".truncated-tail")
             try:  # set the torn line aside first; the rows file is cut only once that copy is safe
                 with open(side, "ab") as f:
                     f.write(tail + b"\n")
                     f.flush()
                     os.fsync(f.fileno())
-                with open(self.path, "r+b") as f:
+                with open(path, "r+b") as f:
                     f.truncate(cut)
             except OSError as exc:
                 raise _os_error(side, exc, "set the half-written last row aside in") from exc
@@ -88,11 +133,11 @@ class RowStore:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise SelfAlignError(
-                    f"{self.path}:{lineno}: broken row ({exc.msg} at column {exc.colno})",
+                    f"{path}:{lineno}: broken row ({exc.msg} at column {exc.colno})",
                     "fix or delete that line; the other rows are intact",
                 ) from exc
             if not isinstance(row, dict):
-                raise SelfAlignError(f"{self.path}:{lineno}: a row must be a JSON object, got {type(row).__name__}")
+                raise SelfAlignError(f"{path}:{lineno}: a row must be a JSON object, got {type(row).__name__}")
             rows.append(row)
         return rows
 
@@ -112,8 +157,9 @@ class RowStore:
         return rid in self._ids
 
     # -- writing -------------------------------------------------------------------------------
-    def append(self, rows: Iterable[dict]) -> int:
-        """Write rows (each needs an `id`), flush and fsync. Rows whose id is already stored are skipped."""
+    def append(self, rows: Iterable[dict], shard: int | None = None) -> int:
+        """Write rows (each needs an `id`), flush and fsync; into worker `shard`'s file when given.
+        Rows whose id is already stored (in any file) are skipped."""
         fresh = []
         for row in rows:
             if "id" not in row:
@@ -125,17 +171,39 @@ class RowStore:
         if not fresh:
             return 0
         blob = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in fresh).encode("utf-8")
+        path = self.path if shard is None else shard_path(self.folder, self.filename, shard)
         try:
-            with open(self.path, "ab") as f:
+            with open(path, "ab") as f:
                 f.write(blob)
                 f.flush()
                 os.fsync(f.fileno())
         except OSError as exc:
             for r in fresh:
                 self._ids.discard(r["id"])
-            raise _os_error(self.path, exc, "write rows to") from exc
+            raise _os_error(path, exc, "write rows to") from exc
         self._rows.extend(fresh)
         return len(fresh)
+
+    def merge_shards(self) -> int:
+        """Fold the shard files into the main file (every row once, written aside and swapped in),
+        then delete them; returns how many shards there were. A kill between the two steps leaves
+        rows in both, which the store reads once."""
+        shards = shard_paths(self.folder, self.filename)
+        if not shards:
+            return 0
+        blob = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self._rows).encode("utf-8")
+        tmp = self.path.with_name(self.path.name + ".merging")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(blob)
+                f.flush()
+                os.fsync(f.fileno())
+            tmp.replace(self.path)
+            for shard in shards:
+                shard.unlink()
+        except OSError as exc:
+            raise _os_error(self.path, exc, "merge the workers' shards into") from exc
+        return len(shards)
 
     # -- completion ----------------------------------------------------------------------------
     @property
@@ -149,8 +217,11 @@ class RowStore:
         return read_done(self.folder) or {}
 
     def mark_done(self, **info: Any) -> dict:
+        from selfalign.core.ranks import is_follower
+
         payload = {"rows": len(self._rows), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **info}
-        write_json_atomic(self.done_path, payload)
+        if not is_follower():  # in a launch, the main process's marker is the stage's
+            write_json_atomic(self.done_path, payload)
         return payload
 
     def to_dataset(self):
@@ -177,7 +248,7 @@ def write_json_atomic(path: str | Path, payload: Any) -> None:
     """Write JSON beside `path`, fsync it, then rename it into place: a kill or a full disk leaves
     the old file or the new one, never half of one."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # one per process: ranks of a launch may write at once
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(json.dumps(payload, indent=2, default=str))

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -57,6 +58,7 @@ from pydantic import Field
 
 from selfalign.core.chat import attach_plain_template
 from selfalign.core.errors import SelfAlignError
+from selfalign.core.launcher import SAVE_STEPS_ENV
 from selfalign.core.models import load_model, resolve
 from selfalign.core.progress import console, progress_bar
 from selfalign.core.recipe import Strict
@@ -223,7 +225,11 @@ def save_trained(trained, tokenizer, base: str, out_dir: Path, adapter: bool) ->
         def write(folder: Path) -> None:
             plain.save_pretrained(folder, safe_serialization=True)
             tokenizer.save_pretrained(folder)
-    _atomic_save(dest, write)
+    from selfalign.core.ranks import barrier, is_follower
+
+    if not is_follower():  # under a launch the main process saves; the others wait for it
+        _atomic_save(dest, write)
+    barrier()
     return dest
 
 
@@ -279,6 +285,8 @@ def common_training_args(out_dir: Path, settings: TrainSettings, seed: int, tota
         args["activation_checkpointing"] = cuda
     if count_tokens:
         args["include_num_input_tokens_seen"] = "non_padding"
+    if steps := os.environ.get(SAVE_STEPS_ENV):  # under a `launcher:` launch: checkpoints, so a killed launch resumes
+        args.update(save_strategy="steps", save_steps=int(steps), save_total_limit=1)
     return args
 
 
@@ -305,11 +313,20 @@ def run_trainer(trainer, label: str, total_steps: int, examples_per_step: int, o
     trainer.remove_callback(PrinterCallback)  # one log line a step is noise; the losses go to trainer_state.json
     progress = _progress_callback(examples_per_step)
     trainer.add_callback(progress)
+    resume = _last_checkpoint(out_dir) if os.environ.get(SAVE_STEPS_ENV) else None
     with progress_bar(label, total=total_steps * examples_per_step) as advance:
         progress.advance = advance
-        result = trainer.train()
-    trainer.state.save_to_json(str(Path(out_dir) / STATE_FILE))
+        result = trainer.train(resume_from_checkpoint=resume)
+    if trainer.is_world_process_zero():
+        trainer.state.save_to_json(str(Path(out_dir) / STATE_FILE))
     return result
+
+
+def _last_checkpoint(out_dir) -> str | None:
+    """The newest `checkpoint-N/` a launched stage's trainer saved in `out_dir` (selfalign.core.launcher)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(out_dir)) if Path(out_dir).is_dir() else None
 
 
 def loss_summary(trainer, result, digits: int = 4) -> dict:
@@ -412,7 +429,7 @@ def load_for_training(base: str, settings: TrainSettings):
 
 def write_examples(folder: Path, examples: list[dict]) -> None:
     """`folder/examples.jsonl`: exactly what a stage trains on, written whole or not at all."""
-    tmp = Path(folder) / "examples.jsonl.tmp"
+    tmp = Path(folder) / f"examples.jsonl.{os.getpid()}.tmp"  # one per process: a launch's ranks write it alike
     tmp.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in examples), encoding="utf-8")
     tmp.replace(Path(folder) / "examples.jsonl")
 
