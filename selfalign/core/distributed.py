@@ -67,9 +67,8 @@ def check_workers(recipe, stages: dict[str, Any], source: str) -> None:
 
 def uses_generation_driver(module) -> bool:
     """A stage module runs the one generation driver when it imports `generate_rows` (every generation stage does)."""
-    from selfalign.core.generation import generate_rows
-
-    return getattr(module, "generate_rows", None) is generate_rows
+    driver = getattr(module, "generate_rows", None)  # by name: this module is imported by the driver itself
+    return getattr(driver, "__module__", None) == "selfalign.core.generation"
 
 
 def split_by_row_id(pending: Sequence[int], ids: Sequence[Sequence[str]], workers: int) -> list[list[int]]:
