@@ -85,7 +85,12 @@ class FakeLLM:
         sampling = Sampling(n=sp.n, temperature=sp.temperature, top_p=sp.top_p, max_new_tokens=sp.max_tokens,
                             stop=list(sp.stop or []), seed=sp.seed, repetition_penalty=sp.repetition_penalty)
         comps = self.hf.generate([text], sampling)[0]
-        return FakeRequestOutput(ids, [FakeCompletionOutput(c.text, [5] * c.completion_tokens, c.finish_reason) for c in comps])
+        tok = self.hf.tokenizer
+
+        def token_ids(c):  # as many as the hf engine generated (a random model's bytes may not re-encode alike)
+            return tok(c.text, add_special_tokens=False)["input_ids"][: c.completion_tokens] + [tok.eos_token_id] * c.discarded_tokens
+
+        return FakeRequestOutput(ids, [FakeCompletionOutput(c.text, token_ids(c), c.finish_reason) for c in comps])
 
 
 @pytest.fixture(scope="module")
@@ -164,6 +169,8 @@ def test_generate_maps_sampling_and_keeps_order(fake_vllm, hf):
 
     out = eng.generate(REQUESTS, sampling)
     assert [p.seed for c in calls[3:] for p in c["params"]] == seeds  # reproducible
+    eng.generate(REQUESTS[2:], sampling)  # a request's seed does not depend on its place in the call
+    assert [p.seed for c in calls[6:] for p in c["params"]] == seeds[2:]
     assert [len(cs) for cs in out] == [3] * len(REQUESTS)
     for req, cs in zip(REQUESTS, out, strict=True):
         for c in cs:

@@ -28,7 +28,7 @@ class Sampling(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
     max_new_tokens: int = Field(128, ge=1, description="most tokens generated per completion")
     stop: list[str] = Field(default_factory=list, description="strings that end a completion (not included)")
-    seed: int = Field(0, description="random seed; a batch's seed is derived from it")
+    seed: int = Field(0, description="random seed; each sample's stream is derived from it, the prompt and its index")
     repetition_penalty: float = Field(1.0, gt=0.0, description="1.0 means none (HF/vLLM semantics)")
 
 
@@ -36,9 +36,10 @@ class Sampling(BaseModel):
 class Completion:
     text: str
     finish_reason: str  # "stop" (stop string or end of text) or "length"
-    completion_tokens: int
+    completion_tokens: int  # tokens of `text`: what the row kept
     prompt_tokens: int = 0
     stop_string: str | None = None  # the stop string that ended it, where the engine can tell
+    discarded_tokens: int = 0  # generated but not kept (a stop string's tokens, end of text): visible waste
 
 
 class Engine(ABC):

@@ -1,7 +1,8 @@
 """The `hf` engine: transformers on CPU or GPU, in-process. The default.
 
 Generation is batched: requests are tokenized, sorted by length (so a batch holds prompts of
-similar length and little padding), left-padded and sampled with `model.generate`. Scoring
+similar length and little padding), left-padded and decoded by `decode.decode`, which drops each
+row from the batch as soon as it is done and samples every row from its own seeded stream. Scoring
 feeds each (context + continuation) through the model's own forward, left-padded so that every
 continuation ends at the last position, and asks for logits only over the last k positions
 (`logits_to_keep`), k being the longest continuation in the batch. With gemma's 262k-token
@@ -12,19 +13,62 @@ what makes scoring cheap; `benchmarks/bench_engine.py` measures it against full 
 from __future__ import annotations
 
 import copy
-import hashlib
 from collections.abc import Iterator, Sequence
 
 from selfalign.core.chat import Request, first_stop, truncate_at_stop
 from selfalign.core.compat import kv_cache_name
 from selfalign.core.engines.base import Completion, Engine, Sampling, score_token_rows
 
-
-def _batch_seed(seed: int, key: str) -> int:
-    return int(hashlib.sha256(f"{seed}|{key}".encode()).hexdigest()[:8], 16)
-
-
 MAX_CONTEXT = 32768
+
+
+def fork_cache(cache):
+    """A KV cache that starts as `cache` and grows on its own. transformers' cache layers replace
+    their tensors when they grow or are repeated (`torch.cat`, `repeat_interleave`), never write
+    into them, so a copy of the layer objects is enough: the shared prefix's tensors are not
+    copied, as `copy.deepcopy` would."""
+    forked = copy.copy(cache)
+    forked.layers = [copy.copy(layer) for layer in cache.layers]
+    return forked
+
+
+class _LogprobQueue:
+    """Hidden states at scored positions, queued until `chunk` of them are waiting, then put through
+    the output layer together; summed log-probabilities per owner (a score row)."""
+
+    def __init__(self, head, chunk: int, owners: int, device):
+        import torch
+
+        self.head, self.chunk, self.device = head, chunk, device
+        self.hidden, self.targets, self.owners, self.waiting = [], [], [], 0
+        self.sums = torch.zeros(owners, dtype=torch.float64, device=device)
+
+    def add(self, hidden, targets: list[int], owner: int) -> None:
+        self.hidden.append(hidden)
+        self.targets += targets
+        self.owners += [owner] * len(targets)
+        self.waiting += len(targets)
+        if self.waiting >= self.chunk:
+            self._flush()
+
+    def _flush(self) -> None:
+        import torch
+
+        if not self.waiting:
+            return
+        h = torch.cat(self.hidden)
+        tgt = torch.tensor(self.targets, device=self.device)
+        own = torch.tensor(self.owners, device=self.device)
+        for at in range(0, len(tgt), self.chunk):
+            sl = slice(at, at + self.chunk)
+            logits = self.head(h[sl])
+            lp = logits.gather(-1, tgt[sl, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+            self.sums.index_add_(0, own[sl], lp.double())
+        self.hidden, self.targets, self.owners, self.waiting = [], [], [], 0
+
+    def finish(self) -> list[float]:
+        self._flush()
+        return self.sums.tolist()
 
 
 def context_window(model) -> int:
@@ -48,6 +92,7 @@ class HFEngine(Engine):
         score_batch_tokens: int = 8192,
         score_head_positions: int = 512,
         min_cached_prefix: int = 48,
+        min_item_context: int = 8,
         max_length: int | None = None,
         chat_format: str = "plain",
         trust_remote_code: bool = False,
@@ -66,6 +111,7 @@ class HFEngine(Engine):
         self.score_batch_tokens = score_batch_tokens
         self.score_head_positions = score_head_positions
         self.min_cached_prefix = min_cached_prefix
+        self.min_item_context = min_item_context
         self._head_fn = False  # not checked yet; see _head()
         self._kept_prefix: tuple | None = None  # (tokens, KV cache) of the last shared prefix
         self.max_length = max_length or context_window(model)
@@ -93,76 +139,85 @@ class HFEngine(Engine):
     def generate_iter(
         self, requests: Sequence[Request], sampling: Sampling
     ) -> Iterator[list[tuple[int, list[Completion]]]]:
-        import torch
-        from transformers import LogitsProcessorList
-
-        from selfalign.core.engines.sampling import TemperatureTopP
+        from selfalign.core.engines.decode import DecodeProfile, Rows, StopWatch, decode, row_seed
 
         prompts = [self.render(r) for r in requests]
         stops = [tuple(self.stops_for(r, sampling)) for r in requests]
         encoded = [self._encode(p)[-self.max_length:] for p in prompts]
-        # Same stops in a batch (a stop ends generation for the rows that asked for it), then by length.
-        order = sorted(range(len(requests)), key=lambda i: (stops[i], -len(encoded[i])))
-        batches: list[list[int]] = []
-        for i in order:
-            if batches and len(batches[-1]) < self.batch_size and stops[batches[-1][0]] == stops[i]:
-                batches[-1].append(i)
-            else:
-                batches.append([i])
+        # Similar lengths in a batch (little padding); every row carries its own stops and seed, and
+        # leaves the batch when it is done, so a batch may mix stops.
+        order = sorted(range(len(requests)), key=lambda i: -len(encoded[i]))
+        batches = [order[at: at + self.batch_size] for at in range(0, len(order), self.batch_size)]
         eos_ids = self.model.generation_config.eos_token_id
         eos_ids = set(eos_ids if isinstance(eos_ids, list) else [eos_ids]) | {self.tokenizer.eos_token_id}
         eos_ids.discard(None)
         prefix = self._shared_prefix([(e, 0) for e in encoded]) if len(encoded) > 1 else 0
         prefix_cache = self._prefix_cache(encoded[0][:prefix]) if prefix >= self.min_cached_prefix else None
+        watches = {s: StopWatch(self.tokenizer, s) for s in set(stops)}
+        self.last_profile = DecodeProfile()
         for batch in batches:
-            kwargs = dict(
-                max_new_tokens=sampling.max_new_tokens,
-                pad_token_id=self.tokenizer.pad_token_id,
-                repetition_penalty=sampling.repetition_penalty,
-            )
-            rows = [encoded[i] for i in batch for _ in range(sampling.n)]  # n samples: n rows each
+            members = [(i, j) for i in batch for j in range(sampling.n)]  # n samples: n rows each
+            seqs = [encoded[i] for i, _ in members]
             if prefix_cache is not None:
                 # the rows share a long prefix (the Self-Align principles, an HHH prompt): reuse its
                 # KV cache; each row is [prefix][pads][own tokens]
-                ids, mask = self._pad_after_prefix(rows, prefix)
-                past = copy.deepcopy(prefix_cache)
-                past.batch_repeat_interleave(len(rows))
-                kwargs[kv_cache_name()] = past
+                ids, mask = self._pad_after_prefix(seqs, prefix)
+                past = fork_cache(prefix_cache)
+                past.batch_repeat_interleave(len(seqs))
+                cached = prefix
             else:
-                ids, mask = self._left_pad(rows)
-            batch_stops = list(stops[batch[0]])
-            if sampling.temperature > 0:
-                # our warper does temperature and top-p; transformers' own would sort the whole vocabulary
-                warper = LogitsProcessorList([TemperatureTopP(sampling.temperature, sampling.top_p)])
-                kwargs.update(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, logits_processor=warper)
+                ids, mask = self._left_pad(seqs)
+                past, cached = None, 0
+            rows = Rows(ids, mask, [watches[stops[i]] for i, _ in members],
+                        [row_seed(sampling.seed, prompts[i], j) for i, j in members], cached, past)
+            new = decode(self._decode_step, rows, max_new_tokens=sampling.max_new_tokens,
+                         temperature=sampling.temperature, top_p=sampling.top_p, eos_ids=eos_ids,
+                         repetition_penalty=sampling.repetition_penalty, profile=self.last_profile)
+            results = {i: [] for i in batch}
+            for (i, _), toks in zip(members, new, strict=True):
+                results[i].append(self._completion(toks, eos_ids, stops[i], len(encoded[i])))
+            yield [(i, results[i]) for i in batch]
+
+    def _completion(self, toks: list[int], eos_ids: set[int], stops: Sequence[str], prompt_tokens: int) -> Completion:
+        """A row's tokens as a Completion: cut at EOS and at the earliest stop string; the tokens
+        generated past the kept text (the stop string's, the EOS) are counted as discarded."""
+        from selfalign.core.engines.decode import kept_token_count
+
+        ended = next((k for k, t in enumerate(toks) if t in eos_ids), None)
+        body = toks[:ended] if ended is not None else toks
+        text = self.tokenizer.decode(body, skip_special_tokens=True)
+        hit = first_stop(text, stops)
+        text, stopped = truncate_at_stop(text, stops)
+        kept = kept_token_count(self.tokenizer, body, text) if stopped else len(body)
+        reason = "stop" if (ended is not None or stopped) else "length"
+        return Completion(text, reason, kept, prompt_tokens, stop_string=hit, discarded_tokens=len(toks) - kept)
+
+    def _decode_step(self, ids, mask, pos, past):
+        """One forward over new tokens: (seconds in the body, last position's logits, grown cache).
+        The output layer runs on the last position only."""
+        import time
+
+        import torch
+
+        head = self._head()
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            if head is not None:
+                out = self.model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=pos,
+                                               use_cache=True, **{kv_cache_name(): past})
+                body_s = time.perf_counter() - t0
+                logits = head(out.last_hidden_state[:, -1])
             else:
-                kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-            if batch_stops:
-                kwargs.update(stop_strings=batch_stops, tokenizer=self.tokenizer)
-            torch.manual_seed(_batch_seed(sampling.seed, prompts[batch[0]]))
-            with torch.inference_mode():
-                out = self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
-            new = out[:, ids.shape[1]:].tolist()
-            results = []
-            for b, i in enumerate(batch):
-                comps = []
-                for j in range(sampling.n):
-                    toks = new[b * sampling.n + j]
-                    ended = next((k for k, t in enumerate(toks) if t in eos_ids), None)
-                    if ended is not None:
-                        toks = toks[:ended]
-                    text = self.tokenizer.decode(toks, skip_special_tokens=True)
-                    hit = first_stop(text, stops[i])
-                    text, stopped = truncate_at_stop(text, stops[i])
-                    reason = "stop" if (ended is not None or stopped) else "length"
-                    comps.append(Completion(text, reason, len(toks), len(encoded[i]), stop_string=hit))
-                results.append((i, comps))
-            yield results
+                out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                                 logits_to_keep=1, **{kv_cache_name(): past})
+                body_s = time.perf_counter() - t0
+                logits = out.logits[:, -1].float()
+        return body_s, logits, out[kv_cache_name()]
 
     def _prefix_cache(self, tokens: list[int]):
         """The KV cache of `tokens`, kept for the next call too: an eval scores its items chunk by
         chunk (to write rows as it goes), and a 4k-token system prompt costs ~30 s to recompute on
-        CPU. Callers deep-copy it before use, so the kept one is never extended."""
+        CPU. Callers fork it (`fork_cache`) before use, so the kept one is never extended."""
         import torch
 
         key = tuple(tokens)
@@ -195,16 +250,74 @@ class HFEngine(Engine):
 
     def score_many(self, items: Sequence[tuple[Request, Sequence[str]]]) -> list[list[float]]:
         rows = self._score_rows(items)
+        groups, at = [], 0
+        for _, continuations in items:
+            groups.append(list(range(at, at + len(continuations))))
+            at += len(continuations)
         prefix = self._shared_prefix(rows)
-        if prefix >= self.min_cached_prefix:
+        if self._head() is not None and any(self._item_shares_context(rows, g) for g in groups):
+            # an item's continuations share its context: run the context once, then the replies
+            scores = self._score_items(rows, groups, prefix if prefix >= self.min_cached_prefix else 0)
+        elif prefix >= self.min_cached_prefix:
             scores = self._score_with_prefix(rows, prefix)
         else:
             scores = self._score_rows_batched(rows)
-        out, at = [], 0
-        for _, continuations in items:
-            out.append(scores[at: at + len(continuations)])
-            at += len(continuations)
-        return out
+        return [scores[g[0]: g[-1] + 1] if g else [] for g in groups]
+
+    def _item_shares_context(self, rows: list[tuple[list[int], int]], group: list[int]) -> bool:
+        """Two or more continuations, not all one token (those share one forward anyway), after a
+        shared context of at least `min_item_context` tokens."""
+        if len(group) < 2 or all(rows[r][1] == 1 for r in group):
+            return False
+        return self._shared_prefix([rows[r] for r in group]) >= self.min_item_context
+
+    def _score_items(self, rows: list[tuple[list[int], int]], groups: list[list[int]], prefix: int) -> list[float]:
+        """Item by item: the item's context through the body once (after the `prefix` every row
+        shares, whose cache is computed once for the whole call), then its continuations together
+        on top of that cache, right-padded. The hidden states at the scored positions are queued and
+        the output layer runs on them in chunks of `score_head_positions` across items: gemma's head
+        is 168M parameters, so running it on a few positions at a time would mostly read weights."""
+        import torch
+
+        body = self.model.get_decoder()
+        queue = _LogprobQueue(self._head(), self.score_head_positions, len(rows), self.device)
+        base = self._prefix_cache(rows[0][0][:prefix]) if prefix else None
+        pad = self.tokenizer.pad_token_id
+        with torch.inference_mode():
+            for group in groups:
+                if not group:
+                    continue
+                shared = max(prefix, self._shared_prefix([rows[r] for r in group]))
+                past = fork_cache(base) if base is not None else None
+                if shared > prefix:
+                    ctx = torch.tensor([rows[group[0]][0][prefix:shared]], device=self.device)
+                    pos = torch.arange(prefix, shared, device=self.device)[None]
+                    past = body(input_ids=ctx, position_ids=pos, use_cache=True, **{kv_cache_name(): past})[kv_cache_name()]
+                inputs = {}  # rows with the same input (single-token choices) share one batch row
+                for r in group:
+                    whole, n = rows[r]
+                    inputs.setdefault(tuple(whole[shared:-1]) if n == 1 else (r,), []).append(r)
+                heads = [members[0] for members in inputs.values()]
+                width = max(len(rows[r][0]) - 1 - shared for r in heads)
+                ids = torch.full((len(heads), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(heads), shared + width), dtype=torch.long)
+                mask[:, :shared] = 1
+                for b, r in enumerate(heads):
+                    suffix = rows[r][0][shared:-1]
+                    ids[b, : len(suffix)] = torch.tensor(suffix, dtype=torch.long)
+                    mask[b, shared: shared + len(suffix)] = 1
+                if past is not None:
+                    past = fork_cache(past)
+                    past.batch_repeat_interleave(len(heads))
+                pos = torch.arange(shared, shared + width, device=self.device).expand(len(heads), -1)
+                hidden = body(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), position_ids=pos,
+                              use_cache=past is not None, **{kv_cache_name(): past}).last_hidden_state
+                for b, members in enumerate(inputs.values()):
+                    for r in members:
+                        whole, n = rows[r]
+                        first = len(whole) - 1 - shared - n
+                        queue.add(hidden[b, first: first + n], whole[-n:], r)
+            return queue.finish()
 
     @staticmethod
     def _shared_prefix(rows: list[tuple[list[int], int]]) -> int:
@@ -346,7 +459,7 @@ class HFEngine(Engine):
                 ids[b, : len(suffix[r])] = torch.tensor(suffix[r])
                 mask[b, prefix: prefix + len(suffix[r])] = 1
             pos = torch.arange(prefix, prefix + width).expand(len(batch), -1)
-            past = copy.deepcopy(cache)
+            past = fork_cache(cache)
             past.batch_repeat_interleave(len(batch))
             out = self._forward(ids.to(self.device), mask.to(self.device), pos.to(self.device), past)
             members = [r for u in batch for r in uniq[u]]

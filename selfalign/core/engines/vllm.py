@@ -18,7 +18,6 @@ on every call, so adapters need not be merged first.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -26,14 +25,17 @@ from typing import Any
 
 from selfalign.core.chat import Request
 from selfalign.core.engines.base import Completion, Engine, Sampling, score_token_rows
+from selfalign.core.engines.decode import kept_token_count, row_seed
 from selfalign.core.errors import SelfAlignError
 
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # values vLLM accepts for max_lora_rank
 
 
-def _request_seed(seed: int, index: int, prompt: str) -> int:
-    """A per-request seed: reproducible, and different for repeated prompts."""
-    return int(hashlib.sha256(f"{seed}|{index}|{prompt}".encode()).hexdigest()[:8], 16)
+def request_seed(seed: int, prompt: str) -> int:
+    """A request's seed, from the sampling seed and the rendered prompt only (vLLM derives the n
+    samples' streams from it): never from the request's place in a call or chunk, so a resumed run,
+    another chunking or another data-parallel worker draws the same samples for the same prompt."""
+    return row_seed(seed, prompt, 0) % (2**63)
 
 
 class VLLMEngine(Engine):
@@ -127,16 +129,18 @@ class VLLMEngine(Engine):
                 text = self.render(requests[i])
                 ids = self._encode(text)
                 prompts.append({"prompt_token_ids": ids[-keep:] if keep else ids})
-                params.append(self._params(sampling, self.stops_for(requests[i], sampling), _request_seed(sampling.seed, i, text)))
+                params.append(self._params(sampling, self.stops_for(requests[i], sampling), request_seed(sampling.seed, text)))
             outputs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self.lora)
             batch = []
             for i, prompt, out in zip(indices, prompts, outputs, strict=True):
                 n_prompt = len(prompt["prompt_token_ids"])
-                comps = [
-                    Completion(o.text, "length" if o.finish_reason == "length" else "stop", len(o.token_ids), n_prompt,
-                               stop_string=o.stop_reason if isinstance(getattr(o, "stop_reason", None), str) else None)
-                    for o in out.outputs
-                ]
+                comps = []
+                for o in out.outputs:
+                    # vLLM's token_ids include a stop string's tokens and the EOS, which the text drops
+                    kept = len(o.token_ids) if o.finish_reason == "length" else kept_token_count(self.tokenizer, o.token_ids, o.text)
+                    comps.append(Completion(o.text, "length" if o.finish_reason == "length" else "stop", kept, n_prompt,
+                                            stop_string=o.stop_reason if isinstance(getattr(o, "stop_reason", None), str) else None,
+                                            discarded_tokens=len(o.token_ids) - kept))
                 batch.append((i, comps))
             yield batch
 

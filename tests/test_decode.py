@@ -1,0 +1,107 @@
+"""The hf engine's decoding loop: exact against `model.generate`, rows independent of their batch."""
+
+import pytest
+import torch
+
+from selfalign.core.engines import Sampling
+from selfalign.core.engines.decode import StopWatch, kept_token_count, nucleus, pick_tokens, row_seed
+from selfalign.core.engines.sampling import TemperatureTopP
+
+PROMPTS = ["one", "two two two", "three is a longer prompt", "four", "a fifth prompt, the longest one of them all",
+           "six", "seven?", "eight eight"]
+
+
+def test_greedy_picks_the_argmax():
+    logits = torch.randn(5, 300)
+    assert torch.equal(pick_tokens(logits, 0, 1.0, None), logits.argmax(-1))
+
+
+@pytest.mark.parametrize("top_p", [0.3, 0.9, 1.0])
+def test_inverse_cdf_sampling_draws_the_nucleus_in_proportion(top_p):
+    """Evenly spaced uniforms must land on each kept token in proportion to its renormalised
+    probability (within one draw), and never outside the set transformers' top-p keeps."""
+    torch.manual_seed(0)
+    logits = torch.randn(1, 500) * 2
+    temperature, draws = 0.8, 20000
+    u = (torch.arange(draws, dtype=torch.float64) + 0.5) / draws
+    picked = pick_tokens(logits.expand(draws, -1), temperature, top_p, u)
+    kept = ~torch.isinf(TemperatureTopP(temperature, top_p)(None, logits.clone()))[0]
+    assert kept[picked].all()
+    probs = torch.where(kept, (logits[0] / temperature).softmax(-1), torch.zeros(()))
+    probs = probs / probs.sum()
+    counts = torch.bincount(picked, minlength=500).double()
+    assert torch.allclose(counts / draws, probs.double(), atol=1.5 / draws)
+
+
+def test_nucleus_widens_until_the_mass_is_reached():
+    flat = torch.full((1, 1000), 1e-3)
+    probs, idx = nucleus(flat, 0.5, first_k=4)
+    assert int((probs > 0).sum()) == 500 and len(set(idx[0, :500].tolist())) == 500
+
+
+def test_row_seed_depends_on_seed_prompt_and_sample_only():
+    assert row_seed(1, "p", 0) == row_seed(1, "p", 0)
+    assert len({row_seed(1, "p", 0), row_seed(2, "p", 0), row_seed(1, "q", 0), row_seed(1, "p", 1)}) == 4
+
+
+def test_kept_tokens_and_the_stop_watch(tiny_engine):
+    tok = tiny_engine.tokenizer
+    ids = tok("hello\n\nHuman: more", add_special_tokens=False)["input_ids"]
+    assert kept_token_count(tok, ids, "hello") == len(tok("hello", add_special_tokens=False)["input_ids"])
+    watch = StopWatch(tok, ["\n\nHuman:"])
+    upto = len(tok("hello\n\nHuman:", add_special_tokens=False)["input_ids"])  # checked as each token arrives
+    assert watch.hit(ids[:upto]) and not watch.hit(ids[: upto - 1])
+
+
+@pytest.mark.parametrize("engine_name", ["tiny_engine", "tiny_gemma_engine"])
+def test_greedy_equals_model_generate(engine_name, request):
+    """The plain path: each prompt alone through `model.generate`, greedy, no early stop."""
+    engine = request.getfixturevalue(engine_name)
+    engine.model.generation_config.eos_token_id = None
+    try:
+        got = engine.generate(PROMPTS, Sampling(temperature=0, max_new_tokens=20))
+        for prompt, comps in zip(PROMPTS, got, strict=True):
+            ids = torch.tensor([engine._encode(prompt)])
+            with torch.inference_mode():
+                ref = engine.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=20,
+                                            pad_token_id=engine.tokenizer.pad_token_id, temperature=None, top_p=None,
+                                            top_k=None)
+            assert comps[0].text == engine.tokenizer.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)
+            assert comps[0].completion_tokens == 20 and comps[0].discarded_tokens == 0
+    finally:
+        engine.model.generation_config.eos_token_id = engine.tokenizer.eos_token_id
+
+
+def test_rows_stop_early_and_count_only_what_they_keep(tiny_engine):
+    """With a stop that some rows meet early, the texts equal the full-length greedy texts cut at
+    the stop; kept + discarded tokens are what was generated; finished rows left the batch."""
+    full = tiny_engine.generate(PROMPTS, Sampling(temperature=0, max_new_tokens=24))
+    texts = [c[0].text for c in full]
+    stop = max("abcdefghijklmnopqrstuvwxyz", key=lambda ch: sum(ch in t[:12] for t in texts))
+    stopped = tiny_engine.generate(PROMPTS, Sampling(temperature=0, max_new_tokens=24, stop=[stop]))
+    early = 0
+    for whole, comps in zip(texts, stopped, strict=True):
+        c = comps[0]
+        assert c.text == whole.split(stop)[0]
+        if stop in whole:  # it stopped on the token that completed the stop string, which is not kept
+            assert c.finish_reason == "stop" and c.discarded_tokens == 1 and c.completion_tokens < 24
+            early += 1
+        else:
+            assert (c.completion_tokens, c.discarded_tokens) == (24, 0)
+    assert early >= 1
+    prof = tiny_engine.last_profile
+    assert prof.row_steps < prof.steps * min(len(PROMPTS), tiny_engine.batch_size)
+
+
+def test_sampled_rows_do_not_depend_on_the_batching(tiny_engine):
+    """A set generated in one call at the default batch size equals the same set generated in two
+    calls split elsewhere (what a killed and resumed run does)."""
+    from selfalign.core.engines.hf import HFEngine
+
+    engine = HFEngine("tiny:llama", model=tiny_engine.model, tokenizer=tiny_engine.tokenizer)  # default batch size
+    prompts = [f"prompt {i} " + "x" * (i % 7) for i in range(21)]
+    s = Sampling(n=2, temperature=1.0, top_p=0.9, max_new_tokens=12, seed=5, stop=["q"])
+    whole = engine.generate(prompts, s)
+    split = engine.generate(prompts[:5], s) + engine.generate(prompts[5:], s)
+    assert [[c.text for c in cs] for cs in whole] == [[c.text for c in cs] for cs in split]
+    assert all(cs[0].text != cs[1].text for cs in whole[:3])  # the n samples of a request differ
