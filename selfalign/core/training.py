@@ -62,6 +62,7 @@ from selfalign.core.launcher import SAVE_STEPS_ENV
 from selfalign.core.models import load_model, resolve
 from selfalign.core.progress import console, progress_bar
 from selfalign.core.recipe import Strict
+from selfalign.core.training_speed import head_at_label_positions
 
 IGNORE = -100  # the label the loss ignores
 ADAPTER_DIR = "adapter"
@@ -455,11 +456,12 @@ def sft_train(base: str, examples: list[dict], out_dir: Path, settings: TrainSet
     if cuts["dropped_too_long"]:
         console.print(f"  [yellow]note:[/] {cuts['dropped_too_long']} examples dropped: their answer alone is longer "
                       f"than max_length {max_length}")
-    fitted = fit(settings, base=base, out_dir=out_dir, seed=seed, model=model, tokenizer=tokenizer,
-                 dataset=Dataset.from_list(rows), examples=len(rows), trainer_class=SFTTrainer, config_class=SFTConfig,
-                 config_args={"max_length": max_length},  # already enforced above; TRL's own cut is then a no-op
-                 peft_task="CAUSAL_LM", describe=f"fine-tuning {base} ({settings.kind}) on {len(rows)} examples",
-                 label="training", started=t0)
+    with head_at_label_positions():  # the output layer only where the answer's labels are
+        fitted = fit(settings, base=base, out_dir=out_dir, seed=seed, model=model, tokenizer=tokenizer,
+                     dataset=Dataset.from_list(rows), examples=len(rows), trainer_class=SFTTrainer, config_class=SFTConfig,
+                     config_args={"max_length": max_length},  # already enforced above; TRL's own cut is then a no-op
+                     peft_task="CAUSAL_LM", describe=f"fine-tuning {base} ({settings.kind}) on {len(rows)} examples",
+                     label="training", started=t0)
     return fitted.save(examples=len(rows), tokens=sum(len(r["input_ids"]) for r in rows), **cuts)
 
 
