@@ -221,10 +221,10 @@ def bench_train(args, results) -> None:
     from pathlib import Path
 
     import selfalign.core.training as training
-    from selfalign.core.models import load_tokenizer
+    from selfalign.core.models import load_tokenizer, resolve
 
     examples = training_examples(args.train_steps * 4)
-    tok = load_tokenizer(args.model)
+    tok = load_tokenizer(resolve(args.model))
     rows, _ = training.tokenize_examples(tok, examples, 512)
     figures = {}
 
