@@ -15,7 +15,8 @@ def kill_when_written(cmd: list[str], env: dict, out: Path, pattern: str, min_li
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
         found = list(out.glob(pattern))
-        if found and len(found[0].read_text().splitlines()) >= min_lines:
+        # complete lines only: a line still being written (no newline yet) does not count
+        if found and found[0].read_bytes().count(b"\n") >= min_lines:
             found_file = found[0]
             break
         time.sleep(poll)
