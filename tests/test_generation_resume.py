@@ -132,3 +132,35 @@ def test_interrupted_generation_stage_resumes_to_exactly_the_uninterrupted_rows(
     assert resumed.answered < whole.answered  # the resumed run reused what was written
     again = run_stage(kind, config, folder, engine)
     assert again.answered == 0 and rows_by_file(folder) == after  # a third run generates nothing
+
+
+@pytest.mark.parametrize("kind", ["generate", "self_align"])
+def test_sampled_rows_resume_exactly_at_other_batch_sizes(kind, tmp_path, engine, rm_dir):
+    """Sampled rows depend on (seed, prompt, sample index) only, not on the batch they ran in: an
+    uninterrupted run at batch size 4, interrupted at batch size 3 and resumed at batch size 2 (so
+    every batch holds other prompts than before) write the same texts."""
+    from selfalign.core.engines.hf import HFEngine
+
+    def at(batch_size):
+        return HFEngine("tiny:llama", batch_size=batch_size, model=engine.model, tokenizer=engine.tokenizer)
+
+    prompts = PROMPTS + ["List two colours.", "What is rain made of?", "Say hello politely."]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    config = {"generate": {"prompts": str(tmp_path / "prompts.txt"), "sampling": {**SHORT, "max_new_tokens": 8, "n": 2}},
+              "self_align": {"prompts": str(tmp_path / "prompts.txt"), "sampling": {**SHORT, "max_new_tokens": 8},
+                             "thoughts_tokens": 4, "chunk": 3}}[kind]
+    run_stage(kind, config, tmp_path / "whole" / "01-stage", at(4))
+    expected = rows_by_file(tmp_path / "whole" / "01-stage")
+    folder = tmp_path / "cut" / "01-stage"
+    with pytest.raises(Interrupted):
+        run_stage(kind, config, folder, at(3), budget={"generate": 1, "self_align": 3}[kind])  # self_align: thoughts, answers of chunk 1
+    assert sum(len(rows) for rows in rows_by_file(folder).values()) > 0
+    run_stage(kind, config, folder, at(2))
+    after = rows_by_file(folder)
+    assert after.keys() == expected.keys()
+    for name, rows in after.items():
+        text = {r["id"]: r.get("completion", r.get("response", r.get("messages"))) for r in rows}
+        assert text == {r["id"]: r.get("completion", r.get("response", r.get("messages"))) for r in expected[name]}
+        assert len({r["id"] for r in rows}) == len(rows)
+    texts = [r.get("completion") for rows in after.values() for r in rows if r.get("completion")]
+    assert len(set(texts)) > 1  # sampled, not one repeated text
