@@ -15,8 +15,11 @@
     python benchmarks/bench_throughput.py --only generate,hhh  # some parts
     python benchmarks/bench_throughput.py --model tiny:llama --hhh-items 8 --train-steps 2   # smoke test
 
-The machine is shared: every ratio compares two figures taken side by side, medians of --repeats.
-vLLM's CPU build is measured as a further anchor when it is importable (its own venv; see DESIGN.md).
+The machine is shared: every ratio compares two figures taken side by side, the two runs alternated
+(ours, anchor, ours, anchor, ...) so that a change in the machine's load hits both; medians of
+--repeats for the cheap parts (batch sizes up to 16) and of --repeats-large for the rest. The load
+average is printed at the start and the end. vLLM's CPU build is not measured here (it needs its own
+venv; see DESIGN.md and issue #11).
 """
 
 from __future__ import annotations
@@ -28,14 +31,24 @@ import sys
 import time
 
 
-def timed(fn, repeats: int):
-    """(median seconds, the last result)."""
-    times, result = [], None
+def paired(ours, anchor, repeats: int):
+    """((median seconds, last result) of `ours`, the same of `anchor`), the runs alternated so that
+    both see the same machine when its load changes."""
+    times: tuple[list, list] = ([], [])
+    results = [None, None]
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), result
+        for k, fn in enumerate((ours, anchor)):
+            t0 = time.perf_counter()
+            results[k] = fn()
+            times[k].append(time.perf_counter() - t0)
+    return (statistics.median(times[0]), results[0]), (statistics.median(times[1]), results[1])
+
+
+def load_line() -> str:
+    import os
+
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f}, {five:.2f}, {fifteen:.2f} on {os.cpu_count()} CPUs"
 
 
 # -- the anchors ----------------------------------------------------------------------------------
@@ -112,34 +125,35 @@ def bench_generate(engine, args, results) -> None:
     eos = engine.model.generation_config.eos_token_id
     engine.model.generation_config.eos_token_id = None  # fixed length: every row writes every token
     engine.generate(prompts[:2], fixed.model_copy(update={"max_new_tokens": 4}))  # warm-up
-    print(f"\ngeneration, {args.new_tokens} new tokens a row, EOS off (tok/s, median of {args.repeats})")
-    print("  batch   hf engine   plain generate   ratio")
+    print(f"\ngeneration, {args.new_tokens} new tokens a row, EOS off (tok/s, median of the runs shown)")
+    print("  batch   runs   hf engine   plain generate   ratio")
     table = {}
     for bs in args.batch_sizes:
         engine.batch_size = bs
-        t_ours, out = timed(lambda bs=bs: engine.generate(prompts[:bs], fixed), args.repeats)
+        runs = args.repeats if bs <= 16 else args.repeats_large
+        (t_ours, out), (t_plain, (_, n_plain)) = paired(lambda bs=bs: engine.generate(prompts[:bs], fixed),
+                                                        lambda bs=bs: plain_generate(engine, prompts[:bs], fixed), runs)
         n = sum(c.completion_tokens for cs in out for c in cs)
-        t_plain, (_, n_plain) = timed(lambda bs=bs: plain_generate(engine, prompts[:bs], fixed), args.repeats)
-        table[bs] = {"hf": n / t_ours, "plain": n_plain / t_plain}
-        print(f"  {bs:>5}   {n / t_ours:9.1f}   {n_plain / t_plain:14.1f}   {n / t_ours / (n_plain / t_plain):5.2f}x",
+        table[bs] = {"hf": n / t_ours, "plain": n_plain / t_plain, "runs": runs}
+        print(f"  {bs:>5}   {runs:>4}   {n / t_ours:9.1f}   {n_plain / t_plain:14.1f}   {n / t_ours / (n_plain / t_plain):5.2f}x",
               flush=True)
         if bs == max(args.batch_sizes):
-            engine.generate(prompts[:bs], fixed)  # once more, for the profile
-            results["profile"] = profile_lines(engine.last_profile, bs)
+            results["profile"] = profile_lines(engine.last_profile, bs)  # the last timed run's steps
     engine.model.generation_config.eos_token_id = eos
     results["generate"] = table
 
     chats = chat_prompts(args.stop_prompts)
     stopping = Sampling(temperature=0.7, top_p=0.9, max_new_tokens=args.new_tokens, seed=1)
     engine.batch_size = max(args.batch_sizes)
-    t_ours, out = timed(lambda: engine.generate(chats, stopping), args.repeats)
+    (t_ours, out), (t_plain, (kept_plain, gen_plain)) = paired(lambda: engine.generate(chats, stopping),
+                                                               lambda: plain_generate(engine, chats, stopping),
+                                                               args.repeats_large)
     kept = sum(c.completion_tokens for cs in out for c in cs)
     waste = sum(c.discarded_tokens for cs in out for c in cs)
-    t_plain, (kept_plain, gen_plain) = timed(lambda: plain_generate(engine, chats, stopping), args.repeats)
     results["stopping"] = {"hf_kept_tok_s": kept / t_ours, "plain_kept_tok_s": kept_plain / t_plain,
                            "hf_discarded": waste, "plain_generated": gen_plain, "plain_kept": kept_plain}
     print(f"\n{len(chats)} chat prompts stopping at a new 'Human:' turn, batch {engine.batch_size}, "
-          f"up to {args.new_tokens} tokens (kept tok/s)")
+          f"up to {args.new_tokens} tokens (kept tok/s, median of {args.repeats_large})")
     print(f"  hf engine      : {kept / t_ours:7.1f}  ({kept} kept, {waste} generated and discarded)")
     print(f"  plain generate : {kept_plain / t_plain:7.1f}  ({kept_plain} kept of {gen_plain} generated)")
     print(f"  ratio {kept / t_ours / (kept_plain / t_plain):.2f}x", flush=True)
@@ -163,13 +177,16 @@ def bench_hhh(engine, args, results) -> None:
     items = load_hhh()[: args.hhh_items]
     pairs = [(dialogue(it.input, None), [" " + it.good.strip(), " " + it.bad.strip()]) for it in items]
     engine.forget_prefix()
-    t_plain, ref = timed(lambda: plain_score_loop(engine, pairs), 1)
-    t_ours, got = timed(lambda: engine.score_many(pairs), 1)
+    def ours():
+        engine.forget_prefix()  # each run pays for its own shared-prefix cache, if any
+        return engine.score_many(pairs)
+
+    (t_ours, got), (t_plain, ref) = paired(ours, lambda: plain_score_loop(engine, pairs), args.repeats_large)
     agree = sum((g[0] > g[1]) == (r[0] > r[1]) for g, r in zip(got, ref, strict=True))
     worst = max(abs(a - b) for g, r in zip(got, ref, strict=True) for a, b in zip(g, r, strict=True))
     results["hhh"] = {"items": len(items), "hf_s": t_ours, "plain_s": t_plain, "ratio": t_ours / t_plain,
                       "verdicts_agree": agree, "max_abs_diff": worst}
-    print(f"\nHHH likelihood, {len(items)} items (seconds)")
+    print(f"\nHHH likelihood, {len(items)} items (seconds, median of {args.repeats_large})")
     print(f"  plain loop (batch 1, head at reply positions): {t_plain:7.1f}")
     print(f"  hf engine score_many                         : {t_ours:7.1f}   = {t_ours / t_plain:.2f}x the loop's time")
     print(f"  verdicts agree on {agree}/{len(items)} items; largest log-probability difference {worst:.1e}", flush=True)
@@ -261,7 +278,9 @@ def main(argv=None) -> int:
     ap.add_argument("--stop-prompts", type=int, default=128)
     ap.add_argument("--hhh-items", type=int, default=221)
     ap.add_argument("--train-steps", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each cheap figure (generation at batch <= 16)")
+    ap.add_argument("--repeats-large", type=int, default=1,
+                    help="runs of each expensive figure (larger batches, stopping prompts, HHH)")
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args(argv)
     args.batch_sizes = [int(x) for x in args.batch_sizes.split(",")]
@@ -271,7 +290,7 @@ def main(argv=None) -> int:
 
     from selfalign.core.engines.hf import HFEngine
 
-    print(f"model: {args.model}  torch threads: {torch.get_num_threads()}", flush=True)
+    print(f"model: {args.model}  torch threads: {torch.get_num_threads()}  {load_line()}", flush=True)
     results: dict = {"model": args.model}
     if parts & {"generate", "hhh"}:
         engine = HFEngine(args.model)
@@ -282,6 +301,8 @@ def main(argv=None) -> int:
         engine.close()
     if "train" in parts:
         bench_train(args, results)
+    print(f"\nat the end: {load_line()}")
+    results["load_end"] = load_line()
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
