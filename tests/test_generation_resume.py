@@ -162,5 +162,8 @@ def test_sampled_rows_resume_exactly_at_other_batch_sizes(kind, tmp_path, engine
         text = {r["id"]: r.get("completion", r.get("response", r.get("messages"))) for r in rows}
         assert text == {r["id"]: r.get("completion", r.get("response", r.get("messages"))) for r in expected[name]}
         assert len({r["id"] for r in rows}) == len(rows)
+    if kind == "generate":  # kept and discarded tokens are counted apart, together at most the cap
+        assert all(0 <= r["discarded_tokens"] and r["completion_tokens"] + r["discarded_tokens"] <= 8
+                   for rows in after.values() for r in rows)
     texts = [r.get("completion") for rows in after.values() for r in rows if r.get("completion")]
     assert len(set(texts)) > 1  # sampled, not one repeated text

@@ -41,7 +41,9 @@ def run(ctx, config: Config, folder) -> dict:
     def build_row(job: Job, j: int, c) -> dict:
         p = job.data["prompt"]
         return {"prompt_id": p.id, "prompt": p.text, "messages": list(p.messages) if p.messages else None, "sample": j,
-                "completion": c.text, "finish_reason": c.finish_reason, "completion_tokens": c.completion_tokens}
+                "completion": c.text, "finish_reason": c.finish_reason, "completion_tokens": c.completion_tokens,
+                # generated past the kept text (a stop string's tokens, the end-of-text token): waste, shown apart
+                "discarded_tokens": c.discarded_tokens}
 
     jobs = [Job(p.id, p.as_request(system, config.chat), {"prompt": p}) for p in prompts]
     made = generate_rows(ctx, store, stage="generate", label=config.label, model=model, sampling=sampling, jobs=jobs,
