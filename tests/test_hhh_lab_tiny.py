@@ -32,6 +32,11 @@ def test_hhh_lab_recipe_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, privat
             stage["train"] = {**stage.get("train", {}), "epochs": 1}
         if stage["stage"] == "eval":
             stage.update(limit=2, max_new_tokens=16)  # 2 items per category or kind: the full sets are slow here
+        if stage["stage"] == "compare":
+            # with two replies a prompt, the length filter drops every pair whose chosen reply is the
+            # shorter: a coin flip per pair on a random model, so 4 prompts lose all pairs 1 time in 16
+            # (it did when the sampling streams changed); the filter has its own tests
+            stage.update(length_filter=False)
         if stage["stage"] == "context_distill":
             stage.update(system="You are a careful, honest and kind assistant.", k=8)  # the 5k-token prompt is slow here
     out = tmp_path / "run"
