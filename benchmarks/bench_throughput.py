@@ -211,10 +211,11 @@ def raw_peft_loop(base: str, rows: list[dict], batch_size: int, steps: int, lr: 
     import torch
     from peft import get_peft_model
 
-    from selfalign.core.training import LoraSettings, load_for_training
+    from selfalign.core.training import TrainSettings, load_for_training
 
-    model, tok = load_for_training(base, LoraSettings(), merge=False)
-    model = get_peft_model(model, LoraSettings().peft_config("CAUSAL_LM"))
+    settings = TrainSettings()  # engrave's LoRA: r 16, alpha 16, dropout 0.05 on q/k/v/o
+    model, tok = load_for_training(base, settings)
+    model = get_peft_model(model, settings.peft_config("CAUSAL_LM"))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     tokens, t0 = 0, time.perf_counter()
@@ -247,8 +248,8 @@ def bench_train(args, results) -> None:
 
     def sft(label):
         with tempfile.TemporaryDirectory() as tmp:
-            training.sft_train(args.model, examples, Path(tmp), lora=training.LoraSettings(), lr=4e-4, epochs=1,
-                               max_length=512, batch_size=4, max_steps=args.train_steps, seed=0)
+            settings = training.TrainSettings(lr=4e-4, epochs=1, max_length=512, batch_size=4, max_steps=args.train_steps)
+            training.sft_train(args.model, examples, Path(tmp), settings, seed=0)
             state = json.loads((Path(tmp) / training.STATE_FILE).read_text())
         runtime = next(x["train_runtime"] for x in state["log_history"] if "train_runtime" in x)
         figures[label] = state["num_input_tokens_seen"] / runtime
