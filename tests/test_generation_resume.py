@@ -74,11 +74,11 @@ def stage_config(kind: str, files, rm_dir) -> tuple[dict, int]:
                            "requests_per_round": 2, "topic_rounds": 1, "topics_per_type": 1,
                            "sampling": {**SHORT, "max_new_tokens": 12}}, 3),
         "self_align": ({"prompts": prompts, "sampling": SHORT, "thoughts_tokens": 4, "chunk": 2}, 5),
-        "verbose_clone": ({"prompts": prompts, "teacher": "tiny:llama", "sampling": SHORT, "max_length": 64}, 2),
+        "verbose_clone": ({"prompts": prompts, "teacher": "tiny:llama", "sampling": SHORT, "train": {"max_length": 64}}, 2),
         "mine_prompts": ({"target": 3, "max_rounds": 2, "requests_per_round": 3, "sampling": SHORT}, 4),
         "compare": ({"prompts": prompts, "sampling": SHORT, "rubric": [["a"], ["b"]],
                      "configurations": [{"name": "a", "system": "preamble"}, {"name": "b"}]}, 5),
-        "context_distill": ({"prompts": prompts, "sampling": SHORT, "k": 4, "max_length": 64, "max_steps": 1}, 2),
+        "context_distill": ({"prompts": prompts, "sampling": SHORT, "k": 4, "train": {"max_length": 64, "max_steps": 1}}, 2),
         "self_play": ({"prompts": prompts, "reward_model": rm_dir, "candidates": 2, "turns": 2, "chunk": 2,
                        "sampling": SHORT, "user_sampling": SHORT}, 7),
     }[kind]
