@@ -28,8 +28,10 @@ one GPU with its optimizer (engrave, sft, verbose_clone, context_distill with Lo
 pmp, pm_scaling of small PMs); `zero2` (optimizer and gradients sharded) for full fine-tuning of
 7B-13B models; `fsdp` or `zero3` (parameters sharded too) for models whose weights alone do not
 fit one GPU (30B-65B full fine-tuning, large PMs); `cpu_ddp` for trying the launch on a laptop.
-rlsf (RLOO) under a launch: TRL's trainer generates on every process, which DDP supports; the
-sharded configs are untested with it here.
+rlsf (RLOO) under a launch: TRL's trainer generates on every process, which DDP supports.
+Not yet done: under `zero3` and `fsdp` the model is saved by rank 0 from its own (sharded) module
+(`selfalign.core.training.save_trained`); a sharded save needs the trainer's gathered state dict.
+Only DDP on the CPU (gloo) has run here (tests/test_distributed.py).
 """
 
 from __future__ import annotations
