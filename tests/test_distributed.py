@@ -29,10 +29,9 @@ def generate_recipe(tmp_path: Path, workers: int | None, name: str):
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS))
-    # Greedy, n 1: the hf engine on main seeds each batch from its first prompt, so a sampled row depends on which
-    # prompts share its batch, which the split over workers changes (per-row seeds, from the sampling seed, the
-    # prompt and the sample index, remove that; with them this test can sample: temperature 0.8, n 2).
-    stage = {"stage": "generate", "prompts": str(prompts), "sampling": {"n": 1, "temperature": 0.0, "max_new_tokens": 8}}
+    # Sampled: every sample's seed comes from the sampling seed, its prompt and its index (never from the batch or
+    # the worker it landed in), so the split over workers cannot change a row.
+    stage = {"stage": "generate", "prompts": str(prompts), "sampling": {"n": 2, "temperature": 0.8, "max_new_tokens": 8}}
     if workers:
         stage["workers"] = workers
     return parse_recipe({"name": name, "model": "tiny:llama", "engine": {"name": "hf", "batch_size": 2, "device": "cpu",
@@ -64,17 +63,17 @@ def test_ray_workers_killed_part_way_then_rerun_write_every_row_once(ray_cluster
     one = tmp_path / "one"
     run_recipe(generate_recipe(tmp_path, None, "one"), one)
     want = sorted(read_jsonl(one / "01-generate" / "rows.jsonl"), key=lambda r: r["id"])
-    assert len(want) == len(PROMPTS)
+    assert len(want) == 2 * len(PROMPTS)
 
     two = tmp_path / "two"
     folder = two / "01-generate"
     killed = threading.Event()
 
-    def kill_worker_1_part_way():  # once worker 1 has written one chunk (2 prompts)
+    def kill_worker_1_part_way():  # once worker 1 has written one chunk (2 prompts x 2 samples)
         deadline = time.time() + 300
         while time.time() < deadline:
             shard = folder / "rows.shard-1.jsonl"
-            if shard.exists() and len(shard.read_text().splitlines()) >= 2:
+            if shard.exists() and len(shard.read_text().splitlines()) >= 4:
                 ray.kill(ray.get_actor(worker_name("generate", 1)))
                 killed.set()
                 return
@@ -87,7 +86,7 @@ def test_ray_workers_killed_part_way_then_rerun_write_every_row_once(ray_cluster
     watcher.join()
     assert killed.is_set()
     partial = [r for p in [folder / "rows.jsonl", *shard_paths(folder)] if p.exists() for r in read_jsonl(p)]
-    assert 2 <= len(partial) < len(want) and shard_paths(folder)  # some rows kept, in the workers' shards
+    assert 4 <= len(partial) < len(want) and shard_paths(folder)  # some rows kept, in the workers' shards
     assert not (folder / "_done.json").exists()
 
     record = run_recipe(generate_recipe(tmp_path, 2, "two"), two)  # the same command again
