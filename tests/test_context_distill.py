@@ -4,6 +4,7 @@ targets against a direct forward, training toward the teacher, and the stage end
 import json
 
 import pytest
+import torch
 
 from selfalign.core.errors import SelfAlignError
 from selfalign.core.report import render_section
@@ -158,7 +159,10 @@ def test_training_moves_the_student_toward_the_teacher(tiny, tmp_path):
     assert resolve(result["model"]).kind == "peft"
     tuned, _ = load_model(result["model"], device="cpu")  # the saved adapter is the trained student
     data = distill.TeacherTargets(tmp_path / "teacher")
-    assert distill.mean_kl(tuned, data, tok.pad_token_id) == pytest.approx(result["kl_after"], abs=1e-4)
+    # kl_after was measured where training ran; on a GPU (TF32 matmuls) that differs from this CPU re-score in the
+    # 4th digit (seen on an H200: 0.44854 vs 0.44824)
+    tol = 1e-4 if not torch.cuda.is_available() else 1e-3
+    assert distill.mean_kl(tuned, data, tok.pad_token_id) == pytest.approx(result["kl_after"], abs=tol)
 
 
 def test_student_with_another_tokenizer_is_refused(tiny, tmp_path):
