@@ -101,3 +101,20 @@ def test_partial_sampling_block_keeps_the_stage_defaults():
     assert config.sampling.max_new_tokens == 64
     assert (config.sampling.temperature, config.sampling.top_p) == (0.5, 0.9)  # the paper's, not Sampling's 1.0/1.0
     assert Config().sampling.max_new_tokens == 256
+
+
+def test_the_run_folders_recipe_snapshot_keeps_every_stage_field(tmp_path):
+    """recipe.yaml in a run folder is the recipe as run: each stage's own fields, not only the base ones,
+    so it can be read back into the same recipe."""
+    import yaml
+
+    from selfalign.core.pipeline import _write_recipe_snapshot
+
+    recipe = load_recipe("quickstart")
+    _write_recipe_snapshot(recipe, tmp_path)
+    snapshot = yaml.safe_load((tmp_path / "recipe.yaml").read_text())
+    self_align = next(s for s in snapshot["stages"] if s["stage"] == "self_align")
+    assert self_align["max_prompts"] == 128 and self_align["thoughts_tokens"] == 40
+    assert next(s for s in snapshot["stages"] if s["stage"] == "engrave")["train"]["epochs"] == 3
+    again = parse_recipe(snapshot, "recipe.yaml")
+    assert [s.model_dump() for s in again.stages] == [s.model_dump() for s in recipe.stages]

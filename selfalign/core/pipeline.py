@@ -160,7 +160,7 @@ def _prepare_run_dir(run_dir: Path) -> None:
 
 
 def _write_recipe_snapshot(recipe: Recipe, run_dir: Path) -> None:
-    snapshot = yaml.safe_dump(recipe.model_dump(mode="json", exclude_none=True), sort_keys=False)
+    snapshot = yaml.safe_dump(recipe.model_dump(mode="json", exclude_none=True, serialize_as_any=True), sort_keys=False)
     recipe_file = run_dir / "recipe.yaml"
     try:
         if recipe_file.exists() and recipe_file.read_text() != snapshot:
