@@ -1,6 +1,7 @@
 """Fine-tuning on tiny:llama: masking, truncation, LoRA and full training, saving, and the engrave stage."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -212,3 +213,41 @@ def test_engrave_reads_an_earlier_stage_and_literal_system_text(tmp_path):
     assert recipe.stages[0].human_inputs() == [("engrave.system", "Be kind.")]
     with pytest.raises(SelfAlignError, match="engravd"):
         engrave.system_text("builtin:self_align/system_prompts.yaml#engravd")
+
+
+def test_a_sharded_launch_saves_through_the_trainers_collective_save(tmp_path):
+    """Under fsdp/zero3 no process holds the whole model: the trainer's save_model (a collective that
+    gathers the weights) writes the folder; selfalign adds the base reference and the tokenizer."""
+    from types import SimpleNamespace
+
+    from selfalign.core.tiny import build_byte_tokenizer
+    from selfalign.core.training import BASE_FILE, Fitted, TrainSettings, save_sharded, shards_parameters
+
+    saved = []
+
+    class FakeTrainer:
+        accelerator = SimpleNamespace(distributed_type=SimpleNamespace(name="FSDP"))
+        model = object()
+        state = SimpleNamespace(global_step=3, log_history=[{"loss": 1.0}, {"loss": 0.5}])
+
+        def save_model(self, folder):
+            saved.append(folder)
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            (Path(folder) / "adapter_model.safetensors").write_bytes(b"weights")
+
+    trainer = FakeTrainer()
+    assert shards_parameters(trainer) and not shards_parameters(SimpleNamespace(accelerator=None))
+    fitted = Fitted(trainer=trainer, result=SimpleNamespace(training_loss=0.75), tokenizer=build_byte_tokenizer(),
+                    base="tiny:llama", out_dir=tmp_path, settings=TrainSettings(), merge=False, started=0.0,
+                    total_steps=3)
+    summary = fitted.save()
+    dest = Path(summary["model"])
+    assert len(saved) == 1 and dest == (tmp_path / "adapter").resolve()
+    assert (dest / "adapter_model.safetensors").read_bytes() == b"weights" and (dest / BASE_FILE).exists()
+    assert (dest / "tokenizer_config.json").exists() and not (tmp_path / "adapter.partial").exists()
+
+    import peft
+
+    trainer.model = peft.PeftModel.__new__(peft.PeftModel)  # a LoRA model: merging it needs every shard
+    with pytest.raises(SelfAlignError, match="merge"):
+        save_sharded(trainer, build_byte_tokenizer(), "tiny:llama", tmp_path, adapter=False)

@@ -29,8 +29,9 @@ pmp, pm_scaling of small PMs); `zero2` (optimizer and gradients sharded) for ful
 7B-13B models; `fsdp` or `zero3` (parameters sharded too) for models whose weights alone do not
 fit one GPU (30B-65B full fine-tuning, large PMs); `cpu_ddp` for trying the launch on a laptop.
 rlsf (RLOO) under a launch: TRL's trainer generates on every process, which DDP supports.
-Not yet done: under `zero3` and `fsdp` the model is saved by rank 0 from its own (sharded) module
-(`selfalign.core.training.save_trained`); a sharded save needs the trainer's gathered state dict.
+Under `fsdp`, `zero2` and `zero3` every process calls the trainer's collective `save_model`, which
+gathers the full weights (`selfalign.core.training.save_sharded`); merging an adapter there is refused.
+That path is tested with a fake trainer only: no multi-GPU machine has run it.
 Only DDP on the CPU (gloo) has run here (tests/test_distributed.py).
 """
 

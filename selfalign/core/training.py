@@ -234,6 +234,41 @@ def save_trained(trained, tokenizer, base: str, out_dir: Path, adapter: bool) ->
     return dest
 
 
+def shards_parameters(trainer) -> bool:
+    """The trainer runs under FSDP or DeepSpeed (a `launcher:` with `fsdp`, `zero2` or `zero3`): no
+    process holds the whole model, so saving is a collective the trainer itself does."""
+    accelerator = getattr(trainer, "accelerator", None)
+    kind = getattr(getattr(accelerator, "distributed_type", None), "name", "")
+    return kind in ("FSDP", "DEEPSPEED")
+
+
+def save_sharded(trainer, tokenizer, base: str, out_dir: Path, adapter: bool) -> Path:
+    """`save_trained` for a sharded launch: every process calls the trainer's `save_model`, which gathers
+    the full state dict (FSDP's FULL_STATE_DICT, DeepSpeed's 16-bit weights on save) and lets the main
+    process write it; the main process then adds the base reference and the tokenizer and renames the
+    folder into place. Merging an adapter needs the whole model in one process, so it is refused."""
+    from selfalign.core.ranks import barrier, is_follower
+
+    if not adapter and _is_peft(trainer.model):
+        raise SelfAlignError("train.merge under fsdp/zero2/zero3: merging a LoRA adapter needs the whole model in "
+                             "one process", "set train.merge: false, then `selfalign export RUN --to DIR` merges it")
+    dest = out_dir / (ADAPTER_DIR if adapter else MODEL_DIR)
+    tmp = dest.with_name(dest.name + ".partial")
+    if not is_follower():
+        shutil.rmtree(tmp, ignore_errors=True)
+    barrier()
+    trainer.save_model(str(tmp))  # a collective: every process takes part
+    if not is_follower():
+        attach_plain_template(tokenizer)
+        if adapter:
+            (tmp / BASE_FILE).write_text(json.dumps({"base": _base_reference(base)}, indent=2))
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(dest, ignore_errors=True)
+        tmp.replace(dest)
+    barrier()
+    return dest
+
+
 def device_and_dtype() -> tuple[str, str]:
     """Where and in what precision a model is trained: bfloat16 on a GPU, float32 on the CPU."""
     import torch
@@ -359,7 +394,10 @@ class Fitted:
         """Save the model (`save_trained`); return `{"model", train/first/last loss and steps (with
         `losses`), **extra, "lora", "wall_s"}`."""
         adapter = self.settings.lora and not self.merge
-        dest = save_trained(self.trainer.model, self.tokenizer, self.base, self.out_dir, adapter=adapter)
+        if shards_parameters(self.trainer):
+            dest = save_sharded(self.trainer, self.tokenizer, self.base, self.out_dir, adapter=adapter)
+        else:
+            dest = save_trained(self.trainer.model, self.tokenizer, self.base, self.out_dir, adapter=adapter)
         return {
             "model": str(dest.resolve()),
             **(loss_summary(self.trainer, self.result, digits) if losses else {}),
