@@ -142,9 +142,14 @@ def bench_generate(engine, args, results) -> None:
     engine.model.generation_config.eos_token_id = eos
     results["generate"] = table
 
+
+def bench_stopping(engine, args, results) -> None:
+    from selfalign.core.engines import Sampling
+
     chats = chat_prompts(args.stop_prompts)
     stopping = Sampling(temperature=0.7, top_p=0.9, max_new_tokens=args.new_tokens, seed=1)
     engine.batch_size = max(args.batch_sizes)
+    engine.generate(chats[:2], stopping.model_copy(update={"max_new_tokens": 4}))  # warm-up, if generate did not run
     (t_ours, out), (t_plain, (kept_plain, gen_plain)) = paired(lambda: engine.generate(chats, stopping),
                                                                lambda: plain_generate(engine, chats, stopping),
                                                                args.repeats_large)
@@ -273,7 +278,8 @@ def bench_train(args, results) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="embedded:gemma-3-270m")
-    ap.add_argument("--only", default="generate,hhh,train", help="comma-separated parts: generate, hhh, train")
+    ap.add_argument("--only", default="generate,stopping,hhh,train",
+                    help="comma-separated parts: generate (fixed length), stopping (kept tok/s), hhh, train")
     ap.add_argument("--batch-sizes", default="1,16,64")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--stop-prompts", type=int, default=128)
@@ -293,10 +299,12 @@ def main(argv=None) -> int:
 
     print(f"model: {args.model}  torch threads: {torch.get_num_threads()}  {load_line()}", flush=True)
     results: dict = {"model": args.model}
-    if parts & {"generate", "hhh"}:
+    if parts & {"generate", "stopping", "hhh"}:
         engine = HFEngine(args.model)
         if "generate" in parts:
             bench_generate(engine, args, results)
+        if "stopping" in parts:
+            bench_stopping(engine, args, results)
         if "hhh" in parts:
             bench_hhh(engine, args, results)
         engine.close()
