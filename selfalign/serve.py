@@ -208,16 +208,24 @@ class Scheduler:
 
     # -- the cancellation hook -----------------------------------------------------------------------
     def _hook_generation(self) -> None:
-        """Make the engine's `model.generate` stop at the next token when every client of the batch
-        has gone or the server is stopping. The engine has no cancel argument, so the server adds a
-        transformers `StoppingCriteria` to each call; it also marks progress for `/health`."""
+        """Make generation stop at the next token when every client of the batch has gone or the server
+        is stopping, and mark progress for `/health`. The hf engine's own decode loop calls its
+        `step_hook` once a step; for an engine that calls `model.generate`, the server adds a
+        transformers `StoppingCriteria` to each call."""
+        sched = self
+
+        def step_hook() -> bool:
+            sched.last_progress = time.monotonic()
+            return sched.should_stop()
+
+        if hasattr(self.engine, "generate_iter") and hasattr(self.engine, "_decode_step"):
+            self.engine.step_hook = step_hook  # the hf engine's own decode loop asks once a step
+            return
         model = getattr(self.engine, "model", None)
         if model is None or not callable(getattr(model, "generate", None)):
             return
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList
-
-        sched = self
 
         class _StopWhenAbandoned(StoppingCriteria):
             def __call__(self, input_ids, scores, **kwargs):

@@ -138,10 +138,13 @@ def decode(
     eos_ids: set[int],
     repetition_penalty: float = 1.0,
     profile: DecodeProfile | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> list[list[int]]:
     """Generate up to `max_new_tokens` tokens for every row; returns each row's tokens, EOS included
     if one ended it (the caller drops it). `step(ids, mask, pos, past) -> (body_s, logits, past)` runs
-    the model on new tokens and returns the last position's logits (float) and the grown cache."""
+    the model on new tokens and returns the last position's logits (float) and the grown cache.
+    `should_stop()`, called once a step, ends every row at that step when it returns True (a server
+    whose clients left or which is shutting down); it also tells the caller a step was made."""
     prof = profile if profile is not None else DecodeProfile()
     n = rows.ids.shape[0]
     device = rows.ids.device
@@ -174,7 +177,8 @@ def decode(
                 done.append(b)
         prof.steps += 1
         prof.row_steps += len(alive)
-        if len(done) == len(alive) or len(out[alive[0]]) >= max_new_tokens:
+        cut = should_stop is not None and should_stop()
+        if cut or len(done) == len(alive) or len(out[alive[0]]) >= max_new_tokens:
             t3 = time.perf_counter()
             prof.body, prof.head, prof.sampling = prof.body + body_s, prof.head + (t1 - t0 - body_s), prof.sampling + t2 - t1
             prof.python += t3 - t2

@@ -172,7 +172,8 @@ class HFEngine(Engine):
                         [row_seed(sampling.seed, prompts[i], j) for i, j in members], cached, past)
             new = decode(self._decode_step, rows, max_new_tokens=sampling.max_new_tokens,
                          temperature=sampling.temperature, top_p=sampling.top_p, eos_ids=eos_ids,
-                         repetition_penalty=sampling.repetition_penalty, profile=self.last_profile)
+                         repetition_penalty=sampling.repetition_penalty, profile=self.last_profile,
+                         should_stop=getattr(self, "step_hook", None))
             results = {i: [] for i in batch}
             for (i, _), toks in zip(members, new, strict=True):
                 results[i].append(self._completion(toks, eos_ids, stops[i], len(encoded[i])))
