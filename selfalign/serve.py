@@ -209,38 +209,16 @@ class Scheduler:
     # -- the cancellation hook -----------------------------------------------------------------------
     def _hook_generation(self) -> None:
         """Make generation stop at the next token when every client of the batch has gone or the server
-        is stopping, and mark progress for `/health`. The hf engine's own decode loop calls its
-        `step_hook` once a step; for an engine that calls `model.generate`, the server adds a
-        transformers `StoppingCriteria` to each call."""
+        is stopping, and mark progress for `/health`: the hf engine's decode loop asks its `step_hook`
+        once a step. (Other engines generate elsewhere: vLLM in-process in one call, openai remotely.)"""
         sched = self
 
         def step_hook() -> bool:
             sched.last_progress = time.monotonic()
             return sched.should_stop()
 
-        if hasattr(self.engine, "generate_iter") and hasattr(self.engine, "_decode_step"):
-            self.engine.step_hook = step_hook  # the hf engine's own decode loop asks once a step
-            return
-        model = getattr(self.engine, "model", None)
-        if model is None or not callable(getattr(model, "generate", None)):
-            return
-        import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList
-
-        class _StopWhenAbandoned(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                sched.last_progress = time.monotonic()
-                stop = sched.should_stop()
-                return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
-
-        original = model.generate
-
-        def generate(*args, **kwargs):
-            criteria = StoppingCriteriaList(kwargs.pop("stopping_criteria", None) or [])
-            criteria.append(_StopWhenAbandoned())
-            return original(*args, stopping_criteria=criteria, **kwargs)
-
-        model.generate = generate
+        if hasattr(self.engine, "step_hook"):
+            self.engine.step_hook = step_hook
 
     def should_stop(self) -> bool:
         return self.stopping.is_set() or (bool(self.running) and all(j.gone.is_set() for j in self.running))

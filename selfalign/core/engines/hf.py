@@ -13,7 +13,7 @@ what makes scoring cheap; `benchmarks/bench_engine.py` measures it against full 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from selfalign.core.chat import Request, first_stop, truncate_at_stop
 from selfalign.core.compat import kv_cache_name
@@ -82,6 +82,8 @@ def context_window(model) -> int:
 
 class HFEngine(Engine):
     name = "hf"
+    # asked once a decode step; True ends every row at that step (serve sets it: clients gone, shutdown)
+    step_hook: Callable[[], bool] | None = None
 
     def __init__(
         self,
@@ -173,7 +175,7 @@ class HFEngine(Engine):
             new = decode(self._decode_step, rows, max_new_tokens=sampling.max_new_tokens,
                          temperature=sampling.temperature, top_p=sampling.top_p, eos_ids=eos_ids,
                          repetition_penalty=sampling.repetition_penalty, profile=self.last_profile,
-                         should_stop=getattr(self, "step_hook", None))
+                         should_stop=self.step_hook)
             results = {i: [] for i in batch}
             for (i, _), toks in zip(members, new, strict=True):
                 results[i].append(self._completion(toks, eos_ids, stops[i], len(encoded[i])))
