@@ -72,3 +72,35 @@ def test_hub_id_offline_gives_clear_error(monkeypatch):
     assert r.kind == "hub"
     with pytest.raises(SelfAlignError, match="HF_HUB_OFFLINE"):
         load_model(r)
+
+
+def test_hf_engine_merges_an_adapter_and_scores_as_the_unmerged_model(tmp_path):
+    """The engine folds a LoRA adapter into its base once (no adapter matmuls per forward); its
+    log-probabilities and greedy text equal those of the unmerged PeftModel."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from selfalign.core.engines import Sampling
+    from selfalign.core.engines.hf import HFEngine
+
+    base, _ = load_model("tiny:llama")
+    torch.manual_seed(0)
+    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    cfg_path = tmp_path / "adapter" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["base_model_name_or_path"] = "tiny:llama"
+    cfg_path.write_text(json.dumps(cfg))
+
+    merged = HFEngine(str(tmp_path / "adapter"), batch_size=2)
+    assert not isinstance(merged.model, PeftModel)
+    unmerged_model, tok = load_model(str(tmp_path / "adapter"))
+    assert isinstance(unmerged_model, PeftModel)
+    unmerged = HFEngine(str(tmp_path / "adapter"), batch_size=2, model=unmerged_model, tokenizer=tok)
+    items = [("Human: hi\n\nAssistant:", [" hello there", " go away"]), ("Human: 2+2?\n\nAssistant:", [" 4", " five"])]
+    a, b = merged.score_many(items), unmerged.score_many(items)
+    assert sum(a, []) == pytest.approx(sum(b, []), abs=1e-4)
+    greedy = Sampling(temperature=0.0, max_new_tokens=6)
+    assert [c[0].text for c in merged.generate(["Human: hi\n\nAssistant:"], greedy)] == [
+        c[0].text for c in unmerged.generate(["Human: hi\n\nAssistant:"], greedy)
+    ]

@@ -106,6 +106,10 @@ class HFEngine(Engine):
             from selfalign.core.models import load_model
 
             model, tokenizer = load_model(model_ref, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+            if hasattr(model, "merge_and_unload"):
+                # a LoRA adapter this engine only runs: fold it into the base weights once, so that no
+                # forward pays for the adapter's extra matmuls (PEFT's merge, exact up to rounding)
+                model = model.merge_and_unload()
         self.model = model
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
