@@ -124,7 +124,8 @@ def prepare_for_training(base: str, settings: TrainSettings, seed: int, what: st
 
     merge = settings.merge
     if settings.lora and not merge and resolve(base).kind == "peft":
-        console.print(f"  note: {base} is an adapter; the new {what} is saved merged (an adapter cannot sit on an adapter)")
+        console.print(f"  note: {base} is an adapter; the new {what} is saved merged (an adapter "
+                      "cannot sit on an adapter)")
         merge = True
     set_seed(seed)
     model, tokenizer, started_from = load_for_reward_training(base, *device_and_dtype())

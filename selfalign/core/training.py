@@ -443,7 +443,8 @@ def fit(settings: TrainSettings, *, base: str, out_dir: Path, seed: int, model, 
                                                count_tokens=count_tokens), **(config_args or {}))
     extra = trainer_args(model) if callable(trainer_args) else (trainer_args or {})
     with quiet_datasets():
-        trainer = trainer_class(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, **own, **extra)
+        trainer = trainer_class(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, **own,
+                                **extra)
     console.print(f"  {describe}, {total_steps} steps, lr {settings.lr:g}")
     result = run_trainer(trainer, label, total_steps, batch * settings.grad_accum, out_dir)
     return Fitted(trainer, result, tokenizer, base, out_dir, settings, merge, started, total_steps)
@@ -496,7 +497,8 @@ def sft_train(base: str, examples: list[dict], out_dir: Path, settings: TrainSet
                       f"than max_length {max_length}")
     with head_at_label_positions():  # the output layer only where the answer's labels are
         fitted = fit(settings, base=base, out_dir=out_dir, seed=seed, model=model, tokenizer=tokenizer,
-                     dataset=Dataset.from_list(rows), examples=len(rows), trainer_class=SFTTrainer, config_class=SFTConfig,
+                     dataset=Dataset.from_list(rows), examples=len(rows), trainer_class=SFTTrainer,
+                     config_class=SFTConfig,
                      config_args={"max_length": max_length},  # already enforced above; TRL's own cut is then a no-op
                      peft_task="CAUSAL_LM", describe=f"fine-tuning {base} ({settings.kind}) on {len(rows)} examples",
                      label="training", started=t0)

@@ -85,7 +85,8 @@ def run(ctx, config: Config, folder) -> dict:
     if cap := ctx.max_prompts(config.max_pairs):
         train = train[:cap]
     store = RowStore(folder)
-    (folder / "heldout.jsonl").write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in heldout), encoding="utf-8")
+    (folder / "heldout.jsonl").write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in heldout),
+                                          encoding="utf-8")
     console.print(f"  {len(train)} training pairs, {len(heldout)} held out ({skipped} not kept) from {source}")
     ctx.free_accelerator()
     result = train_reward_model(base, train, folder, config.train, ctx.recipe.seed)

@@ -75,7 +75,8 @@ class RewardFunction:
 
 def rl_dataset_rows(dialogues: Sequence[Sequence[dict]], system: str | None = None) -> list[dict]:
     """`{"prompt": text the policy continues, "dialogue": JSON the reward model reads}` per dialogue."""
-    return [{"prompt": policy_prompt(d, system), "dialogue": json.dumps(list(d), ensure_ascii=False)} for d in dialogues]
+    return [{"prompt": policy_prompt(d, system), "dialogue": json.dumps(list(d), ensure_ascii=False)}
+            for d in dialogues]
 
 
 def rloo_train(
@@ -115,12 +116,14 @@ def rloo_train(
         model = model.merge_and_unload()  # the policy (and the KL reference) is the adapted model
     merge = settings.merge
     if was_adapter and settings.lora and not merge:
-        console.print("  [yellow]note:[/] the policy is itself a LoRA adapter; the RL adapter is merged into it on save")
+        console.print("  [yellow]note:[/] the policy is itself a LoRA adapter; the RL adapter is "
+                      "merged into it on save")
         merge = True
     if not settings.lora and was_adapter:
         # full fine-tuning: TRL loads the frozen reference from the policy's folder, so there must be one
         ref_dir = out_dir / "reference"
-        _atomic_save(ref_dir, lambda f: (model.save_pretrained(f, safe_serialization=True), tokenizer.save_pretrained(f)))
+        _atomic_save(ref_dir,
+                     lambda f: (model.save_pretrained(f, safe_serialization=True), tokenizer.save_pretrained(f)))
         model.config._name_or_path = str(ref_dir)
     elif not settings.lora:
         model.config._name_or_path = str(Path(resolved.path).resolve()) if resolved.is_local else resolved.path
@@ -130,14 +133,16 @@ def rloo_train(
     total_steps = (settings.max_steps if settings.max_steps > 0
                    else math.ceil(len(rows) * settings.epochs / (prompts_per_step * settings.grad_accum)))
     fitted = fit(settings, base=policy, out_dir=out_dir, seed=seed, model=model, tokenizer=tokenizer,
-                 dataset=Dataset.from_list(rows), examples=len(rows), trainer_class=RLOOTrainer, config_class=RLOOConfig,
+                 dataset=Dataset.from_list(rows), examples=len(rows), trainer_class=RLOOTrainer,
+                 config_class=RLOOConfig,
                  config_args=dict(num_generations=num_generations, max_completion_length=max_completion_length,
                                   temperature=temperature, top_p=top_p, beta=beta),
                  trainer_args={"reward_funcs": reward_fn}, peft_task="CAUSAL_LM", merge=merge,
                  total_steps=total_steps, batch_size=batch,
                  logging_steps=1,  # every step's reward and KL: the curves are the point of this stage
                  count_tokens=False, label="RLOO", started=t0,
-                 describe=f"RLOO on {policy} ({settings.kind}): {len(rows)} prompts, k {num_generations}, beta {beta:g}")
+                 describe=f"RLOO on {policy} ({settings.kind}): {len(rows)} prompts, k "
+                          f"{num_generations}, beta {beta:g}")
 
     log = fitted.trainer.state.log_history
     series = {key: [e[key] for e in log if isinstance(e.get(key), int | float)] for key in ("reward", "kl")}

@@ -112,7 +112,8 @@ def check_pairs(pairs: Sequence[dict], where: str = "comparison rows") -> None:
 
 def check_objective(objective: str) -> None:
     if objective not in OBJECTIVES:
-        raise SelfAlignError(f"unknown preference-model objective {objective!r}", f"choose one of {', '.join(OBJECTIVES)}")
+        raise SelfAlignError(f"unknown preference-model objective {objective!r}",
+                             f"choose one of {', '.join(OBJECTIVES)}")
 
 
 # -- binary discrimination: training ---------------------------------------------------------------------

@@ -71,7 +71,8 @@ class Config(StageConfig):
     stage: str = "pm_scaling"
     train: TrainSettings = Field(default_factory=reward_training,
                                  description="how every preference model is trained, whatever its objective (not "
-                                             "published: ALMoST's reward-model settings; imitation has no weight decay)")
+                                             "published: ALMoST's reward-model settings; imitation has no weight "
+                                             "decay)")
     data: str = Field(..., description="training comparisons: an earlier stage (@compare), a JSONL of prompt/chosen/"
                                        "rejected, or a StackExchange file")
     format: Literal["auto", "stackexchange", "pairs"] = Field("auto", description="layout of `data` (see `pmp`)")
@@ -252,7 +253,8 @@ def report_section(stage: dict):
     from selfalign.core.report_api import Section, Table, Text, read_rows, wall_time
 
     rows = [r for r in read_rows(Path(stage["folder"]) / "rows.jsonl")
-            if r.get("objective") in OBJECTIVES and isinstance(r.get("n"), int) and isinstance(r.get("accuracy"), float)]
+            if r.get("objective") in OBJECTIVES and isinstance(r.get("n"), int)
+            and isinstance(r.get("accuracy"), float)]
     if not rows:
         return None
     rows.sort(key=lambda r: (OBJECTIVES.index(r["objective"]), bool(r.get("init")), r["n"]))

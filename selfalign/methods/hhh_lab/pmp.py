@@ -65,7 +65,8 @@ class Config(StageConfig):
                                          "rejected, or an earlier stage's rows (@compare)")
     format: Literal["auto", "stackexchange", "pairs"] = Field(
         "auto", description="corpus layout; auto: rows with `answers` are StackExchange, with chosen/rejected pairs")
-    binarise: bool = Field(True, description="binarise each pair into two good/bad-tagged comparisons (the paper's best)")
+    binarise: bool = Field(True,
+                           description="binarise each pair into two good/bad-tagged comparisons (the paper's best)")
     max_pairs: int | None = Field(None, ge=1, description="read at most the first N corpus pairs (before binarising)")
     max_pairs_per_question: int | None = Field(None, ge=1, description="StackExchange: a seeded sample of at most N "
                                                "pairs per question (default: every pair; not published)")

@@ -44,7 +44,9 @@ from selfalign.core.training import TrainSettings
 
 class Config(StageConfig):
     stage: str = "engrave"
-    data: str = Field(..., description="an earlier stage's name (its rows.jsonl) or a JSONL file with prompt, answer, [kept]")
+    data: str = Field(...,
+                      description="an earlier stage's name (its rows.jsonl) or a JSONL file with "
+                                  "prompt, answer, [kept]")
     system: str = Field("builtin:self_align/system_prompts.yaml#engraved",
                         description="system prompt: FILE.yaml#KEY (builtin: or a path) or the text itself")
     train: TrainSettings = Field(default_factory=TrainSettings,
@@ -81,7 +83,8 @@ def run(ctx, config: Config, folder) -> dict:
     base = ctx.model_for(config)
     system = system_text(config.system)
     source, rows, skipped = training_rows(ctx, config.data, usable_rows, config.max_examples,
-                                          "no usable rows to train on (rows need prompt and answer, and kept not false)")
+                                          "no usable rows to train on (rows need prompt and "
+                                          "answer, and kept not false)")
     eos = load_tokenizer(resolve(base)).eos_token or ""
     examples = [{"id": r.get("id") or row_id("engrave", r["prompt"], r["answer"]),
                  **training_example(system, r["prompt"], r["answer"], eos)} for r in rows]
