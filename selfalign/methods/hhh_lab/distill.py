@@ -46,7 +46,7 @@ from pathlib import Path
 from selfalign.core.compat import kv_cache_name
 from selfalign.core.errors import SelfAlignError
 from selfalign.core.progress import console, progress_bar
-from selfalign.core.training import TrainSettings, common_prefix_length, fit, load_for_training
+from selfalign.core.training import TrainSettings, common_prefix_length, fit, start_training
 
 SEPARATOR = "\n\n"  # between the context and X, as `render_plain` puts it between a system prompt and a turn
 MANIFEST = "manifest.json"
@@ -506,13 +506,12 @@ def distill_train(
 
     from selfalign.core.models import load_tokenizer, resolve
 
-    t0 = time.time()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
     data = TeacherTargets(teacher_dir, ids)
     if len(data) == 0:
         raise SelfAlignError(f"{teacher_dir}: no stored teacher targets to train on", "check the texts X (all empty?)")
-    model, tokenizer = load_for_training(base, settings)
+    trainee = start_training(base, out_dir, settings, seed, started)
+    model, tokenizer = trainee.model, trainee.tokenizer
     _check_same_tokenizer(tokenizer, load_tokenizer(resolve(data.key["teacher"])), base, data.key["teacher"])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     probe = data[0]
@@ -524,13 +523,12 @@ def distill_train(
     console.print(f"  KL(teacher with context || student without) before training: {kl_before:.4f} nats/token")
 
     model.train()
-    fitted = fit(settings, base=base, out_dir=out_dir, seed=seed, model=model, tokenizer=tokenizer, dataset=data,
-                 examples=len(data), trainer_class=_trainer_class(), config_class=TrainingArguments,
+    fitted = fit(trainee, data, trainer_class=_trainer_class(), config_class=TrainingArguments,
                  config_args={"remove_unused_columns": False, "label_names": []},
                  trainer_args=lambda wrapped: {
                      "split": output_head(wrapped),
                      "data_collator": lambda feats: collate_targets(feats, pad_id, reply_only)},
-                 peft_task="CAUSAL_LM", label="training", started=t0,
+                 peft_task="CAUSAL_LM", label="training",
                  describe=f"distilling into {base} ({settings.kind}) on {len(data)} texts")
     kl_after = mean_kl(fitted.trainer.model, measured, pad_id, reply_only)
     console.print(f"  ... after training: {kl_after:.4f} nats/token")
