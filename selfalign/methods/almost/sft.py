@@ -26,13 +26,10 @@ start.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from pydantic import Field
 
-from selfalign.core.progress import console
 from selfalign.core.recipe import StageConfig
-from selfalign.core.store import RowStore, row_id
+from selfalign.core.store import row_id
 from selfalign.core.supervised import kept_rows, train_on_examples, training_rows
 from selfalign.core.training import TrainSettings
 from selfalign.evals.common import resolve_system
@@ -74,8 +71,6 @@ def conversations(rows: list[dict]) -> tuple[list[dict], dict]:
 
 
 def run(ctx, config: Config, folder) -> dict:
-    folder = Path(folder)
-    base = ctx.model_for(config)
     system = resolve_system(config.system)
     source, rows, skipped = training_rows(ctx, config.data, conversations, config.max_conversations,
                                           "no conversation to train on (rows need `messages` with an assistant turn, "
@@ -86,10 +81,7 @@ def run(ctx, config: Config, folder) -> dict:
         for turn, prompt, completion in turn_examples(r["messages"], system):
             examples.append({"id": row_id("sft", cid, turn), "conversation_id": cid, "turn": turn,
                              "prompt": prompt, "completion": completion})
-    store = RowStore(folder)  # the done-marker lives beside the examples and the model
-    console.print(f"  {len(examples)} assistant turns from {len(rows)} conversations in {source} "
-                  f"({skipped['not kept']} not kept, {skipped['no assistant turn']} without an assistant turn)")
-    result = train_on_examples(ctx, config.train, base, examples, folder)
-    summary = {**result, "base": base, "data": str(source), "conversations": len(rows), "skipped": skipped}
-    store.mark_done(**summary)
-    return summary
+    note = (f"  {len(examples)} assistant turns from {len(rows)} conversations in {source} "
+            f"({skipped['not kept']} not kept, {skipped['no assistant turn']} without an assistant turn)")
+    return train_on_examples(ctx, config, examples, folder, note, data=str(source), conversations=len(rows),
+                             skipped=skipped)
