@@ -35,9 +35,12 @@ import random
 import time
 from pathlib import Path
 
+from pydantic import Field
+
 from selfalign.core.errors import SelfAlignError
 from selfalign.core.pairs import PAIR_HINT, pair_problem
 from selfalign.core.progress import console
+from selfalign.core.recipe import StageConfig
 from selfalign.core.training import Trainee, TrainSettings, _is_peft, device_and_dtype, fit, output_folder
 
 
@@ -48,6 +51,18 @@ def reward_training() -> TrainSettings:
     `pm_scaling` and `compare`'s post-validation."""
     return TrainSettings(lora=False, lr=2e-5, weight_decay=0.1, epochs=1.0, max_length=1024, scheduler="cosine",
                          warmup_ratio=0.03)
+
+
+class RewardTrainingStage(StageConfig):
+    """A stage that trains reward (preference) models (`reward_model`, `pmp`, `pm_scaling`): its `train:`
+    block defaults to ALMoST's published reward-model settings (`reward_training`)."""
+
+    train: TrainSettings = Field(default_factory=reward_training,
+                                 description="how the reward (preference) model is trained: ALMoST's published "
+                                             "reward-model settings (all weights, lr 2e-5, weight decay 0.1, 1 epoch, "
+                                             "max length 1024, cosine, 3% warmup, batch 128 = batch_size x "
+                                             "grad_accum), also where the paper published none (pmp, pm_scaling, "
+                                             "there the same for every objective; imitation has no weight decay)")
 
 
 def split_by_prompt(pairs: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
