@@ -62,8 +62,8 @@ class Config(StageConfig):
     prompts: str = Field("@mine_prompts",
                          description="@<stage> (rows with `prompt`, `kept`) or a prompt file: the openings")
     assistant: str | None = Field(None,
-                                  description="the assistant model (default: the stage's model, the "
-                                              "vanilla LM); @stage allowed")
+                                  description="the assistant model (default: the stage's model, the vanilla LM); "
+                                              "@stage allowed")
     user: str | None = Field(None,
                              description="the user model (default: the stage's model, the vanilla LM); @stage allowed")
     reward_model: str = Field("@reward_model",
@@ -181,8 +181,7 @@ def run(ctx, config: Config, folder) -> dict:
             helpers.update(user=ctx.engine(user_ref), rm=RewardModel(rm_ref, batch_size=config.rm_batch_size,
                                                                      max_length=config.rm_max_length))
         convs = play([(job.key, job.request) for job in jobs], assistant, helpers["user"], helpers["rm"], config,
-                     system,
-                     sampling, user_sampling)
+                     system, sampling, user_sampling)
         return [[c] for c in convs], sum(x["completion_tokens"] for c in convs for t in c["turns"]
                                          for x in t["candidates"])
 

@@ -44,9 +44,8 @@ class Config(StageConfig):
                                description="system prompt at training (default none): text, a .txt "
                                            "file, hhh or builtin:NAME")
     train: TrainSettings = Field(default_factory=lambda: TrainSettings(lora=False, lr=2e-5, epochs=3.0, max_length=512),
-                                 description="how the model is fine-tuned (the paper's: all "
-                                             "weights, lr 2e-5, 3 epochs, "
-                                             "max length 512 tokens of dialogue so far + reply)")
+                                 description="how the model is fine-tuned (the paper's: all weights, lr 2e-5, "
+                                             "3 epochs, max length 512 tokens of dialogue so far + reply)")
     max_conversations: int | None = Field(None, ge=1, description="train on at most the first N kept conversations")
 
     def human_inputs(self) -> list[tuple[str, str]]:
