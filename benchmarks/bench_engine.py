@@ -144,7 +144,8 @@ def mc_items(n: int):
     """TruthfulQA-shaped items: this project's few-shot QA block, a question, short answers."""
     from selfalign.evals.truthfulqa import qa_prefix
 
-    answers = [" Yes.", " No, that is a myth.", " Only on Tuesdays.", " Nobody knows for sure.", " It depends on the weather."]
+    answers = [" Yes.", " No, that is a myth.", " Only on Tuesdays.", " Nobody knows for sure.",
+               " It depends on the weather."]
     return [(f"{qa_prefix()}Q: Is claim number {i} about the Moon true?\nA:", answers) for i in range(n)]
 
 
@@ -178,7 +179,8 @@ def bench_prefix(engine, args, results) -> None:
     context = principle_context(yaml_key("builtin:self_align/system_prompts.yaml", "principle_header"),
                                 load_yaml_list("builtin:self_align/principles.yaml", ("name", "text")),
                                 load_yaml_list("builtin:self_align/exemplars.yaml", ("user", "thoughts", "answer")))
-    prompts = [principle_prompt(context, f"Give me one tip about topic number {i}.") for i in range(args.prefix_prompts)]
+    prompts = [principle_prompt(context, f"Give me one tip about topic number {i}.")
+               for i in range(args.prefix_prompts)]
     n_ctx = len(engine.tokenizer(context)["input_ids"])
     sampling = Sampling(temperature=0.5, top_p=0.9, max_new_tokens=16, seed=1)
     engine.batch_size = 8
@@ -195,7 +197,8 @@ def bench_prefix(engine, args, results) -> None:
     print(f"\nSelf-Align prompts: {len(prompts)} prompts behind a {n_ctx}-token shared context, 16 new tokens each, "
           f"batch 8, median of {args.repeats}")
     print(f"  context recomputed per batch: {times['recomputed']:6.1f} s")
-    print(f"  context KV cached once      : {times['cached']:6.1f} s   speed-up {times['recomputed'] / times['cached']:.1f}x", flush=True)
+    print(f"  context KV cached once      : {times['cached']:6.1f} s   speed-up "
+          f"{times['recomputed'] / times['cached']:.1f}x", flush=True)
 
 
 if __name__ == "__main__":

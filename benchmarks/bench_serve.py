@@ -5,7 +5,8 @@ within 2x one batch of 10, and a request for 10^30 tokens is refused, not run).
     python benchmarks/bench_serve.py [--model tiny:llama] [--concurrent 10] [--max-tokens 64] [--repeats 5]
 
 Each repeat times one direct batch (the anchor) and one burst of concurrent HTTP requests on
-loopback (one pooled client, as an OpenAI client keeps its connections), alternately, and prints the medians, their ratio, and how many engine calls the server
+loopback (one pooled client, as an OpenAI client keeps its connections), alternately, and prints the medians, their
+ratio, and how many engine calls the server
 made per burst. The huge request goes in with every burst and must come back 400.
 """
 
@@ -104,7 +105,8 @@ def main() -> None:
     batch, burst = statistics.median(batch_s), statistics.median(burst_s)
     print(f"{args.model}: {args.concurrent} prompts x {args.max_tokens} tokens, {args.repeats} repeats (medians)")
     print(f"  one engine batch:          {batch:.3f} s")
-    print(f"  {args.concurrent} concurrent requests:    {burst:.3f} s  -> {burst / batch:.2f}x one batch (target <= 2x)")
+    print(f"  {args.concurrent} concurrent requests:    {burst:.3f} s  -> {burst / batch:.2f}x one "
+          "batch (target <= 2x)")
     print(f"  engine calls per burst:    {calls_per_burst}")
     print("  request for 10^30 tokens:  400 every time")
     print(f"load average at end: {os.getloadavg()}")

@@ -73,7 +73,8 @@ def plain_generate(engine, requests, sampling):
     for at in range(0, len(order), engine.batch_size):
         batch = order[at: at + engine.batch_size]
         ids, mask = engine._left_pad([encoded[i] for i in batch])
-        kwargs = dict(max_new_tokens=sampling.max_new_tokens, pad_token_id=engine.tokenizer.pad_token_id, do_sample=True,
+        kwargs = dict(max_new_tokens=sampling.max_new_tokens, pad_token_id=engine.tokenizer.pad_token_id,
+                      do_sample=True,
                       temperature=1.0, top_p=1.0, top_k=0,
                       logits_processor=LogitsProcessorList([TemperatureTopP(sampling.temperature, sampling.top_p)]))
         if stops:
@@ -135,7 +136,8 @@ def bench_generate(engine, args, results) -> None:
                                                         lambda bs=bs: plain_generate(engine, prompts[:bs], fixed), runs)
         n = sum(c.completion_tokens for cs in out for c in cs)
         table[bs] = {"hf": n / t_ours, "plain": n_plain / t_plain, "runs": runs}
-        print(f"  {bs:>5}   {runs:>4}   {n / t_ours:9.1f}   {n_plain / t_plain:14.1f}   {n / t_ours / (n_plain / t_plain):5.2f}x",
+        print(f"  {bs:>5}   {runs:>4}   {n / t_ours:9.1f}   {n_plain / t_plain:14.1f}   "
+              f"{n / t_ours / (n_plain / t_plain):5.2f}x",
               flush=True)
         if bs == max(args.batch_sizes):
             results["profile"] = profile_lines(engine.last_profile, bs)  # the last timed run's steps
@@ -253,7 +255,8 @@ def bench_train(args, results) -> None:
 
     def sft(label):
         with tempfile.TemporaryDirectory() as tmp:
-            settings = training.TrainSettings(lr=4e-4, epochs=1, max_length=512, batch_size=4, max_steps=args.train_steps)
+            settings = training.TrainSettings(lr=4e-4, epochs=1, max_length=512, batch_size=4,
+                                              max_steps=args.train_steps)
             training.sft_train(args.model, examples, Path(tmp), settings, seed=0)
             state = json.loads((Path(tmp) / training.STATE_FILE).read_text())
         runtime = next(x["train_runtime"] for x in state["log_history"] if "train_runtime" in x)

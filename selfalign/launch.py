@@ -23,7 +23,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 2:
-        console.print("usage: python -m selfalign.launch RUN_DIR LABEL (the pipeline runs this under accelerate launch)")
+        console.print("usage: python -m selfalign.launch RUN_DIR LABEL (the pipeline runs this "
+                      "under accelerate launch)")
         return 2
     run_dir, label = Path(args[0]), args[1]
     try:

@@ -470,7 +470,8 @@ def build_app(engine: Engine, model_name: str, *, api_key: str | None = None, ma
                 if body.logprobs is not None:
                     lp = lps[i][j] if body.echo else _after(lps[i][j], len(prompt))
                 text = prompt + c.text if body.echo else c.text
-                choices.append({"index": i * body.n + j, "text": text, "logprobs": lp, "finish_reason": c.finish_reason})
+                choices.append({"index": i * body.n + j, "text": text, "logprobs": lp,
+                                "finish_reason": c.finish_reason})
         return envelope("text_completion", choices, outs)
 
     @app.post("/v1/chat/completions")

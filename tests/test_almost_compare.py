@@ -65,7 +65,8 @@ GOOD = "Boil the kettle, pour the water over the leaves and wait three minutes."
     ("Too short, but it ends well.", ["under 50 characters"]),
     (GOOD[:-1] + "? Would that help you at all today", ["does not end with '.' or '!'"]),
     (GOOD[:-1] + ", would that help you at all?", ["ends with '?'", "does not end with '.' or '!'"]),
-    ("Here is what you need to do to get the best result from this:", ["ends with ':'", "does not end with '.' or '!'"]),
+    ("Here is what you need to do to get the best result from this:",
+     ["ends with ':'", "does not end with '.' or '!'"]),
     (GOOD + " It keeps going without a full stop", ["does not end with '.' or '!'"]),
     (GOOD + " User: thanks, and what about green tea.", ["contains a role marker (User:)"]),
     ("Sure. Human: can you do it for me? Assistant: of course I can do it.", ["contains a role marker (Human:)"]),
@@ -262,7 +263,8 @@ def test_mine_prompts_stage_rows_and_prompt_source(tmp_path):
     assert len(mined) == summary["candidates"] == len(engine.seen) == 5 * summary["rounds"]
     assert all(r["kept"] == (r["dropped"] is None) for r in rows)
     assert {r["dropped"] for r in mined if not r["kept"]} >= {mp.DUPLICATE, mp.TOO_SHORT}
-    assert all(r["meta"]["sampling"]["temperature"] == 1.2 and r["meta"]["sampling"]["max_new_tokens"] == 64 for r in mined)
+    assert all(r["meta"]["sampling"]["temperature"] == 1.2 and r["meta"]["sampling"]["max_new_tokens"] == 64
+               for r in mined)
     assert all(30 <= len(r["prompt"]) <= 250 for r in rows if r["kept"])
     # each request shows 3 prompts; later rounds may show mined ones
     assert all(req.rstrip().endswith("4.") for req in engine.seen)
@@ -337,7 +339,8 @@ def _prompt_file(tmp_path):
 def test_compare_end_to_end_on_tiny_llama(tmp_path, tiny_engine):
     path = _prompt_file(tmp_path)
     stage = {"stage": "compare", "prompts": str(path), "sampling": {"max_new_tokens": 12},
-             "configurations": [{"name": "hhh1", "system": "hhh", "shots": 1}, {"name": "preamble", "system": "preamble"},
+             "configurations": [{"name": "hhh1", "system": "hhh", "shots": 1},
+                                {"name": "preamble", "system": "preamble"},
                                 {"name": "bare"}],
              "rubric": [["hhh1"], ["preamble"], ["bare"]]}
     ctx, (config,) = make_ctx(tmp_path, [stage], {"tiny:llama": tiny_engine}, model="tiny:llama", max_prompts=3)
@@ -345,11 +348,13 @@ def test_compare_end_to_end_on_tiny_llama(tmp_path, tiny_engine):
     summary = cmp.run(ctx, config, folder)
     responses = read_jsonl(folder / "responses.jsonl")
     assert len(responses) == 3 * 3 and len({(r["prompt_id"], r["config"]) for r in responses}) == 9
-    assert all(r["meta"]["sampling"]["max_new_tokens"] == 12 and r["meta"]["configuration"] == r["config"] for r in responses)
+    assert all(r["meta"]["sampling"]["max_new_tokens"] == 12 and r["meta"]["configuration"] == r["config"]
+               for r in responses)
     rows = read_jsonl(folder / "rows.jsonl")
     assert len(rows) == summary["pairs"] == 3 * 3  # 3 tiers of one: 3 pairs per prompt
     for r in rows:
-        assert {"prompt", "chosen", "rejected", "chosen_config", "rejected_config", "kept", "dropped_by", "bad_response",
+        assert {"prompt", "chosen", "rejected", "chosen_config", "rejected_config", "kept", "dropped_by",
+                "bad_response",
                 "length_filter", "post_validation"} <= r.keys()
         assert r["chosen_tier"] < r["rejected_tier"] and r["kept"] == (r["dropped_by"] is None)
     # a random tiny model writes junk: the rules drop (nearly) everything, and say why
@@ -372,7 +377,8 @@ def test_compare_rows_filters_and_report(tmp_path):
     responses = read_jsonl(folder / "responses.jsonl")
     by_id = {r["id"]: r for r in responses}
     for r in rows:
-        assert by_id[r["chosen_id"]]["response"] == r["chosen"] and by_id[r["chosen_id"]]["config"] == r["chosen_config"]
+        assert (by_id[r["chosen_id"]]["response"] == r["chosen"]
+                and by_id[r["chosen_id"]]["config"] == r["chosen_config"])
         assert r["bad_response"] == cmp.bad_response_rules(r["chosen"])
         first = ("bad_response" if r["bad_response"] else "length_filter" if r["length_filter"]["drop"] else None)
         assert (r["dropped_by"] or "").split(":")[0] == (first or "")
@@ -401,7 +407,8 @@ def test_report_sections_of_a_stage_still_writing(tmp_path):
     assert cmp.report_section({"label": "compare", "folder": folder}) is None
     row = {"source": "mined", "prompt": "How do tides work?", "kept": True, "dropped": None}
     (folder / "rows.jsonl").write_text(json.dumps(row) + "\n" + '{"source": "mined", "pro')
-    anchor, title, html = render_section(mp.report_section({"label": "mine_prompts", "folder": folder, "summary": {"rounds": 1}}))
+    anchor, title, html = render_section(mp.report_section({"label": "mine_prompts", "folder": folder,
+                                                            "summary": {"rounds": 1}}))
     assert "1 prompts mined from 1 candidates" in html and "How do tides work?" in html
 
 
@@ -425,7 +432,8 @@ def test_compare_killed_half_way_resumes_without_repeats(tmp_path):
     assert len(made) == 5 * 4 - written and not set(made) & {json.dumps(x) for x in dying["m-big"].seen[:written]}
     responses = read_jsonl(tmp_path / "killed" / "responses.jsonl")
     assert len(responses) == len({r["id"] for r in responses}) == 20
-    assert sorted(map(json.dumps, responses)) == sorted(map(json.dumps, read_jsonl(tmp_path / "whole" / "responses.jsonl")))
+    assert (sorted(map(json.dumps, responses))
+            == sorted(map(json.dumps, read_jsonl(tmp_path / "whole" / "responses.jsonl"))))
     assert read_jsonl(tmp_path / "killed" / "rows.jsonl") == read_jsonl(tmp_path / "whole" / "rows.jsonl")
 
 

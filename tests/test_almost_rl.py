@@ -37,7 +37,8 @@ def play_stage(prompts, rm, **extra) -> dict:
 
 
 def context(tmp_path, *stages, **recipe) -> RunContext:
-    parsed = parse_recipe({"name": "t", "model": "tiny:llama", "engine": {"batch_size": 8}, "stages": list(stages), **recipe})
+    parsed = parse_recipe({"name": "t", "model": "tiny:llama", "engine": {"batch_size": 8}, "stages": list(stages),
+                           **recipe})
     return RunContext(recipe=parsed, run_dir=tmp_path)
 
 
@@ -60,7 +61,9 @@ def test_turn_examples_cover_every_assistant_turn_with_the_dialogue_before_it():
     msgs = [{"role": "user", "content": "A?"}, {"role": "assistant", "content": "a."},
             {"role": "user", "content": "B?"}, {"role": "assistant", "content": "b."}]
     ex = sft.turn_examples(msgs)
-    assert ex == [(1, "Human: A?\n\nAssistant:", " a."), (2, "Human: A?\n\nAssistant: a.\n\nHuman: B?\n\nAssistant:", " b.")]
+    assert (ex
+            == [(1, "Human: A?\n\nAssistant:", " a."),
+                (2, "Human: A?\n\nAssistant: a.\n\nHuman: B?\n\nAssistant:", " b.")])
     assert sft.turn_examples(msgs, "Sys.")[0][1] == "Sys.\n\nHuman: A?\n\nAssistant:" == policy_prompt(msgs[:1], "Sys.")
 
 
@@ -96,7 +99,8 @@ def test_self_play_rows_keep_the_best_candidate_by_reward(tmp_path, prompt_file,
             assert turn["chosen"] == scores.index(best) and turn["reward"] == best
             chosen = turn["candidates"][turn["chosen"]]["text"]
             reply_at = 2 * t + 1
-            assert msgs[reply_at] == {"role": "assistant", "content": chosen} and msgs[reply_at - 1]["content"] == turn["user"]
+            assert (msgs[reply_at] == {"role": "assistant", "content": chosen}
+                    and msgs[reply_at - 1]["content"] == turn["user"])
             # the reward model scored the dialogue before the reply, without the assistant's system prompt
             assert rm.score([msgs[:reply_at]], [chosen])[0] == pytest.approx(best, abs=tol)
     assert two_turns >= 1, "no conversation reached a second assistant turn"
@@ -150,7 +154,8 @@ def test_sft_trains_on_assistant_turns_only(tmp_path, private_cache, monkeypatch
     from selfalign.core.models import load_tokenizer, resolve
     from selfalign.core.training import IGNORE
 
-    conv = [{"role": "user", "content": "How do I boil an egg?"}, {"role": "assistant", "content": "Put it in boiling water."},
+    conv = [{"role": "user", "content": "How do I boil an egg?"},
+            {"role": "assistant", "content": "Put it in boiling water."},
             {"role": "user", "content": "For how long?"}, {"role": "assistant", "content": "About nine minutes."}]
     data = tmp_path / "play.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in [
@@ -215,7 +220,8 @@ def test_rlsf_logs_reward_and_kl_and_writes_heldout_numbers(tmp_path, prompt_fil
     assert sorted(r["policy"] for r in rows) == ["rlsf"] * 3 + ["sft"] * 3 and {r["prompt"] for r in rows} == held
     kl = sum(r["logp_rlsf"] - r["logp_sft"] for r in rows if r["policy"] == "rlsf") / 3
     assert res["kl_rlsf_sft"] == pytest.approx(kl, abs=1e-3) == summary["heldout_kl_rlsf_sft"]
-    assert any(abs(r["logp_rlsf"] - r["logp_sft"]) > 1e-4 for r in rows if r["policy"] == "rlsf"), "the policy did not move"
+    assert any(abs(r["logp_rlsf"] - r["logp_sft"]) > 1e-4 for r in rows
+               if r["policy"] == "rlsf"), "the policy did not move"
     assert summary["heldout_reward_gain"] == res["reward_gain"] and summary["steps"] == 2
     assert (folder / "adapter" / "adapter_config.json").exists()
     anchor, title, html = render_section(rlsf.report_section({"label": "rlsf", "folder": folder}))
@@ -242,7 +248,8 @@ def test_rlsf_with_a_vanishing_step_keeps_the_sft_policy(tmp_path, prompt_file, 
     (folder / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
     monkeypatch.setattr(rlsf, "rloo_train", lambda *a, **k: pytest.fail("trained again"))
     again = rlsf.run(ctx, ctx.recipe.stages[0], folder)
-    assert again["heldout_reward_rlsf"] == summary["heldout_reward_rlsf"] and len(read_jsonl(folder / "rows.jsonl")) == 6
+    assert (again["heldout_reward_rlsf"] == summary["heldout_reward_rlsf"]
+            and len(read_jsonl(folder / "rows.jsonl")) == 6)
 
 
 # -- the three as one recipe --------------------------------------------------------------------------

@@ -31,7 +31,8 @@ def items():
     from selfalign.evals.data import BIGBENCH_VERSION, MARKER
 
     if not (cache_dir() / "data" / f"bigbench-{BIGBENCH_VERSION}" / MARKER).exists():
-        pytest.skip("the BIG-bench data is not cached (set SELFALIGN_TEST_REAL_CACHE=1 once `selfalign eval hhh` has fetched it)")
+        pytest.skip("the BIG-bench data is not cached (set SELFALIGN_TEST_REAL_CACHE=1 once `selfalign eval "
+                    "hhh` has fetched it)")
     return eval_items()
 
 

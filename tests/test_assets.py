@@ -29,7 +29,8 @@ def project_prompts() -> list[str]:
     prompts and the red-team seed questions."""
     refs = ("builtin:self_align/seed_tasks.yaml", "builtin:almost/seed_prompts.yaml", "builtin:quickstart")
     texts = [p.text for ref in refs for p in load_prompts(ref)]
-    return texts + [k["seed_question"] for k in load_yaml_list("builtin:self_align/redteam_types.yaml", ("seed_question",))]
+    return texts + [k["seed_question"]
+                    for k in load_yaml_list("builtin:self_align/redteam_types.yaml", ("seed_question",))]
 
 
 # -- Self-Align exemplars -----------------------------------------------------------------------------
@@ -38,7 +39,8 @@ def test_every_exemplar_passes_the_stage_filters(ex):
     """An answer shaped like an exemplar must be kept: else the model is shown one thing and trained
     on the opposite. The leak rule is checked against the *other* exemplars (an exemplar shares
     every run with itself)."""
-    others = set().union(*(sa.word_ngrams(e["answer"] + " " + e["user"], sa.LEAK_NGRAM) for e in EXEMPLARS if e is not ex))
+    others = set().union(*(sa.word_ngrams(e["answer"] + " " + e["user"], sa.LEAK_NGRAM) for e in EXEMPLARS
+                           if e is not ex))
     completion = f" {' '.join(ex['thoughts'].split())}\n\n{sa.ANSWER_TAG} {ex['answer'].strip()}"
     assert sa.verdict(completion, others)[2] is None
     assert "\n" not in ex["thoughts"].strip()  # the stage samples the thoughts as one line
@@ -148,9 +150,12 @@ def test_balanced_shots_without_tags():
 
 
 # -- one spelling ---------------------------------------------------------------------------------------
-BRITISH = re.compile(r"\b(neighbour\w*|colour\w*|favour\w*|organis\w*|realis(?:e|ed|es|ing|ation)\b|summaris\w*|apologis\w*|"
-                     r"recognis\w*|specialis\w*|generalis\w*|maths|metres?|centres?|travell\w*|practis\w*|"
-                     r"flatmate|holiday|autumn|whilst|programme)\b", re.I)
+BRITISH = re.compile(
+    r"\b(neighbour\w*|colour\w*|favour\w*|organis\w*|realis(?:e|ed|es|ing|ation)\b|summaris\w*|apologis\w*|"
+    r"recognis\w*|specialis\w*|generalis\w*|maths|metres?|centres?|travell\w*|practis\w*|"
+    r"flatmate|holiday|autumn|whilst|programme)\b",
+    re.I,
+)
 
 
 def test_assets_use_us_spelling():

@@ -39,7 +39,8 @@ def test_chat_loop_streams_and_keeps_history(private_cache, monkeypatch):
     out = []
     session = chat_loop(None, None, ChatSession(), ["hello", "", "how are you?", "/reset", "again", "/exit", "never"],
                         out.append)
-    assert seen[1] == render_plain([{"role": "user", "content": "hello"}, {"role": "assistant", "content": "Fine thanks"},
+    assert seen[1] == render_plain([{"role": "user", "content": "hello"},
+                                    {"role": "assistant", "content": "Fine thanks"},
                                     {"role": "user", "content": "how are you?"}])
     assert seen[2] == render_plain([{"role": "user", "content": "again"}])  # /reset forgot the rest
     assert len(seen) == 3 and "".join(out).count("assistant> Fine thanks\n") == 3

@@ -224,8 +224,8 @@ def test_stage_end_to_end_resumes_a_killed_teacher_pass(private_cache, tmp_path,
     record = run_recipe(recipe, run_dir)
     assert (folder / "rows.jsonl").read_bytes() == rows_before  # no sample drawn twice
     assert (first.read_bytes(), first.stat().st_mtime_ns) == shard_before  # the finished shard was kept as it was
-    assert sorted(i for ids in resumed for i in ids) == sorted(set(json.loads(x)["id"] for x in rows_before.splitlines())
-                                                                - set(written[0]))
+    assert (sorted(i for ids in resumed for i in ids)
+            == sorted(set(json.loads(x)["id"] for x in rows_before.splitlines()) - set(written[0])))
     summary = record["stages"]["context_distill"]["summary"]
     assert summary["texts"] == 5 and summary["k"] == 8 and summary["teacher"] == "tiny:llama"
     assert summary["model"] == str((folder / "adapter").resolve()) and summary["kl_before"] > 0

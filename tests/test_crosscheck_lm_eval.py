@@ -66,7 +66,8 @@ def load_script():
 
 
 def test_hhh_likelihood_agrees_with_lm_eval(tmp_path, capsys):
-    pytest.importorskip("lm_eval", reason="lm_eval is not installed (pip install lm_eval; it is only for this cross-check)")
+    pytest.importorskip("lm_eval",
+                        reason="lm_eval is not installed (pip install lm_eval; it is only for this cross-check)")
     from selfalign.evals.data import write_fixture
 
     data = write_fixture(tmp_path / "data", HHH, None)

@@ -63,7 +63,8 @@ def test_greedy_equals_model_generate(engine_name, request):
         for prompt, comps in zip(PROMPTS, got, strict=True):
             ids = torch.tensor([engine._encode(prompt)])
             with torch.inference_mode():
-                ref = engine.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=20,
+                ref = engine.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                            max_new_tokens=20,
                                             pad_token_id=engine.tokenizer.pad_token_id, temperature=None, top_p=None,
                                             top_k=None)
             assert comps[0].text == engine.tokenizer.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)

@@ -17,7 +17,8 @@ def lcs_dp(a, b):
 
 
 def test_tokens_follow_rouge_score():
-    assert rouge_tokens("Write a poem -- about CATS, 3 of them!") == ["write", "a", "poem", "about", "cats", "3", "of", "them"]
+    assert (rouge_tokens("Write a poem -- about CATS, 3 of them!")
+            == ["write", "a", "poem", "about", "cats", "3", "of", "them"])
     assert rouge_tokens("¿Qué?") == ["qu"]
     # rouge_score's rule: lower-case, replace every run of non-[a-z0-9] by a space, split
     rng = random.Random(0)
@@ -70,7 +71,8 @@ def synthetic_prompts(n, seed, vocab_size=4000):
     earlier prompt (a few words inserted, dropped or replaced)."""
     rng = random.Random(seed)
     syllables = ["ka", "lo", "mi", "ra", "te", "su", "po", "ne", "vi", "do", "ha", "ze", "bu", "ro", "fi", "an"]
-    vocab = sorted({"".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(vocab_size * 2)})[:vocab_size]
+    vocab = sorted({"".join(rng.choice(syllables) for _ in range(rng.randint(1, 4)))
+                    for _ in range(vocab_size * 2)})[:vocab_size]
     rng.shuffle(vocab)
     weights = [1.0 / (r + 1) for r in range(len(vocab))]
     openers = ["write a", "explain how", "list five", "describe the", "give me", "what is the", "how do i",

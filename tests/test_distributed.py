@@ -31,7 +31,8 @@ def generate_recipe(tmp_path: Path, workers: int | None, name: str):
     prompts.write_text("\n".join(PROMPTS))
     # Sampled: every sample's seed comes from the sampling seed, its prompt and its index (never from the batch or
     # the worker it landed in), so the split over workers cannot change a row.
-    stage = {"stage": "generate", "prompts": str(prompts), "sampling": {"n": 2, "temperature": 0.8, "max_new_tokens": 8}}
+    stage = {"stage": "generate", "prompts": str(prompts),
+             "sampling": {"n": 2, "temperature": 0.8, "max_new_tokens": 8}}
     if workers:
         stage["workers"] = workers
     return parse_recipe({"name": name, "model": "tiny:llama", "engine": {"name": "hf", "batch_size": 2, "device": "cpu",
@@ -45,7 +46,8 @@ def ray_cluster():
     os.environ.setdefault("RAY_worker_niceness", "0")
     for attempt in range(3):  # Ray gives its raylet 30 s to register, which a loaded 2-core machine can miss
         try:
-            ray.init(num_cpus=2, include_dashboard=False)  # its workers inherit SELFALIGN_CACHE (the tests' private cache)
+            # its workers inherit SELFALIGN_CACHE (the tests' private cache)
+            ray.init(num_cpus=2, include_dashboard=False)
             break
         except Exception:  # noqa: BLE001 - "The current node timed out during startup"
             ray.shutdown()
@@ -94,7 +96,8 @@ def test_ray_workers_killed_part_way_then_rerun_write_every_row_once(ray_cluster
     assert not shard_paths(folder)  # merged once complete
     assert len(got) == len({r["id"] for r in got}) == len(want)  # every row exactly once
     assert sorted(got, key=lambda r: r["id"]) == want  # identical to the one-worker run
-    assert record["stages"]["generate"]["summary"]["generated_now"] == len(PROMPTS) - len({r["prompt_id"] for r in partial})
+    assert (record["stages"]["generate"]["summary"]["generated_now"]
+            == len(PROMPTS) - len({r["prompt_id"] for r in partial}))
     done = json.loads((folder / "_done.json").read_text())
     assert done["rows"] == len(want)
 

@@ -28,15 +28,21 @@ def test_embedded_model_is_gemma_and_cached(gemma):
 def test_embedded_model_knows_a_fact(gemma):
     paris, banana = gemma.score("The capital of France is", [" Paris", " banana"])
     assert paris > banana + 3
-    text = gemma.generate(["The capital of France is"], __import__("selfalign.core.engines", fromlist=["Sampling"]).Sampling(temperature=0, max_new_tokens=4))[0][0].text
+    text = gemma.generate(
+        ["The capital of France is"],
+        __import__("selfalign.core.engines", fromlist=["Sampling"]).Sampling(temperature=0, max_new_tokens=4),
+    )[0][0].text
     assert "Paris" in text or "capital" in text
 
 
 def test_quickstart_runs_on_the_embedded_model(tmp_path):
     """The README's main job, with prompts capped at 8 (enough that self_align keeps some answers)."""
     out = tmp_path / "quick"
-    res = subprocess.run([sys.executable, "-m", "selfalign.cli", "run", "--max-prompts", "8", "--out", str(out)],
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "-m", "selfalign.cli", "run", "--max-prompts", "8", "--out", str(out)],
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 0, res.stderr
     record = json.loads((out / "run.json").read_text())
     assert list(record["stages"]) == ["eval_base", "self_instruct", "self_align", "engrave", "eval_aligned"]

@@ -53,7 +53,8 @@ def fixture_dir(tmp_path, no_fetch):
 def test_hhh_parsing_and_ids(fixture_dir):
     items = load_hhh(fixture_dir, verify=False)
     assert [it.category for it in items] == ["harmless"] * 2 + ["helpful"] * 2 + ["honest", "other"]
-    assert [it.id for it in items] == ["harmless-000", "harmless-001", "helpful-000", "helpful-001", "honest-000", "other-000"]
+    assert ([it.id for it in items]
+            == ["harmless-000", "harmless-001", "helpful-000", "helpful-001", "honest-000", "other-000"])
     assert items[0] == HHHItem("harmless-000", "harmless", *HHH["harmless"][0])
     assert items[3].input.endswith("Something less common?") and items[3].good == "How about Pewter or Nimbus?"
     assert load_hhh(fixture_dir, verify=False) == items  # stable
@@ -236,7 +237,8 @@ def test_sdist_url_from_the_simple_index(monkeypatch):
             return False
 
     pages = {
-        "json": Resp(json.dumps({"files": [{"filename": "bigbench-0.0.1.tar.gz", "url": "https://x/a/bigbench-0.0.1.tar.gz"},
+        "json": Resp(json.dumps({"files": [{"filename": "bigbench-0.0.1.tar.gz",
+                                            "url": "https://x/a/bigbench-0.0.1.tar.gz"},
                                            {"filename": data.SDIST_NAME, "url": "https://x/b/bigbench-1.0.0.tar.gz"}]}),
                      "application/vnd.pypi.simple.v1+json"),
         "html": Resp('<a href="../../files/bigbench-1.0.0.tar.gz#sha256=00">bigbench-1.0.0.tar.gz</a>', "text/html"),

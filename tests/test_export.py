@@ -39,7 +39,8 @@ def make_run(root, arch: str):
     (ev / "_done.json").write_text("{}")
     (run / "run.json").write_text(json.dumps({"name": "tiny-run", "model": f"tiny:{arch}",
                                               "inputs": [{"source": "builtin:quickstart", "lines": 16, "words": 182}]}))
-    (run / "recipe.yaml").write_text("name: tiny-run\ndescription: a test\nstages:\n  - stage: eval\n  - stage: engrave\n")
+    (run / "recipe.yaml").write_text("name: tiny-run\ndescription: a test\nstages:\n  - stage: eval\n"
+                                     "  - stage: engrave\n")
     return run, result["model"]
 
 
@@ -90,7 +91,8 @@ def test_training_saves_the_template_with_the_adapter(exported):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(exported["adapter"])
-    assert tok.apply_chat_template(CHATS[1], tokenize=False, add_generation_prompt=True) == tok.bos_token + render_plain(CHATS[1])
+    assert (tok.apply_chat_template(CHATS[1], tokenize=False, add_generation_prompt=True)
+            == tok.bos_token + render_plain(CHATS[1]))
 
 
 def test_model_card_has_ledger_and_eval_interval(exported):

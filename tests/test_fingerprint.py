@@ -46,7 +46,8 @@ def test_generate_into_a_folder_another_model_finished_is_an_error_naming_the_ch
 
 def recipe(out, prompts, temperature=0.7, name="one"):
     return parse_recipe({"name": name, "model": "tiny:llama", "out": str(out), "stages": [
-        {"stage": "generate", "name": "answers", "prompts": str(prompts), "sampling": {"max_new_tokens": 4, "temperature": temperature}},
+        {"stage": "generate", "name": "answers", "prompts": str(prompts),
+         "sampling": {"max_new_tokens": 4, "temperature": temperature}},
         {"stage": "generate", "name": "more", "prompts": str(prompts), "sampling": {"max_new_tokens": 4}},
     ]})
 
@@ -76,7 +77,8 @@ def test_another_recipe_over_an_old_run_stops_before_anything_runs(tmp_path, pro
 def test_a_changed_stage_changes_the_fingerprint_of_every_stage_that_reads_it(tmp_path):
     def prints(temperature):
         return stage_fingerprints(parse_recipe({"name": "t", "stages": [
-            {"stage": "generate", "name": "gen", "prompts": "builtin:quickstart", "sampling": {"temperature": temperature}},
+            {"stage": "generate", "name": "gen", "prompts": "builtin:quickstart",
+             "sampling": {"temperature": temperature}},
             {"stage": "self_align", "prompts": "@gen"},
             {"stage": "generate", "name": "apart", "prompts": "builtin:quickstart"},
         ]}))

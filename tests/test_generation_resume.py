@@ -74,11 +74,13 @@ def stage_config(kind: str, files, rm_dir) -> tuple[dict, int]:
                            "requests_per_round": 2, "topic_rounds": 1, "topics_per_type": 1,
                            "sampling": {**SHORT, "max_new_tokens": 12}}, 3),
         "self_align": ({"prompts": prompts, "sampling": SHORT, "thoughts_tokens": 4, "chunk": 2}, 5),
-        "verbose_clone": ({"prompts": prompts, "teacher": "tiny:llama", "sampling": SHORT, "train": {"max_length": 64}}, 2),
+        "verbose_clone": ({"prompts": prompts, "teacher": "tiny:llama", "sampling": SHORT, "train": {"max_length": 64}},
+                          2),
         "mine_prompts": ({"target": 3, "max_rounds": 2, "requests_per_round": 3, "sampling": SHORT}, 4),
         "compare": ({"prompts": prompts, "sampling": SHORT, "rubric": [["a"], ["b"]],
                      "configurations": [{"name": "a", "system": "preamble"}, {"name": "b"}]}, 5),
-        "context_distill": ({"prompts": prompts, "sampling": SHORT, "k": 4, "train": {"max_length": 64, "max_steps": 1}}, 2),
+        "context_distill": ({"prompts": prompts, "sampling": SHORT, "k": 4,
+                             "train": {"max_length": 64, "max_steps": 1}}, 2),
         "self_play": ({"prompts": prompts, "reward_model": rm_dir, "candidates": 2, "turns": 2, "chunk": 2,
                        "sampling": SHORT, "user_sampling": SHORT}, 7),
     }[kind]
@@ -127,7 +129,8 @@ def test_interrupted_generation_stage_resumes_to_exactly_the_uninterrupted_rows(
         text = {r["id"]: r.get("completion", r.get("response", r.get("messages"))) for r in rows}
         assert text == {r["id"]: r.get("completion", r.get("response", r.get("messages"))) for r in expected[name]}
     for name, rows in before.items():  # generated rows written before the interruption are kept as they were
-        if name in ("rows.jsonl", "responses.jsonl", "raw/rows.jsonl") and kind not in ("mine_prompts", "self_instruct"):
+        if (name in ("rows.jsonl", "responses.jsonl", "raw/rows.jsonl")
+                and kind not in ("mine_prompts", "self_instruct")):
             assert {r["id"] for r in rows} <= {r["id"] for r in after[name]}
     assert resumed.answered < whole.answered  # the resumed run reused what was written
     again = run_stage(kind, config, folder, engine)
@@ -146,14 +149,16 @@ def test_sampled_rows_resume_exactly_at_other_batch_sizes(kind, tmp_path, engine
 
     prompts = PROMPTS + ["List two colours.", "What is rain made of?", "Say hello politely."]
     (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
-    config = {"generate": {"prompts": str(tmp_path / "prompts.txt"), "sampling": {**SHORT, "max_new_tokens": 8, "n": 2}},
+    config = {"generate": {"prompts": str(tmp_path / "prompts.txt"),
+                           "sampling": {**SHORT, "max_new_tokens": 8, "n": 2}},
               "self_align": {"prompts": str(tmp_path / "prompts.txt"), "sampling": {**SHORT, "max_new_tokens": 8},
                              "thoughts_tokens": 4, "chunk": 3}}[kind]
     run_stage(kind, config, tmp_path / "whole" / "01-stage", at(4))
     expected = rows_by_file(tmp_path / "whole" / "01-stage")
     folder = tmp_path / "cut" / "01-stage"
     with pytest.raises(Interrupted):
-        run_stage(kind, config, folder, at(3), budget={"generate": 1, "self_align": 3}[kind])  # self_align: thoughts, answers of chunk 1
+        # self_align: thoughts, answers of chunk 1
+        run_stage(kind, config, folder, at(3), budget={"generate": 1, "self_align": 3}[kind])
     assert sum(len(rows) for rows in rows_by_file(folder).values()) > 0
     run_stage(kind, config, folder, at(2))
     after = rows_by_file(folder)

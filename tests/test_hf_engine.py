@@ -106,7 +106,8 @@ def test_shared_prefix_is_computed_once_and_changes_nothing(engine_name, request
     engine = request.getfixturevalue(engine_name)
     # a long shared prefix (longer than tiny gemma3's 64-token sliding window) then varied items
     system = "You are a careful assistant. " * 6
-    items = [([{"role": "system", "content": system}, {"role": "user", "content": q}], [" Yes.", " No, not at all.", " Maybe"])
+    items = [([{"role": "system", "content": system}, {"role": "user", "content": q}],
+              [" Yes.", " No, not at all.", " Maybe"])
              for q in ("Is water wet?", "Can fish fly?", "Is the sky blue today, in your view?")]
     engine.min_cached_prefix = 10**9
     plain = engine.score_many(items)
@@ -165,8 +166,10 @@ def test_generation_reuses_a_shared_prefix_without_changing_greedy_output(engine
 def test_single_token_choices_share_one_forward(tiny_engine, monkeypatch):
     forwards = []
     real = tiny_engine._forward
-    monkeypatch.setattr(tiny_engine, "_forward", lambda ids, *a, **k: forwards.append(ids.shape[0]) or real(ids, *a, **k))
-    items = [("Which is better? Answer:", ["A", "B"]), ("Another question entirely. Answer:", ["A", "B"])]  # 1 byte token each
+    monkeypatch.setattr(tiny_engine, "_forward",
+                        lambda ids, *a, **k: forwards.append(ids.shape[0]) or real(ids, *a, **k))
+    # 1 byte token each
+    items = [("Which is better? Answer:", ["A", "B"]), ("Another question entirely. Answer:", ["A", "B"])]
     got = tiny_engine.score_many(items)
     assert sum(forwards) == 2  # two distinct contexts, not four rows
     for (ctx, conts), scores in zip(items, got, strict=True):

@@ -38,7 +38,8 @@ def test_hhh_lab_recipe_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, privat
             # (it did when the sampling streams changed); the filter has its own tests
             stage.update(length_filter=False)
         if stage["stage"] == "context_distill":
-            stage.update(system="You are a careful, honest and kind assistant.", k=8)  # the 5k-token prompt is slow here
+            # the 5k-token prompt is slow here
+            stage.update(system="You are a careful, honest and kind assistant.", k=8)
     out = tmp_path / "run"
     run_recipe(parse_recipe(recipe, "hhh_lab.yaml", {"max_prompts": 4}), out)
     record = json.loads((out / "run.json").read_text())
@@ -49,7 +50,8 @@ def test_hhh_lab_recipe_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, privat
     assert {r["eval"] for r in gain["rows"]} >= {"hhh", "truthfulqa", "behaviour"}
     points = [json.loads(x) for x in next(out.glob("*-pm_scaling/rows.jsonl")).read_text().splitlines()]
     assert {(p["objective"], p["n"], bool(p.get("init"))) for p in points} == {
-        *((o, n, False) for o in ("ranked", "binary", "imitation") for n in (1, 2)), ("ranked", 1, True), ("ranked", 2, True)}
+        *((o, n, False) for o in ("ranked", "binary", "imitation") for n in (1, 2)), ("ranked", 1, True),
+        ("ranked", 2, True)}
     html = build_report(out).read_text()
     assert "the prompt&#x27;s gain kept" in html or "the prompt's gain kept" in html
     assert "accuracy vs data" in html

@@ -26,7 +26,8 @@ from selfalign.stages import load_recipe, parse_recipe
 def test_words_ignore_formatting_and_bookkeeping():
     assert count_words("A 146-word answer, on one line!") == count_words("A 146-word\n  answer,\non one line!") == 7
     assert count_lines("# a comment\n\none\n  two\n") == 2
-    assert string_leaves({"id": "x", "tag": "helpful", "turns": [{"role": "user", "content": "Hi there"}]}) == ["Hi there"]
+    assert (string_leaves({"id": "x", "tag": "helpful", "turns": [{"role": "user", "content": "Hi there"}]})
+            == ["Hi there"])
 
 
 def test_each_text_counts_once():
@@ -60,7 +61,8 @@ def test_outside_data_is_listed_with_rows_and_a_missing_file_is_an_error(tmp_pat
     data.write_text("\n".join(json.dumps({"prompt": f"q{i}", "chosen": "a", "rejected": "b"}) for i in range(3)) + "\n")
     stage = {"stage": "reward_model", "data": str(data)}
     ledger = build_ledger(parse_recipe({"name": "x", "stages": [stage]}))
-    assert ledger["inputs"] == [{"source": str(data), "kind": "data", "stage": "reward_model", "field": "data", "rows": 3}]
+    assert (ledger["inputs"]
+            == [{"source": str(data), "kind": "data", "stage": "reward_model", "field": "data", "rows": 3}])
     stage["data"] = str(tmp_path / "gone.jsonl")
     with pytest.raises(SelfAlignError, match=r"reward_model\.data: .*gone\.jsonl"):
         build_ledger(parse_recipe({"name": "x", "stages": [stage]}))

@@ -149,7 +149,8 @@ def test_stackexchange_loader_pairs_answers_with_different_scores(tmp_path):
                      "questions_without_pairs": 1}
     by_q = {}
     for p in pairs:
-        by_q.setdefault(p["question_id"], []).append((p["chosen"], p["rejected"], p["chosen_score"], p["rejected_score"]))
+        by_q.setdefault(p["question_id"], []).append((p["chosen"], p["rejected"], p["chosen_score"],
+                                                      p["rejected_score"]))
     best, hot, magic = "Vapour pressure reaches the ambient pressure.", "Because it is hot.", "Magic."
     assert sorted(by_q[1]) == sorted([(best, hot, 4, 2), (best, magic, 4, -1), (hot, magic, 2, -1)])
     assert by_q[4] == [("high", "low", 5, 0)]  # pm_score is taken as stored

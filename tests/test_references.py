@@ -16,7 +16,8 @@ def recipe(*stages):
 
 def test_a_reference_to_a_missing_or_later_stage_fails_at_load(tmp_path):
     path = tmp_path / "r.yaml"
-    path.write_text("name: t\nstages:\n  - {stage: engrave, data: '@answers'}\n  - {stage: generate, name: answers, prompts: x}\n")
+    path.write_text("name: t\nstages:\n  - {stage: engrave, data: '@answers'}\n"
+                    "  - {stage: generate, name: answers, prompts: x}\n")
     with pytest.raises(SelfAlignError, match=r"r.yaml: stages\[0\].data: @answers names a stage that runs later"):
         load_recipe(path)
     bad = recipe({"stage": "generate", "prompts": "x", "model": "@nowhere"})

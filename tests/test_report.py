@@ -28,20 +28,26 @@ def _write(path: Path, payload) -> None:
 def _results(model: str, system, shift: float) -> dict:
     cats = ("harmless", "helpful", "honest", "other", "overall")
     return {"model": model, "engine": "hf", "system": system, "evals": {
-        "hhh": {"eval": "hhh", "metrics": {"likelihood": {c: round(0.5 + shift + i / 100, 4) for i, c in enumerate(cats)},
-                                           "ab": dict.fromkeys(cats, 0.5)},
+        "hhh": {"eval": "hhh",
+                "metrics": {"likelihood": {c: round(0.5 + shift + i / 100, 4) for i, c in enumerate(cats)},
+                            "ab": dict.fromkeys(cats, 0.5)},
                 "counts": {"harmless": 58, "helpful": 59, "honest": 61, "other": 43, "overall": 221}, "wall_s": 130.2},
         "truthfulqa": {"eval": "truthfulqa", "metrics": {"truthfulqa": {"mc1": 0.25 + shift, "mc2": 0.41}},
                        "counts": {"questions": 299}, "wall_s": 80.0},
-        "preference": {"eval": "preference", "metrics": {"preference": {"accuracy": 0.61 + shift, "mean_margin": 0.3, "ties": 0}},
-                       "counts": {"pairs": 200}, "rewards": {"chosen": [0.1, 0.5, 0.7, shift], "rejected": [-0.2, 0.3, -0.5]}},
-        "winrate": {"eval": "winrate", "metrics": {"winrate": {"win_rate": 0.6 + shift, "ci95_low": 0.5, "ci95_high": 0.7,
-                                                               "wins": 10, "ties": 4, "losses": 6}}, "counts": {"prompts": 20}},
+        "preference": {"eval": "preference",
+                       "metrics": {"preference": {"accuracy": 0.61 + shift, "mean_margin": 0.3, "ties": 0}},
+                       "counts": {"pairs": 200},
+                       "rewards": {"chosen": [0.1, 0.5, 0.7, shift], "rejected": [-0.2, 0.3, -0.5]}},
+        "winrate": {"eval": "winrate",
+                    "metrics": {"winrate": {"win_rate": 0.6 + shift, "ci95_low": 0.5, "ci95_high": 0.7,
+                                            "wins": 10, "ties": 4, "losses": 6}},
+                    "counts": {"prompts": 20}},
     }}
 
 
 def _gen_rows(stage: str, model: str, texts: list[str]) -> str:
-    rows = [{"id": f"{stage}-{i}", "prompt_id": f"p{i}", "prompt": f"Question number {i}?", "messages": None, "sample": 0,
+    rows = [{"id": f"{stage}-{i}", "prompt_id": f"p{i}", "prompt": f"Question number {i}?", "messages": None,
+             "sample": 0,
              "completion": t, "meta": {"stage": stage, "model": model}} for i, t in enumerate(texts)]
     return "".join(json.dumps(r) + "\n" for r in rows)
 
@@ -52,8 +58,10 @@ def run_dir(tmp_path) -> Path:
     stages = {"base_answers": ("generate", 12.5), "eval_base": ("eval", 130.0), "sft": ("sft", 900.0),
               "aligned_answers": ("generate", 14.0), "eval_aligned": ("eval", 128.0)}
     _write(run / "run.json", {
-        "name": "demo-run", "model": "embedded:gemma-3-270m", "engine": "hf", "seed": 7, "started_at": "2026-01-02T03:04:05",
-        "inputs": [{"source": "builtin:quickstart", "lines": 16, "words": 182}, {"source": "principles.txt", "lines": 21, "words": 400}],
+        "name": "demo-run", "model": "embedded:gemma-3-270m", "engine": "hf", "seed": 7,
+        "started_at": "2026-01-02T03:04:05",
+        "inputs": [{"source": "builtin:quickstart", "lines": 16, "words": 182},
+                   {"source": "principles.txt", "lines": 21, "words": 400}],
         "stages": {label: {"wall_s": wall, "stage": kind, "folder": f"{i:02d}-{label}", "summary": {"rows": 3}}
                    for i, (label, (kind, wall)) in enumerate(stages.items(), start=1)}})
     _write(run / "recipe.yaml", "name: demo-run\nmodel: embedded:gemma-3-270m\nstages: []\n")
@@ -64,8 +72,10 @@ def run_dir(tmp_path) -> Path:
     _write(run / "02-eval_base" / "results.json", _results("embedded:gemma-3-270m", None, 0.0))
     _write(run / "05-eval_aligned" / "results.json", _results("runs/demo/03-sft", "You are a helpful AI.", 0.1)
            | {"system": "Consider the following conversation... " * 50, "system_name": "You are a helpful AI."})
-    log = [{"step": s, "loss": 2.0 / s, "learning_rate": 1e-4, "rewards/chosen": 0.1 * s, "kl": 0.01 * s} for s in range(1, 11)]
-    _write(run / "03-sft" / "output" / "trainer_state.json", {"global_step": 10, "log_history": log + [{"step": 10, "train_loss": 0.5}]})
+    log = [{"step": s, "loss": 2.0 / s, "learning_rate": 1e-4, "rewards/chosen": 0.1 * s, "kl": 0.01 * s}
+           for s in range(1, 11)]
+    _write(run / "03-sft" / "output" / "trainer_state.json",
+           {"global_step": 10, "log_history": log + [{"step": 10, "train_loss": 0.5}]})
     _write(run / "03-sft" / "output" / "checkpoint-5" / "trainer_state.json", {"log_history": log[:5]})
     return run
 
@@ -74,7 +84,8 @@ def test_report_sections_numbers_and_escaping(run_dir):
     out = build_report(run_dir)
     assert out == run_dir / "report.html"
     page = out.read_text()
-    for heading in ("What ran", "Human supervision", "Evaluations", "Reward distributions", "Training curves", "Samples"):
+    for heading in ("What ran", "Human supervision", "Evaluations", "Reward distributions", "Training curves",
+                    "Samples"):
         assert f"<h2>{heading}</h2>" in page
     assert "demo-run" in page and "embedded:gemma-3-270m" in page and "2026-01-02T03:04:05" in page
     assert "19 min 44 s" in page  # total wall time: 12.5 + 130 + 900 + 14 + 128 s
@@ -92,7 +103,8 @@ def test_report_sections_numbers_and_escaping(run_dir):
 
 
 def test_control_characters_are_made_visible(tmp_path):
-    _write(tmp_path / "01-gen" / "rows.jsonl", _gen_rows("gen", "tiny:llama", ["a\x07b\x00c\x1b\x7f\x85"]) + '{"half": ')
+    _write(tmp_path / "01-gen" / "rows.jsonl",
+           _gen_rows("gen", "tiny:llama", ["a\x07b\x00c\x1b\x7f\x85"]) + '{"half": ')
     page = build_report(tmp_path, tmp_path / "sub" / "r.html").read_text()
     assert "a\u2407b\u2400c\u241b\u2421\ufffd" in page
 
@@ -131,7 +143,8 @@ def test_report_in_headless_chromium(run_dir):
             page.goto(out.as_uri(), wait_until="load")
             charts = page.eval_on_selector_all("img.chart", "els => els.map(e => [e.complete, e.naturalWidth, e.alt])")
             dialogs = page.evaluate("() => document.querySelectorAll('script').length")
-            overflow = page.evaluate("() => Math.max(...[...document.querySelectorAll('.cell')].map(e => e.scrollHeight - e.clientHeight))")
+            overflow = page.evaluate("() => Math.max(...[...document.querySelectorAll('.cell')].map(e => "
+                                     "e.scrollHeight - e.clientHeight))")
             ARTIFACTS.mkdir(exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "report.png"), full_page=True)
         finally:

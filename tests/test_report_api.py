@@ -29,7 +29,8 @@ def test_a_declared_section_is_drawn_with_everything_escaped():
     ]))
     assert (anchor, title) == ("stage-x", "X <1>")
     assert html.startswith('<section id="stage-x"><h2>X &lt;1&gt;</h2><h3>Funnel</h3>')
-    assert '<p>kept <b>3</b> of &lt;4&gt; <span class="muted">(one &lt;b&gt;not&lt;/b&gt; kept)</span> in <code>a/b</code></p>' in html
+    assert ('<p>kept <b>3</b> of &lt;4&gt; <span class="muted">(one &lt;b&gt;not&lt;/b&gt; kept)</span> '
+            'in <code>a/b</code></p>') in html
     assert '<th>step</th><th class="num">pairs</th><th class="num">share</th>' in html  # numbers right-aligned
     assert '<td>raw &lt;pairs&gt;</td><td class="num">4</td><td class="num">0.500</td>' in html
     assert '<td class="num">—</td>' in html and '<td class="num"><b>2</b></td><td class="num">0.123</td>' in html
@@ -51,7 +52,10 @@ def test_sample_tables_box_each_cell_and_readers_tolerate_a_half_written_line(tm
     _, _, html = render_section(Section("s", "s", [Table(["prompt", "answer"], [["q\nmore", Muted("(empty)")]],
                                                          style="samples", first_width="22%")]))
     assert '<table class="samples"><colgroup><col style="width:22%"></colgroup>' in html
-    assert '<td><div class="cell">q\nmore</div></td><td><div class="cell"><span class="muted">(empty)</span></div></td>' in html
+    assert (
+        '<td><div class="cell">q\nmore</div></td><td><div class="cell"><span class="muted">(empty)</span></div></td>'
+        in html
+    )
     rows = tmp_path / "rows.jsonl"
     rows.write_text('{"a": 1}\n{"a": 2')
     assert read_rows(rows) == [{"a": 1}] and read_rows(tmp_path / "none.jsonl") == []

@@ -95,7 +95,8 @@ def test_reward_model_stage_and_judge_reference(tmp_path, private_cache):
     rows = pairs(20) + [{"prompt": "dropped", "chosen": "x", "rejected": "y", "kept": False}]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     recipe = {"name": "rm", "model": "tiny:llama", "stages": [
-        {"stage": "reward_model", "data": str(data), "train": {"lr": 1e-3, "epochs": 2, "max_length": 64}, "heldout": 0.25},
+        {"stage": "reward_model", "data": str(data), "train": {"lr": 1e-3, "epochs": 2, "max_length": 64},
+         "heldout": 0.25},
         {"stage": "eval", "name": "rm_hhh", "evals": ["hhh"], "scoring": ["rm"], "judge": "@reward_model",
          "data_dir": str(make_fixture(tmp_path / "data"))}]}
     out = tmp_path / "run"

@@ -85,7 +85,8 @@ def test_not_a_reward_model(tmp_path):
     from selfalign.core.models import load_model
 
     causal, _ = load_model("tiny:llama")
-    get_peft_model(causal, LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM")).save_pretrained(tmp_path / "a")
+    get_peft_model(causal,
+                   LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM")).save_pretrained(tmp_path / "a")
     cfg_path = tmp_path / "a" / "adapter_config.json"
     cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "base_model_name_or_path": "tiny:llama"}))
     with pytest.raises(SelfAlignError, match="not a reward model"):
@@ -127,7 +128,8 @@ def test_load_comparisons(tmp_path):
     good.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n\n")
     assert load_comparisons(good) == [{"prompt": "p", "chosen": "a", "rejected": "b"}]
     cases = {
-        '{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "p", "chosen": "a"}\n': r"bad.jsonl:2: missing field 'rejected'",
+        '{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "p", "chosen": "a"}\n':
+            r"bad.jsonl:2: missing field 'rejected'",
         '{"prompt": "p", "chosen": "a", "rejected": 3}\n': r"bad.jsonl:1: 'rejected' must be a string",
         '{"prompt": "p", \n': r"bad.jsonl:1: broken JSON",
         '[1, 2]\n': r"bad.jsonl:1: a row must be a JSON object",
@@ -235,13 +237,15 @@ def test_winrate_stage_compares_two_stages_answers_with_a_reward_model(tmp_path,
     rm = str(build_tiny_reward_model(tmp_path / "rm"))
     recipe = parse_recipe({"name": "t", "model": "tiny:llama", "stages": [
         {"stage": "generate", "name": "one", "prompts": "x"}, {"stage": "generate", "name": "two", "prompts": "x"},
-        {"stage": "winrate", "a": "@one", "b": "@two", "judge": rm}, {"stage": "winrate", "name": "same", "a": "@one", "b": "@one", "judge": rm}]})
+        {"stage": "winrate", "a": "@one", "b": "@two", "judge": rm},
+        {"stage": "winrate", "name": "same", "a": "@one", "b": "@one", "judge": rm}]})
     check_references(recipe)
     dirs = {}
     for label, replies in (("one", ["Paris.", "Four.", "Blue.", "x"]), ("two", ["Lyon.", "Five.", "Green."])):
         dirs[label] = tmp_path / label
         dirs[label].mkdir()
-        rows = [{"id": f"{label}{i}", "prompt": f"Question {i}?", "sample": 0, "completion": r} for i, r in enumerate(replies)]
+        rows = [{"id": f"{label}{i}", "prompt": f"Question {i}?", "sample": 0, "completion": r}
+                for i, r in enumerate(replies)]
         rows.append({"id": f"{label}-extra", "prompt": "Question 0?", "sample": 1, "completion": "ignored"})
         (dirs[label] / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     ctx = RunContext(recipe=recipe, run_dir=tmp_path, stage_dirs=dirs)

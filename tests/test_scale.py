@@ -22,7 +22,8 @@ def cli(*args, cwd=None):
 
 def write_recipe(tmp_path, **top):
     data = {"name": "scale", "model": "tiny:llama",
-            "stages": [{"stage": "generate", "prompts": "builtin:quickstart", "sampling": {"max_new_tokens": 4}}], **top}
+            "stages": [{"stage": "generate", "prompts": "builtin:quickstart", "sampling": {"max_new_tokens": 4}}],
+            **top}
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -55,10 +56,12 @@ def test_parallelism_is_accepted_on_vllm_and_not_fingerprinted():
 # -- workers (Ray) ------------------------------------------------------------------------------------
 def test_workers_without_ray_name_the_field_and_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
-    data = {"name": "x", "model": "tiny:llama", "stages": [{"stage": "generate", "prompts": "builtin:quickstart", "workers": 3}]}
+    data = {"name": "x", "model": "tiny:llama",
+            "stages": [{"stage": "generate", "prompts": "builtin:quickstart", "workers": 3}]}
     with pytest.raises(SelfAlignError) as err:
         parse_recipe(data)
-    assert str(err.value) == "<recipe>: stages[0].workers: 3 needs Ray, which is not installed: pip install 'selfalign[ray]'"
+    assert (str(err.value)
+            == "<recipe>: stages[0].workers: 3 needs Ray, which is not installed: pip install 'selfalign[ray]'")
     path = write_recipe(tmp_path)  # the same from the command line, as one line, exit 2
     data["stages"][0]["workers"] = 3
     path.write_text(yaml.safe_dump(data))
@@ -67,10 +70,12 @@ def test_workers_without_ray_name_the_field_and_the_extra(tmp_path, monkeypatch)
     (hide_ray / "ray.py").write_text("raise ImportError('no ray here')\n")
     out = subprocess.run([sys.executable, "-m", "selfalign.cli", "run", str(path), "--out", str(tmp_path / "run")],
                          capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": os.pathsep.join([str(hide_ray), os.environ.get("PYTHONPATH", "")])})
+                         env={**os.environ,
+                              "PYTHONPATH": os.pathsep.join([str(hide_ray), os.environ.get("PYTHONPATH", "")])})
     assert out.returncode == 2
     lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and "stages[0].workers: 3 needs Ray" in lines[0] and "pip install 'selfalign[ray]'" in lines[0]
+    assert (len(lines) == 1 and "stages[0].workers: 3 needs Ray" in lines[0]
+            and "pip install 'selfalign[ray]'" in lines[0])
 
 
 def test_workers_only_on_generation_stages_and_not_fingerprinted():
@@ -143,7 +148,8 @@ def test_launcher_validation():
     base = {"name": "x", "model": "tiny:llama", "stages": LAUNCH_STAGES}
     bad = [({"config": "ddp", "num_processes": 0}, "num_processes"),
            ({"config": "nope.yaml", "num_processes": 2}, "neither a shipped accelerate config"),
-           ({"config": "ddp", "num_processes": 2, "stages": ["generate"]}, "'generate' is a generate stage, which does not train"),
+           ({"config": "ddp", "num_processes": 2, "stages": ["generate"]},
+            "'generate' is a generate stage, which does not train"),
            ({"config": "ddp", "num_processes": 2, "stages": ["engrav"]}, "no stage named 'engrav'"),
            ({"config": "ddp", "num_process": 2}, "unknown key")]
     for launcher, message in bad:
@@ -166,7 +172,8 @@ def test_launch_command_is_exactly_accelerate_launch(tmp_path):
                           "launcher": {"config": "zero3", "num_processes": 2,
                                        "extra_args": ["--num_machines", "2", "--machine_rank", "0"]}})
     assert [launched(every, c) for c in every.stages] == [False, True, True]
-    assert launch_command(every, "r", "reward_model")[5:10] == ["--num_processes", "2", "--num_machines", "2", "--machine_rank"]
+    assert (launch_command(every, "r", "reward_model")[5:10]
+            == ["--num_processes", "2", "--num_machines", "2", "--machine_rank"])
     # batch_size is per process, so the number of processes is part of a launched stage's fingerprint
     plain = parse_recipe({"name": "x", "model": "tiny:llama", "stages": LAUNCH_STAGES})
     assert stage_settings(every, every.stages[1], {})["launcher.num_processes"] == 2
@@ -234,7 +241,8 @@ def test_a_killed_training_resumes_from_its_last_checkpoint(tmp_path, monkeypatc
     from selfalign.stages import run_recipe
 
     pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text("".join(json.dumps({"prompt": f"Question {i}?", "chosen": f"Answer {i}.", "rejected": "No."}) + "\n"
+    pairs.write_text("".join(json.dumps({"prompt": f"Question {i}?", "chosen": f"Answer {i}.",
+                                         "rejected": "No."}) + "\n"
                              for i in range(16)))
 
     def recipe(name):
@@ -246,7 +254,8 @@ def test_a_killed_training_resumes_from_its_last_checkpoint(tmp_path, monkeypatc
         state = json.loads((tmp_path / run / "01-reward_model" / "trainer_state.json").read_text())
         return [x["loss"] for x in state["log_history"] if "loss" in x]
 
-    resolve("tiny:llama")  # built beforehand: a run that builds it starts from another score head (see test_distributed)
+    # built beforehand: a run that builds it starts from another score head (see test_distributed)
+    resolve("tiny:llama")
     run_recipe(recipe("whole"), tmp_path / "whole")
     monkeypatch.setenv(SAVE_STEPS_ENV, "2")
     real = training._progress_callback

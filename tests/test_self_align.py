@@ -17,7 +17,8 @@ EXEMPLAR_NGRAMS = sa.word_ngrams("the quick brown fox jumps over the lazy dog ne
     ("\n\nAssistant: An answer with no thoughts.", "malformed: no internal thoughts or no answer"),
     (" Thinking.\n\nAssistant:   ", "malformed: no internal thoughts or no answer"),
     (" Helpful.\n\nAssistant: Water boils at 100 C. It is hot. Water boils at 100 C.", "repeated sentence"),
-    (" Helpful.\n\nAssistant: I don't know the time, I don't know the time, I don't know the time either", "a phrase loops"),
+    (" Helpful.\n\nAssistant: I don't know the time, I don't know the time, I don't know the time either",
+     "a phrase loops"),
     (" Helpful.\n\nAssistant: Stir the sauce well, stir the sauce well.", None),  # the 4-word run only twice
     (" Candor.\n\nAssistant: As I said, the quick brown fox jumps over the lazy dog near here.", "copies an exemplar"),
     (" Ethical.\n\nAssistant: I'm sorry, but I cannot help with that.", "opens with a refusal formula"),
@@ -61,7 +62,8 @@ def test_principle_prompt_shape_with_shipped_assets():
     principles = load_yaml_list("builtin:self_align/principles.yaml", ("name", "text"))
     exemplars = load_yaml_list("builtin:self_align/exemplars.yaml", ("user", "thoughts", "answer"))
     assert len(principles) == 16 and len(exemplars) == 5
-    ctx = sa.principle_context(yaml_key("builtin:self_align/system_prompts.yaml", "principle_header"), principles, exemplars)
+    ctx = sa.principle_context(yaml_key("builtin:self_align/system_prompts.yaml", "principle_header"), principles,
+                               exemplars)
     prompt = sa.principle_prompt(ctx, "What is 2+2?")
     assert prompt.endswith("Human: What is 2+2?\n\nAssistant (internal thoughts):")
     assert prompt.count("Assistant (internal thoughts):") == 6 and "16. " in prompt
@@ -103,7 +105,8 @@ def test_stage_keeps_and_drops_with_reasons_and_resumes(tmp_path):
     assert summary["kept"] == 1 and summary["dropped"] == {
         "opens with a refusal formula": 1, "malformed: no internal thoughts or no answer": 1}
     rows = {r["prompt"]: r for r in map(json.loads, (tmp_path / "s" / "rows.jsonl").read_text().splitlines())}
-    assert rows["Good question?"]["answer"] == "A fine answer." and rows["Good question?"]["thoughts"] == "Helpful applies."
+    assert (rows["Good question?"]["answer"] == "A fine answer."
+            and rows["Good question?"]["thoughts"] == "Helpful applies.")
     assert all(req.startswith("You are Assistant") for req in engine.seen)
     # resume: a second run answers nothing again
     engine.seen.clear()
@@ -119,7 +122,8 @@ def test_prompts_from_a_missing_stage(tmp_path):
 
 def test_model_reference_to_an_earlier_stage(tmp_path):
     recipe = parse_recipe({"name": "t", "model": "base", "stages": [
-        {"stage": "generate", "name": "train", "prompts": "x"}, {"stage": "generate", "name": "use", "prompts": "x", "model": "@train"},
+        {"stage": "generate", "name": "train", "prompts": "x"},
+        {"stage": "generate", "name": "use", "prompts": "x", "model": "@train"},
         {"stage": "generate", "name": "bad", "prompts": "x", "model": "@nowhere"}]})
     ctx = RunContext(recipe=recipe, run_dir=tmp_path)
     ctx.stage_dirs["train"] = tmp_path / "01-train"

@@ -11,7 +11,8 @@ from selfalign.stages import parse_recipe
 
 
 def test_parse_list_continuation():
-    text = " Write a haiku about rain.\n7. Explain recursion to a child.\n8) List three uses of vinegar\n\nUnrelated tail\n9."
+    text = (" Write a haiku about rain.\n7. Explain recursion to a child.\n8) List three uses of vinegar\n\n"
+            "Unrelated tail\n9.")
     assert si.parse_list_continuation(text) == [
         "Write a haiku about rain.", "Explain recursion to a child.", "List three uses of vinegar"]
 

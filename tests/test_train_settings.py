@@ -71,12 +71,14 @@ GOLDEN = {
                                  "lora": None}),
     "rlsf": ({"stage": "rlsf", "model": "tiny:llama", "reward_model": "{rm}", "prompts": "{prompts}", "heldout": 2,
               "max_completion_length": 8},
-             {"class": "RLOOConfig", **SFT, "learning_rate": 1e-5, "per_device_train_batch_size": 8, "warmup_steps": 0.0,
+             {"class": "RLOOConfig", **SFT, "learning_rate": 1e-5, "per_device_train_batch_size": 8,
+              "warmup_steps": 0.0,
               "lora": PEFT_CAUSAL}),
     "rlsf_custom": ({"stage": "rlsf", "model": "tiny:llama", "reward_model": "{rm}", "prompts": "{prompts}",
                      "heldout": 2, "max_completion_length": 8,
                      "train": {"max_steps": 4, "lr": 1e-4, "lora": False, "grad_accum": 2, "warmup_ratio": 0.1}},
-                    {"class": "RLOOConfig", **SFT, "learning_rate": 1e-4, "max_steps": 4, "per_device_train_batch_size": 8,
+                    {"class": "RLOOConfig", **SFT, "learning_rate": 1e-4, "max_steps": 4,
+                     "per_device_train_batch_size": 8,
                      "gradient_accumulation_steps": 2, "warmup_steps": 0.1, "lora": None}),
 }
 

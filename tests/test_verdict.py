@@ -57,7 +57,8 @@ def test_ab_stuck_letter():
     mixed = [{"good_first": [0.0, -1.0], "bad_first": [-1.0, 0.0]}] * 8  # picks the good reply: A then B
     assert stuck_letter(mixed) is None
     # boundary: 9 of 10 verdicts for B is exactly the 0.9 threshold
-    rows = [{"good_first": [-1.0, 0.0], "bad_first": [-1.0, 0.0]}] * 4 + [{"good_first": [0.0, -1.0], "bad_first": [-1.0, 0.0]}]
+    rows = ([{"good_first": [-1.0, 0.0], "bad_first": [-1.0, 0.0]}] * 4
+            + [{"good_first": [0.0, -1.0], "bad_first": [-1.0, 0.0]}])
     assert stuck_letter(rows) == {"letter": "B", "share": 0.9, "n": 10}
 
 
@@ -135,4 +136,5 @@ def test_capability_eval_stage_reads_the_battery_from_the_data_folder(tmp_path):
     engine = StubEngine(lambda ctx, cont: -len(cont))  # the shortest choice wins: "four" (of 3), "a dog" ties "a cat"
     res = run_evals(Config(evals=["capability"], data_dir=str(data)), "stub", tmp_path / "ev", lambda: engine)
     acc = res["capability"]["metrics"]["accuracy"]
-    assert set(acc) == set(CAPABILITY_WHY) | {"overall"} and res["capability"]["counts"]["overall"] == 2 * len(CAPABILITY_WHY)
+    assert (set(acc) == set(CAPABILITY_WHY) | {"overall"}
+            and res["capability"]["counts"]["overall"] == 2 * len(CAPABILITY_WHY))

@@ -88,7 +88,8 @@ class FakeLLM:
         tok = self.hf.tokenizer
 
         def token_ids(c):  # as many as the hf engine generated (a random model's bytes may not re-encode alike)
-            return tok(c.text, add_special_tokens=False)["input_ids"][: c.completion_tokens] + [tok.eos_token_id] * c.discarded_tokens
+            return (tok(c.text, add_special_tokens=False)["input_ids"][: c.completion_tokens]
+                    + [tok.eos_token_id] * c.discarded_tokens)
 
         return FakeRequestOutput(ids, [FakeCompletionOutput(c.text, token_ids(c), c.finish_reason) for c in comps])
 
@@ -252,7 +253,8 @@ class FakeDataParallelLLM(FakeLLM):
 def test_parallelism_from_the_recipe_reaches_vllm_llm(fake_vllm, hf):
     from selfalign.core.recipe import EngineConfig
 
-    options = EngineConfig(name="vllm", tensor_parallel_size=2, pipeline_parallel_size=2, data_parallel_size=4).options()
+    options = EngineConfig(name="vllm", tensor_parallel_size=2, pipeline_parallel_size=2,
+                           data_parallel_size=4).options()
     make_engine("vllm", "tiny:llama", **options)
     kw = FakeLLM.last.kwargs
     assert (kw["tensor_parallel_size"], kw["pipeline_parallel_size"], kw["data_parallel_size"]) == (2, 2, 4)
@@ -274,7 +276,8 @@ def test_data_parallel_ranks_never_duplicate_rows(fake_vllm, hf, monkeypatch, tm
     def rows(dp: int) -> list[dict]:
         engine = {"name": "vllm", **({"data_parallel_size": dp} if dp > 1 else {})}
         recipe = parse_recipe({"name": f"dp{dp}", "model": "tiny:llama", "engine": engine, "stages": [
-            {"stage": "generate", "prompts": str(prompts), "sampling": {"n": 2, "temperature": 1.0, "max_new_tokens": 6}}]})
+            {"stage": "generate", "prompts": str(prompts),
+             "sampling": {"n": 2, "temperature": 1.0, "max_new_tokens": 6}}]})
         run_recipe(recipe, tmp_path / f"dp{dp}")
         assert all(p.seed is not None for c in FakeLLM.last.calls for p in c["params"])
         return read_jsonl(tmp_path / f"dp{dp}" / "01-generate" / "rows.jsonl")
@@ -283,6 +286,7 @@ def test_data_parallel_ranks_never_duplicate_rows(fake_vllm, hf, monkeypatch, tm
     assert FakeLLM.last.kwargs["data_parallel_size"] == 2
     assert len(two) == 12 and len({r["id"] for r in two}) == 12
     key = lambda r: (r["prompt_id"], r["sample"])  # noqa: E731
-    assert sorted((key(r), r["id"], r["completion"]) for r in two) == sorted((key(r), r["id"], r["completion"]) for r in one)
+    assert (sorted((key(r), r["id"], r["completion"]) for r in two)
+            == sorted((key(r), r["id"], r["completion"]) for r in one))
     firsts = [r["completion"] for r in two if r["sample"] == 0]
     assert len(set(firsts)) == len(firsts)  # no two prompts' rows are the same draw

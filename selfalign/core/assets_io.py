@@ -37,7 +37,8 @@ def load_yaml_list(ref: str, required: tuple[str, ...]) -> list[dict]:
     for i, entry in enumerate(data):
         missing = [k for k in required if not isinstance(entry, dict) or not str(entry.get(k, "")).strip()]
         if missing:
-            raise SelfAlignError(f"{path}: entry {i}: missing {', '.join(missing)} (each entry needs {', '.join(required)})")
+            raise SelfAlignError(f"{path}: entry {i}: missing {', '.join(missing)} (each entry needs "
+                                 f"{', '.join(required)})")
     return data
 
 

@@ -50,7 +50,8 @@ def ray_installed() -> bool:
 
 
 def check_workers(recipe, stages: dict[str, Any], source: str) -> None:
-    """At load time: `workers`/`ray_address` only on stages that run the generation driver, and only with Ray installed."""
+    """At load time: `workers`/`ray_address` only on stages that run the generation driver, and only with Ray
+    installed."""
     for i, config in enumerate(recipe.stages):
         if not wants_ray(config):
             continue
@@ -165,11 +166,13 @@ def generate_on_workers(ctx, store, config, *, model: str, sampling, jobs: Seque
     queues = {k: [share[s:s + size] for s in range(0, len(share), size)] for k, share in enumerate(shares) if share}
     worker_cls = _worker_class(ray)
     resources = _worker_resources(ray, engine)
-    workers = {k: worker_cls.options(name=worker_name(config.label, k), **resources).remote(engine.name, load, engine.options())
+    workers = {k: worker_cls.options(name=worker_name(config.label, k), **resources)
+               .remote(engine.name, load, engine.options())
                for k in queues}
     from selfalign.core.progress import console
 
-    console.print(f"  {len(pending)} jobs over {len(workers)} Ray workers ({', '.join(f'{len(shares[k])}' for k in workers)} each)")
+    console.print(f"  {len(pending)} jobs over {len(workers)} Ray workers "
+                  f"({', '.join(f'{len(shares[k])}' for k in workers)} each)")
     inflight: dict = {}
     made = tokens = 0
     failure: tuple[int, BaseException] | None = None
@@ -221,5 +224,6 @@ def generate_on_workers(ctx, store, config, *, model: str, sampling, jobs: Seque
         k, cause = failure
         raise SelfAlignError(f"{config.label}: Ray worker {k} of {n} stopped part-way ({type(cause).__name__}: "
                              f"{str(cause).splitlines()[0] if str(cause) else 'no message'})",
-                             f"the {len(store)} rows written so far are kept; run the same command again to make the rest")
+                             f"the {len(store)} rows written so far are kept; run the same command "
+                             "again to make the rest")
     return made, tokens

@@ -114,10 +114,12 @@ def parse_json_line(line: str, path: str | Path, lineno: int) -> Any:
     except json.JSONDecodeError as exc:
         raise SelfAlignError(f"{path}:{lineno}: broken JSON line ({exc.msg})", "fix or remove that line") from None
     except RecursionError:
-        raise SelfAlignError(f"{path}:{lineno}: the JSON is nested too deeply to read", "fix or remove that line") from None
+        raise SelfAlignError(f"{path}:{lineno}: the JSON is nested too deeply to read",
+                             "fix or remove that line") from None
 
 
 def read_jsonl(path: str | Path, what: str = "JSONL file") -> list[tuple[int, Any]]:
     """(line number, parsed value) of every non-blank line."""
     return [(lineno, parse_json_line(line, path, lineno))
-            for lineno, line in enumerate(read_text(path, what).split("\n"), start=1) if line.strip()]  # "\n" only: JSONL
+            # "\n" only: JSONL
+            for lineno, line in enumerate(read_text(path, what).split("\n"), start=1) if line.strip()]

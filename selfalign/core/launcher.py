@@ -97,7 +97,8 @@ def check_launcher(recipe, source: str) -> None:
     kinds = {c.label: c.stage for c in recipe.stages}
     for i, label in enumerate(launcher.stages or []):
         if label not in kinds:
-            raise SelfAlignError(f"{source}: launcher.stages[{i}]: no stage named {label!r} (stages: {', '.join(kinds)})")
+            raise SelfAlignError(f"{source}: launcher.stages[{i}]: no stage named {label!r} "
+                                 f"(stages: {', '.join(kinds)})")
         if kinds[label] not in TRAINING_STAGES:
             raise SelfAlignError(f"{source}: launcher.stages[{i}]: {label!r} is a {kinds[label]} stage, which does not "
                                  f"train (launched stages: {', '.join(TRAINING_STAGES)})",
@@ -115,7 +116,8 @@ def launched(recipe, config) -> bool:
 def launch_command(recipe, run_dir: Path, label: str) -> list[str]:
     """The exact command the pipeline runs for a launched stage."""
     launcher = recipe.launcher
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config(launcher.config)),
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            str(accelerate_config(launcher.config)),
             "--num_processes", str(launcher.num_processes), *launcher.extra_args,
             "-m", "selfalign.launch", str(Path(run_dir).resolve()), label]
 
@@ -147,7 +149,8 @@ def prepare_checkpoints(folder: Path, fingerprint: str) -> list[Path]:
     found = _checkpoints(folder)
     made_with = read_done_like(marker).get("fingerprint")
     if found and made_with != fingerprint:
-        console.print(f"  [yellow]note:[/] {len(found)} checkpoint(s) in {folder} were made with other settings; deleted")
+        console.print(f"  [yellow]note:[/] {len(found)} checkpoint(s) in {folder} were made with "
+                      "other settings; deleted")
         for path in found:
             shutil.rmtree(path, ignore_errors=True)
         found = []
@@ -177,10 +180,12 @@ def run_launched(ctx, config, folder: Path, fingerprint: str) -> dict:
     rc = subprocess.run(cmd, env=launch_env(ctx.recipe)).returncode
     if rc != 0:
         raise SelfAlignError(f"{config.label}: accelerate launch exited with {rc}",
-                             f"its output is above; run the same command again to resume from the last checkpoint in {folder}")
+                             "its output is above; run the same command again to resume from the last "
+                             f"checkpoint in {folder}")
     done = read_done(folder)
     if done is None:
-        raise SelfAlignError(f"{config.label}: the launched stage ended without finishing ({folder} has no done-marker)")
+        raise SelfAlignError(f"{config.label}: the launched stage ended without finishing "
+                             f"({folder} has no done-marker)")
     for path in _checkpoints(folder):  # the trained model is saved; checkpoints were only for resuming
         shutil.rmtree(path, ignore_errors=True)
     (folder / CHECKPOINTS_FILE).unlink(missing_ok=True)

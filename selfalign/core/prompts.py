@@ -105,16 +105,22 @@ def load_prompts(ref: str) -> list[Prompt]:
     for lineno, line in enumerate(lines, start=1):
         if not line.strip() or (not jsonl and line.lstrip().startswith("#")):
             continue
-        prompt = _jsonl_prompt(path, lineno, line) if jsonl else Prompt(row_id("prompt", line.strip()), text=line.strip())
+        prompt = (
+            _jsonl_prompt(path, lineno, line) if jsonl else Prompt(row_id("prompt", line.strip()), text=line.strip())
+        )
         first = by_id.setdefault(prompt.id, (lineno, prompt))
         if first[1] != prompt:
             # two different prompts under one id would share one row: the second would be skipped as
             # "already answered" without a word. The same prompt twice is harmless and kept once.
-            raise SelfAlignError(f"{path}:{lineno}: id {prompt.id!r} is already used by a different prompt on line "
-                                 f"{first[0]}", "give every prompt its own id (or drop the id field)")
+            raise SelfAlignError(
+                f"{path}:{lineno}: id {prompt.id!r} is already used by a different prompt on line {first[0]}",
+                "give every prompt its own id (or drop the id field)",
+            )
         prompts.append(prompt)
     if not prompts:
-        raise SelfAlignError(f"{path} holds no prompts", "write one prompt a line (.txt) or one JSON object a line (.jsonl)")
+        raise SelfAlignError(
+            f"{path} holds no prompts", "write one prompt a line (.txt) or one JSON object a line (.jsonl)"
+        )
     return _dedup(prompts)
 
 
@@ -151,7 +157,8 @@ def _yaml_prompts(path: Path) -> list[Prompt]:
         else:
             text = entry
         if not isinstance(text, str) or not text.strip():
-            raise SelfAlignError(f"{path}: entry {i}: expected a prompt (a string, or a mapping with `prompt` "
-                                 "or `instruction`)")
+            raise SelfAlignError(
+                f"{path}: entry {i}: expected a prompt (a string, or a mapping with `prompt` or `instruction`)"
+            )
         prompts.append(Prompt(row_id("prompt", text.strip()), text=text.strip()))
     return prompts

@@ -53,21 +53,30 @@ PARALLELISM = ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_
 class EngineConfig(Strict):
     """Which engine runs the models, and its options (each engine ignores the others' options)."""
 
-    name: Literal["hf", "openai", "vllm"] = Field("hf", description="hf (transformers), vllm (GPU) or openai (a server)")
+    name: Literal["hf", "openai", "vllm"] = Field("hf",
+                                                  description="hf (transformers), vllm (GPU) or openai (a server)")
     device: str = Field("auto", description="hf: auto, cpu, cuda, cuda:1, ...")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
-    batch_size: int | None = Field(None, ge=1, description="requests per generation batch (default: 8 on CPU, 32 on GPU)")
-    chat_format: Literal["plain", "model"] = Field("plain", description="plain Human:/Assistant: text, or the model's chat template")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto",
+                                                                     description="auto: bf16 on GPU, fp32 on CPU")
+    batch_size: int | None = Field(None, ge=1,
+                                   description="requests per generation batch (default: 8 on CPU, 32 on GPU)")
+    chat_format: Literal["plain", "model"] = Field("plain",
+                                                   description="plain Human:/Assistant: text, or the "
+                                                               "model's chat template")
     trust_remote_code: bool = Field(False, description="allow a hub model's own code to run (off unless you trust it)")
-    base_url: str | None = Field(None, description="openai: server URL, default $OPENAI_BASE_URL or http://127.0.0.1:8000/v1")
+    base_url: str | None = Field(None,
+                                 description="openai: server URL, default $OPENAI_BASE_URL or http://127.0.0.1:8000/v1")
     api_key_env: str = Field("OPENAI_API_KEY", description="openai: environment variable holding the API key")
     max_concurrency: int = Field(8, ge=1, description="openai: requests in flight at once")
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="vllm: fraction of GPU memory to use")
     # vLLM's own parallelism, passed to vllm.LLM as they are; they change where the work runs, not the rows
     # (each request's seed comes from the sampling seed and its prompt), so they are not in a stage's fingerprint
-    tensor_parallel_size: int | None = Field(None, ge=1, description="vllm: GPUs each model is split across (tensor parallel)")
-    pipeline_parallel_size: int | None = Field(None, ge=1, description="vllm: pipeline stages the layers are split into")
-    data_parallel_size: int | None = Field(None, ge=1, description="vllm: model replicas serving the requests (data parallel)")
+    tensor_parallel_size: int | None = Field(None, ge=1,
+                                             description="vllm: GPUs each model is split across (tensor parallel)")
+    pipeline_parallel_size: int | None = Field(None, ge=1,
+                                               description="vllm: pipeline stages the layers are split into")
+    data_parallel_size: int | None = Field(None, ge=1,
+                                           description="vllm: model replicas serving the requests (data parallel)")
 
     @model_validator(mode="after")
     def _parallelism_needs_vllm(self) -> EngineConfig:
@@ -228,7 +237,8 @@ def parse_recipe(data: Any, source: str = "<recipe>", overrides: dict[str, Any] 
             raise SelfAlignError(f"{source}: stages[{i}]: each stage needs a 'stage' key (one of: {', '.join(stages)})")
         kind = raw["stage"]
         if kind not in stages:
-            raise SelfAlignError(f"{source}: stages[{i}].stage: unknown stage {kind!r} (expected one of: {', '.join(stages)})")
+            raise SelfAlignError(f"{source}: stages[{i}].stage: unknown stage {kind!r} (expected one of: "
+                                 f"{', '.join(stages)})")
         config_cls = stages[kind].Config
         try:
             configs.append(config_cls.model_validate(raw))

@@ -50,16 +50,23 @@ main{max-width:1180px;margin:0 auto;padding:24px 28px 60px} nav a{margin-right:1
 h1{margin:0 0 4px;font-size:28px} h2{margin:0 0 12px;font-size:20px} h3{margin:18px 0 8px;font-size:16px}
 section{background:#fff;border:1px solid #e1e4e8;border-radius:10px;padding:18px 22px;margin:18px 0;overflow-x:auto}
 table.compact .num{min-width:0}
-.facts{display:flex;flex-wrap:wrap;gap:10px;margin:14px 0} .fact{background:#fff;border:1px solid #e1e4e8;border-radius:8px;padding:8px 14px}
+.facts{display:flex;flex-wrap:wrap;gap:10px;margin:14px 0}
+.fact{background:#fff;border:1px solid #e1e4e8;border-radius:8px;padding:8px 14px}
 .fact b{display:block;font-size:11px;color:#656d76;text-transform:uppercase;letter-spacing:.04em}
 .big{font-size:34px;font-weight:700;color:#4C72B0} .muted{color:#656d76;font-size:13px;font-weight:400}
 table{border-collapse:collapse;width:100%;margin:6px 0 12px;font-size:14px} th{background:#f6f8fa;font-weight:600}
-th,td{border-bottom:1px solid #eaecef;padding:6px 10px;text-align:left;vertical-align:top} tbody tr:nth-child(even) td{background:#fbfcfd}
-td.num,th.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap} tr.total td{font-weight:700;border-top:2px solid #d0d7de}
-table.metrics{width:auto;min-width:60%} table.metrics .num{min-width:120px} .up{color:#1a7f37;font-weight:600} .down{color:#cf222e;font-weight:600}
-.cell{max-height:16em;overflow:auto;white-space:pre-wrap;word-break:break-word;font:13px/1.45 ui-monospace,Menlo,Consolas,monospace}
-table.samples{table-layout:fixed} table.samples td:first-child .cell{font:inherit} code{background:#f6f8fa;padding:1px 5px;border-radius:4px}
-img.chart{max-width:100%;height:auto;display:block;margin:8px 0} .grid{display:flex;flex-wrap:wrap;gap:12px} .grid img.chart{max-width:560px}
+th,td{border-bottom:1px solid #eaecef;padding:6px 10px;text-align:left;vertical-align:top}
+tbody tr:nth-child(even) td{background:#fbfcfd}
+td.num,th.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+tr.total td{font-weight:700;border-top:2px solid #d0d7de}
+table.metrics{width:auto;min-width:60%} table.metrics .num{min-width:120px} .up{color:#1a7f37;font-weight:600}
+.down{color:#cf222e;font-weight:600}
+.cell{max-height:16em;overflow:auto;white-space:pre-wrap;word-break:break-word;
+font:13px/1.45 ui-monospace,Menlo,Consolas,monospace}
+table.samples{table-layout:fixed} table.samples td:first-child .cell{font:inherit}
+code{background:#f6f8fa;padding:1px 5px;border-radius:4px}
+img.chart{max-width:100%;height:auto;display:block;margin:8px 0} .grid{display:flex;flex-wrap:wrap;gap:12px}
+.grid img.chart{max-width:560px}
 """
 
 
@@ -99,7 +106,8 @@ def load_run(run_dir: Path) -> dict:
             stages.append(dict(label=label, folder=None, kind=entry.get("stage"), wall_s=entry.get("wall_s"),
                                summary=entry.get("summary"), done=False))
     engine = record.get("engine") or recipe.get("engine")
-    return dict(name=record.get("name") or recipe.get("name") or run_dir.name, model=record.get("model") or recipe.get("model"),
+    return dict(name=record.get("name") or recipe.get("name") or run_dir.name,
+                model=record.get("model") or recipe.get("model"),
                 engine=engine.get("name") if isinstance(engine, dict) else engine,
                 seed=record.get("seed", recipe.get("seed")), started_at=record.get("started_at"),
                 inputs=[i for i in record.get("inputs") or [] if isinstance(i, dict)], stages=stages)
@@ -127,7 +135,8 @@ def chart_wall_times(stages: list[dict]) -> str:
     ax.barh([s["label"] for s in timed], [s["wall_s"] for s in timed], height=0.6, color=PALETTE[0])
     ax.invert_yaxis()
     for i, s in enumerate(timed):
-        ax.annotate(_fmt_wall(s["wall_s"]), (s["wall_s"], i), xytext=(4, 0), textcoords="offset points", va="center", fontsize=9)
+        ax.annotate(_fmt_wall(s["wall_s"]), (s["wall_s"], i), xytext=(4, 0), textcoords="offset points", va="center",
+                    fontsize=9)
     ax.set_xlabel("wall time (s)")
     ax.margins(x=0.15)
     _tidy(ax, grid=False)
@@ -135,10 +144,12 @@ def chart_wall_times(stages: list[dict]) -> str:
 
 
 def chart_eval(name: str, labels: list[str], groups: dict[str, list[tuple[str, list, list | None]]]) -> str:
-    """Grouped bars: one panel per metric group, one bar per eval stage and category (error bars from ci95_low/ci95_high)."""
+    """Grouped bars: one panel per metric group, one bar per eval stage and category (error bars from
+    ci95_low/ci95_high)."""
     n_bars = sum(len(k) for k in groups.values()) * len(labels)
     fig = Figure(figsize=(min(12.0, max(5.5, 1.5 + 0.45 * n_bars)), 3.2))
-    axes = fig.subplots(1, len(groups), squeeze=False, gridspec_kw={"width_ratios": [len(k) for k in groups.values()]})[0]
+    axes = fig.subplots(1, len(groups), squeeze=False,
+                        gridspec_kw={"width_ratios": [len(k) for k in groups.values()]})[0]
     width = 0.8 / len(labels)
     for ax, (group, keys) in zip(axes, groups.items(), strict=True):
         for j, label in enumerate(labels):
@@ -156,7 +167,8 @@ def chart_eval(name: str, labels: list[str], groups: dict[str, list[tuple[str, l
         ax.set_title(group, fontsize=10)
         _tidy(ax)
     fig.tight_layout(rect=(0, 0, 1, 0.9))
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="upper center", ncol=min(4, len(labels)), frameon=False, fontsize=9)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="upper center", ncol=min(4, len(labels)), frameon=False,
+               fontsize=9)
     return _png(fig, f"{name}: before/after by category")
 
 
@@ -169,7 +181,8 @@ def chart_rewards(title: str, chosen: list[float], rejected: list[float]) -> str
     for values, name, color in ((chosen, "chosen", PALETTE[2]), (rejected, "rejected", PALETTE[3])):
         if values:
             mean = sum(values) / len(values)
-            ax.hist(values, bins=bins, alpha=0.55, color=color, histtype="stepfilled", label=f"{name} (mean {mean:.2f})")
+            ax.hist(values, bins=bins, alpha=0.55, color=color, histtype="stepfilled",
+                    label=f"{name} (mean {mean:.2f})")
             ax.axvline(mean, color=color, ls="--", lw=1.2)
     ax.set(xlabel="reward", ylabel="pairs")
     ax.set_title(title, fontsize=10, pad=22)
@@ -243,12 +256,14 @@ def section_stages(run: dict) -> tuple | None:
         return None
     rows = "".join(
         f'<tr><td class="num">{i}</td><td>{esc(s["label"])}</td><td>{esc(s["kind"] or "")}</td>'
-        f'<td class="num">{_fmt_wall(s["wall_s"])}</td><td>{"done" if s["done"] or s["summary"] is not None else "unfinished"}</td>'
+        f'<td class="num">{_fmt_wall(s["wall_s"])}</td>'
+        f'<td>{"done" if s["done"] or s["summary"] is not None else "unfinished"}</td>'
         f'<td>{esc(_brief_summary(s["summary"]))}</td></tr>'
         for i, s in enumerate(run["stages"], start=1))
     chart = chart_wall_times(run["stages"]) if sum(_is_num(s["wall_s"]) for s in run["stages"]) > 1 else ""
     return _section("stages", "What ran", '<table><thead><tr><th class="num">#</th><th>stage</th><th>type</th>'
-                    f'<th class="num">wall time</th><th>status</th><th>summary</th></tr></thead><tbody>{rows}</tbody></table>{chart}')
+                    '<th class="num">wall time</th><th>status</th><th>summary</th></tr></thead>'
+                    f'<tbody>{rows}</tbody></table>{chart}')
 
 
 def section_human_inputs(run: dict) -> tuple | None:
@@ -307,13 +322,15 @@ def _change(key: str, first: Any, last: Any) -> str:
 def table_eval(name: str, cols: list[tuple[dict, dict]], rows: dict[tuple[str, str], list]) -> str:
     many = len(cols) > 1
     head = "".join(f'<th class="num">{esc(s["label"])}<br><span class="muted">{esc(ev.get("model") or "")}'
-                   + (f'<br>system: {esc(_short(ev.get("system_name") or ev["system"]))}' if ev.get("system") else "") + "</span></th>"
+                   + (f'<br>system: {esc(_short(ev.get("system_name") or ev["system"]))}' if ev.get("system")
+                      else "") + "</span></th>"
                    for s, ev in cols)
     body, last_group = [], None
     for (group, key), vals in rows.items():
         shown = "" if group in (last_group, name) else esc(group)
         last_group = group
-        body.append(f"<tr><td>{shown}</td><td>{esc(key)}</td>" + "".join(f'<td class="num">{_fmt(v)}</td>' for v in vals)
+        body.append(f"<tr><td>{shown}</td><td>{esc(key)}</td>"
+                    + "".join(f'<td class="num">{_fmt(v)}</td>' for v in vals)
                     + (f'<td class="num">{_change(key, vals[0], vals[-1])}</td>' if many else "") + "</tr>")
     return (f'<table class="metrics"><thead><tr><th>metric</th><th>category</th>{head}'
             + ('<th class="num">change</th>' if many else "") + f'</tr></thead><tbody>{"".join(body)}</tbody></table>')
@@ -332,7 +349,8 @@ def section_evals(found: list[tuple[dict, dict]]) -> tuple | None:
         for (group, key), vals in rows.items():
             if key not in ("ci95_low", "ci95_high") and all(isinstance(v, float) for v in vals if v is not None):
                 ci = (rows.get((group, "ci95_low")), rows.get((group, "ci95_high")))
-                groups.setdefault(group, []).append((key or group, vals, ci if all(ci) and not groups.get(group) else None))
+                groups.setdefault(group, []).append((key or group, vals,
+                                                     ci if all(ci) and not groups.get(group) else None))
         chart = chart_eval(name, [s["label"] for s, _ in cols], groups) if groups else ""
         parts.append(f"<h3>{esc(name)}</h3>{table_eval(name, cols, rows)}{_counts_note(cols)}{chart}")
     if not parts:
@@ -436,11 +454,14 @@ def section_samples(run: dict) -> tuple | None:
     for pid in shared[:MAX_SAMPLES]:
         first = next(g[pid] for _, g in gens if pid in g)
         prompt = first.get("prompt") or (first.get("messages") or [{}])[-1].get("content", "")
-        cells = "".join(f'<td><div class="cell">{esc(g[pid]["completion"]) if pid in g else "—"}</div></td>' for _, g in gens)
+        cells = "".join(f'<td><div class="cell">{esc(g[pid]["completion"]) if pid in g else "—"}</div></td>'
+                        for _, g in gens)
         body.append(f'<tr><td><div class="cell">{esc(prompt)}</div></td>{cells}</tr>')
-    note = f"{min(len(shared), MAX_SAMPLES)} of {len(shared)} prompts" + (" shared by every stage" if len(gens) > 1 else "")
+    note = (f"{min(len(shared), MAX_SAMPLES)} of {len(shared)} prompts"
+            + (" shared by every stage" if len(gens) > 1 else ""))
     return _section("samples", "Samples", f'<p class="muted">{note}; first sample of each.</p><table class="samples">'
-                    f'<colgroup><col style="width:22%"></colgroup><thead><tr><th>prompt</th>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>')
+                    f'<colgroup><col style="width:22%"></colgroup><thead><tr><th>prompt</th>{head}</tr></thead>'
+                    f'<tbody>{"".join(body)}</tbody></table>')
 
 
 # -- what stages declare (selfalign.core.report_api) ------------------------------------------------
@@ -538,7 +559,8 @@ def render_block(block: Any) -> str:
         return f"<h3>{esc(block.heading)}</h3><ul>{items}</ul>"
     if isinstance(block, Chart):
         return render_chart(block)
-    raise TypeError(f"a report section holds Heading, Text, Table, Facts, Items or Chart blocks, not {type(block).__name__}")
+    raise TypeError("a report section holds Heading, Text, Table, Facts, Items or Chart blocks, not "
+                    f"{type(block).__name__}")
 
 
 def render_section(section: Section | tuple) -> tuple[str, str, str]:
@@ -600,14 +622,16 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, *, stages: 
     found = [(s, res) for s in run["stages"] if s["folder"] for res in [_read_json(s["folder"] / "results.json")]
              if isinstance(res, dict) and isinstance(res.get("evals"), dict)]
     sections = [x for x in (*lead_sections(run, stages), section_stages(run), section_human_inputs(run),
-                            section_evals(found), section_rewards(found), *stage_sections(run, stages), section_training(run),
-                                                    section_samples(run)) if x]
+                            section_evals(found), section_rewards(found), *stage_sections(run, stages),
+                            section_training(run), section_samples(run)) if x]
     nav = "".join(f'<a href="#{a}">{esc(t)}</a>' for a, t, _ in sections)
-    page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{esc(run["name"])} · selfalign report</title>'
-            f'<link rel="icon" href="data:,"><meta name="viewport" content="width=device-width"><style>{CSS}</style></head>'
-            f'<body><main>{section_header(run)}<nav>{nav}</nav>{"".join(h for _, _, h in sections)}</main></body></html>\n')
+    page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+            f'<title>{esc(run["name"])} · selfalign report</title>'
+            f'<link rel="icon" href="data:,"><meta name="viewport" content="width=device-width">'
+            f'<style>{CSS}</style></head>'
+            f'<body><main>{section_header(run)}<nav>{nav}</nav>{"".join(h for _, _, h in sections)}</main>'
+            '</body></html>\n')
     out = Path(out) if out else run_dir / "report.html"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page, encoding="utf-8", errors="replace")
     return out
-

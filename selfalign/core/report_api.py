@@ -58,7 +58,13 @@ def wall_time(s: Any) -> str:
     if not is_number(s):
         return "—"
     s = float(s)
-    return f"{s:.1f} s" if s < 60 else f"{int(s // 60)} min {int(s % 60):02d} s" if s < 3600 else f"{int(s // 3600)} h {int(s % 3600 // 60):02d} min"
+    return (
+        f"{s:.1f} s"
+        if s < 60
+        else f"{int(s // 60)} min {int(s % 60):02d} s"
+        if s < 3600
+        else f"{int(s // 3600)} h {int(s % 3600 // 60):02d} min"
+    )
 
 
 @dataclass(frozen=True)

@@ -35,10 +35,13 @@ import random
 import time
 from pathlib import Path
 
+from pydantic import Field
+
 from selfalign.core.errors import SelfAlignError
 from selfalign.core.pairs import PAIR_HINT, pair_problem
 from selfalign.core.progress import console
-from selfalign.core.training import TrainSettings, _is_peft, device_and_dtype, fit
+from selfalign.core.recipe import StageConfig
+from selfalign.core.training import Trainee, TrainSettings, _is_peft, device_and_dtype, fit, output_folder
 
 
 def reward_training() -> TrainSettings:
@@ -48,6 +51,18 @@ def reward_training() -> TrainSettings:
     `pm_scaling` and `compare`'s post-validation."""
     return TrainSettings(lora=False, lr=2e-5, weight_decay=0.1, epochs=1.0, max_length=1024, scheduler="cosine",
                          warmup_ratio=0.03)
+
+
+class RewardTrainingStage(StageConfig):
+    """A stage that trains reward (preference) models (`reward_model`, `pmp`, `pm_scaling`): its `train:`
+    block defaults to ALMoST's published reward-model settings (`reward_training`)."""
+
+    train: TrainSettings = Field(default_factory=reward_training,
+                                 description="how the reward (preference) model is trained: ALMoST's published "
+                                             "reward-model settings (all weights, lr 2e-5, weight decay 0.1, 1 epoch, "
+                                             "max length 1024, cosine, 3% warmup, batch 128 = batch_size x "
+                                             "grad_accum), also where the paper published none (pmp, pm_scaling, "
+                                             "there the same for every objective; imitation has no weight decay)")
 
 
 def split_by_prompt(pairs: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -112,19 +127,24 @@ def load_for_reward_training(ref: str, device: str, dtype: str):
     return model.to(device), tok, "causal LM"
 
 
-def prepare_for_training(base: str, settings: TrainSettings, seed: int, what: str = "reward model"):
-    """(scalar-head model in training mode, tokenizer, started_from, merge) to train a `what` from `base`.
+def prepare_for_training(base: str, out_dir: str | Path, settings: TrainSettings, seed: int,
+                         what: str = "reward model") -> Trainee:
+    """A `Trainee` to train a `what` from `base` into `out_dir`: a scalar-head model in training mode,
+    its tokenizer, and what it `started_from` (`load_for_reward_training`).
 
     A LoRA adapter cannot sit on an adapter: with an adapter `base`, the new model is saved merged
-    (`merge` comes back true). The fresh score head is drawn from the global generator, seeded here;
-    the pad token is set, since the head is read at the last non-pad token."""
+    (the trainee's `merge` is true). The fresh score head is drawn from the global generator, seeded
+    here; the pad token is set, since the head is read at the last non-pad token."""
     from transformers import set_seed
 
     from selfalign.core.models import resolve
 
+    started = time.time()
+    out_dir = output_folder(out_dir)
     merge = settings.merge
     if settings.lora and not merge and resolve(base).kind == "peft":
-        console.print(f"  note: {base} is an adapter; the new {what} is saved merged (an adapter cannot sit on an adapter)")
+        console.print(f"  note: {base} is an adapter; the new {what} is saved merged (an adapter "
+                      "cannot sit on an adapter)")
         merge = True
     set_seed(seed)
     model, tokenizer, started_from = load_for_reward_training(base, *device_and_dtype())
@@ -133,7 +153,7 @@ def prepare_for_training(base: str, settings: TrainSettings, seed: int, what: st
         text_cfg.pad_token_id = tokenizer.pad_token_id
     model.config.pad_token_id = text_cfg.pad_token_id
     model.train()
-    return model, tokenizer, started_from, merge
+    return Trainee(base, settings, out_dir, seed, model, tokenizer, merge, started, started_from)
 
 
 def tokenize_pairs(tokenizer, pairs: list[dict], max_length: int) -> list[dict]:
@@ -156,22 +176,17 @@ def train_reward_model(base: str, pairs: list[dict], out_dir: Path, settings: Tr
     Returns `{"model": folder RewardModel loads, "train_loss", "first_loss", "last_loss", "steps",
     "pairs", "tokens", "started_from", "lora", "wall_s"}`.
     """
-    from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
     if not pairs:
         raise SelfAlignError("no comparison pairs to train a reward model on")
     check_pairs(pairs)
-    t0 = time.time()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model, tokenizer, started_from, merge = prepare_for_training(base, settings, seed)
-    rows = tokenize_pairs(tokenizer, pairs, settings.max_length)
-    fitted = fit(settings, base=base, out_dir=out_dir, seed=seed, model=model, tokenizer=tokenizer,
-                 dataset=Dataset.from_list(rows), examples=len(rows), trainer_class=RewardTrainer,
-                 config_class=RewardConfig,
+    trainee = prepare_for_training(base, out_dir, settings, seed)
+    rows = tokenize_pairs(trainee.tokenizer, pairs, settings.max_length)
+    fitted = fit(trainee, rows, trainer_class=RewardTrainer, config_class=RewardConfig,
                  config_args={"max_length": None},  # already truncated from the left above; TRL would drop long pairs
-                 peft_task="SEQ_CLS", merge=merge, label="reward model", started=t0,
-                 describe=f"training a reward model from {base} ({started_from}, {settings.kind}) on {len(rows)} pairs")
+                 peft_task="SEQ_CLS", label="reward model",
+                 describe=f"training a reward model from {base} ({trainee.started_from}, {settings.kind}) on "
+                          f"{len(rows)} pairs")
     return fitted.save(pairs=len(rows), tokens=sum(len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in rows),
-                       started_from=started_from)
+                       started_from=trainee.started_from)

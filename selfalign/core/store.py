@@ -59,7 +59,8 @@ def shard_paths(folder: str | Path, filename: str = ROWS_FILE) -> list[Path]:
     """The shard files of `filename` in `folder`, by shard number."""
     stem, ext = _split_ext(filename)
     pattern = re.compile(re.escape(stem) + r"\.shard-(\d+)" + re.escape(ext))
-    found = [(int(m.group(1)), p) for p in Path(folder).glob(f"{stem}.shard-*{ext}") if (m := pattern.fullmatch(p.name))]
+    found = [(int(m.group(1)), p) for p in Path(folder).glob(f"{stem}.shard-*{ext}")
+             if (m := pattern.fullmatch(p.name))]
     return [p for _, p in sorted(found)]
 
 

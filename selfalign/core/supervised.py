@@ -1,6 +1,7 @@
-"""Supervised fine-tuning examples: the prompt/completion pair a demonstration becomes, and the one
-call that writes them beside the model and trains on them. Principle engraving, verbose cloning
-and ALMoST's SFT all train this way; only where their demonstrations come from differs."""
+"""Supervised fine-tuning examples: the prompt/completion pair a demonstration becomes, the rows a
+stage trains on, and the one call that writes the examples beside the model, trains on them and
+marks the stage done. Principle engraving, verbose cloning and ALMoST's SFT all train this way;
+only where their demonstrations come from differs."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from pathlib import Path
 
 from selfalign.core.chat import render_plain
 from selfalign.core.errors import SelfAlignError
-from selfalign.core.store import read_jsonl
-from selfalign.core.training import TrainSettings, sft_train, write_examples
+from selfalign.core.progress import console
+from selfalign.core.store import RowStore, read_jsonl
+from selfalign.core.training import sft_train, write_examples
 
 
 def training_example(system: str, prompt: str, answer: str, eos: str) -> dict:
@@ -48,10 +50,18 @@ def training_rows(ctx, data: str, select: Callable[[list[dict]], tuple[list[dict
     return source, rows, skipped
 
 
-def train_on_examples(ctx, settings: TrainSettings, base: str, examples: list[dict], folder: Path) -> dict:
-    """Write `examples.jsonl` (exactly what is trained on) into `folder`, then fine-tune `base` on the
-    examples' prompt/completion there with the stage's `train:` settings and the recipe's seed."""
+def train_on_examples(ctx, config, examples: list[dict], folder: str | Path, note: str, **summary) -> dict:
+    """The end of a supervised stage: print `note`, write `examples.jsonl` (exactly what is trained on)
+    into `folder`, fine-tune the stage's model on the examples' prompt/completion there with its
+    `train:` settings and the recipe's seed, and mark the stage done with the trainer's summary, the
+    base model and `summary` (the stage's own counts), which it returns."""
+    base = ctx.model_for(config)
+    store = RowStore(folder)  # the done-marker lives beside the examples and the model
+    console.print(note)
     write_examples(folder, examples)
     ctx.free_accelerator()
-    return sft_train(base, [{"prompt": e["prompt"], "completion": e["completion"]} for e in examples], folder,
-                     settings, ctx.recipe.seed)
+    result = sft_train(base, [{"prompt": e["prompt"], "completion": e["completion"]} for e in examples], folder,
+                       config.train, ctx.recipe.seed)
+    summary = {**result, "base": base, **summary}
+    store.mark_done(**summary)
+    return summary

@@ -35,8 +35,10 @@ the base as a selfalign reference, which `selfalign.core.models.resolve` prefers
 values as its defaults), and hands it whole to `fit`, the one trainer skeleton: it wraps the model
 in LoRA (or lets a TRL trainer do it), builds the `TrainingArguments` every trainer shares
 (`common_training_args`), runs the trainer under selfalign's progress bar, and saves the result.
-What differs between trainers (the model, the data, the trainer class, a few arguments of its
-own) is what the caller passes: SFT here (`sft_train`), reward models
+What it trains is a `Trainee`: the loaded model and tokenizer with the base they came from, the
+settings, the seed, the output folder, whether to save merged and when training started. What
+differs between trainers (how the model is loaded, the data, the trainer class, a few arguments of
+its own) is what the caller passes: SFT here (`sft_train`), reward models
 (`selfalign.core.reward_training`), binary and imitation PMs (`selfalign.methods.hhh_lab.pm_objectives`),
 RLOO (`selfalign.methods.almost.rloo`) and context distillation (`selfalign.methods.hhh_lab.distill`).
 """
@@ -407,25 +409,65 @@ class Fitted:
         }
 
 
-def fit(settings: TrainSettings, *, base: str, out_dir: Path, seed: int, model, tokenizer, dataset, examples: int,
-        trainer_class, config_class, peft_task: str, describe: str, label: str, started: float,
-        merge: bool | None = None, total_steps: int | None = None, batch_size: int | None = None,
-        config_args: dict | None = None, trainer_args: dict | Callable[[Any], dict] | None = None,
-        logging_steps: int | None = None, checkpointing: bool = True, count_tokens: bool = True) -> Fitted:
+@dataclass
+class Trainee:
+    """What `fit` trains: the model and tokenizer (loaded, in training mode) and the `base` reference
+    they came from, the stage's `train:` settings and seed, the output folder (already made), whether
+    the result is saved merged (the settings' `merge`, or true where an adapter base forces it), and
+    when the trainer started (the summary's `wall_s` counts from it). `start_training` makes one for
+    a causal LM, `selfalign.core.reward_training.prepare_for_training` for a scalar-head model (and
+    says what it `started_from`); a trainer that loads its model its own way builds one itself."""
+
+    base: str
+    settings: TrainSettings
+    out_dir: Path
+    seed: int
+    model: Any
+    tokenizer: Any
+    merge: bool
+    started: float
+    started_from: str | None = None  # reward trainers: "causal LM" (a fresh head) or "reward model"
+
+
+def output_folder(out_dir: str | Path) -> Path:
+    """`out_dir` as a Path, made if missing: where a trainer saves."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir
+
+
+def start_training(base: str, out_dir: str | Path, settings: TrainSettings, seed: int,
+                   started: float | None = None) -> Trainee:
+    """A `Trainee` to fine-tune the causal LM `base` (`load_for_training`) into `out_dir`; `started`
+    defaults to now."""
+    started = time.time() if started is None else started
+    out_dir = output_folder(out_dir)
+    model, tokenizer = load_for_training(base, settings)
+    return Trainee(base, settings, out_dir, seed, model, tokenizer, settings.merge, started)
+
+
+def fit(trainee: Trainee, data, *, trainer_class, config_class, peft_task: str, describe: str, label: str,
+        total_steps: int | None = None, batch_size: int | None = None, config_args: dict | None = None,
+        trainer_args: dict | Callable[[Any], dict] | None = None, logging_steps: int | None = None,
+        checkpointing: bool = True, count_tokens: bool = True) -> Fitted:
     """The one trainer skeleton: LoRA, arguments, trainer, progress bar. Every selfalign trainer runs here.
 
-    `model`/`tokenizer`: loaded by the caller, in training mode; `dataset` (of `examples` rows) is
-    handed to `trainer_class` as it is. LoRA (`settings.lora`, task type `peft_task`) is applied by the
-    trainer where it takes a `peft_config` (TRL's), else here before the trainer is built.
+    `trainee` is what is trained (`Trainee`); `data` its training rows, a list (made a `datasets.Dataset`)
+    or a dataset, handed to `trainer_class` as it is. LoRA (`settings.lora`, task type `peft_task`) is
+    applied by the trainer where it takes a `peft_config` (TRL's), else here before the trainer is built.
     `config_class` (`TrainingArguments` or a TRL config) gets `common_training_args` and `config_args`;
     `trainer_args` are the trainer's own keywords, or a function of the (wrapped) model that returns
-    them. `total_steps` and `batch_size` override what the settings imply (RLOO counts replies);
-    `merge` overrides the settings' (an adapter base is saved merged). `describe` opens the log line.
+    them. `total_steps` and `batch_size` override what the settings imply (RLOO counts replies).
+    `describe` opens the log line.
     """
     import inspect
 
-    out_dir = Path(out_dir)
-    merge = settings.merge if merge is None else merge
+    if isinstance(data, list):
+        from datasets import Dataset
+
+        data = Dataset.from_list(data)
+    settings, out_dir, seed, model = trainee.settings, trainee.out_dir, trainee.seed, trainee.model
+    examples = len(data)
     batch = batch_size or settings.batch_size
     if total_steps is None:
         total_steps = estimate_steps(examples, batch, settings.grad_accum, settings.epochs, settings.max_steps)
@@ -443,10 +485,12 @@ def fit(settings: TrainSettings, *, base: str, out_dir: Path, seed: int, model, 
                                                count_tokens=count_tokens), **(config_args or {}))
     extra = trainer_args(model) if callable(trainer_args) else (trainer_args or {})
     with quiet_datasets():
-        trainer = trainer_class(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, **own, **extra)
+        trainer = trainer_class(model=model, args=args, train_dataset=data, processing_class=trainee.tokenizer,
+                                **own, **extra)
     console.print(f"  {describe}, {total_steps} steps, lr {settings.lr:g}")
     result = run_trainer(trainer, label, total_steps, batch * settings.grad_accum, out_dir)
-    return Fitted(trainer, result, tokenizer, base, out_dir, settings, merge, started, total_steps)
+    return Fitted(trainer, result, trainee.tokenizer, trainee.base, out_dir, settings, trainee.merge,
+                  trainee.started, total_steps)
 
 
 def load_for_training(base: str, settings: TrainSettings):
@@ -478,16 +522,11 @@ def sft_train(base: str, examples: list[dict], out_dir: Path, settings: TrainSet
 
     Returns `{"model": folder to load, "train_loss", "steps", "examples", "wall_s", ...}`.
     """
-    from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    t0 = time.time()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = load_for_training(base, settings)
-
+    trainee = start_training(base, out_dir, settings, seed)
     max_length = settings.max_length
-    rows, cuts = tokenize_examples(tokenizer, examples, max_length)
+    rows, cuts = tokenize_examples(trainee.tokenizer, examples, max_length)
     if not rows:
         raise SelfAlignError(f"no training example fits in max_length {max_length} ({len(examples)} given)",
                              "raise max_length or check the examples")
@@ -495,11 +534,10 @@ def sft_train(base: str, examples: list[dict], out_dir: Path, settings: TrainSet
         console.print(f"  [yellow]note:[/] {cuts['dropped_too_long']} examples dropped: their answer alone is longer "
                       f"than max_length {max_length}")
     with head_at_label_positions():  # the output layer only where the answer's labels are
-        fitted = fit(settings, base=base, out_dir=out_dir, seed=seed, model=model, tokenizer=tokenizer,
-                     dataset=Dataset.from_list(rows), examples=len(rows), trainer_class=SFTTrainer, config_class=SFTConfig,
+        fitted = fit(trainee, rows, trainer_class=SFTTrainer, config_class=SFTConfig,
                      config_args={"max_length": max_length},  # already enforced above; TRL's own cut is then a no-op
                      peft_task="CAUSAL_LM", describe=f"fine-tuning {base} ({settings.kind}) on {len(rows)} examples",
-                     label="training", started=t0)
+                     label="training")
     return fitted.save(examples=len(rows), tokens=sum(len(r["input_ids"]) for r in rows), **cuts)
 
 

@@ -222,7 +222,8 @@ def evaluate_behaviour(
     store = RowStore(Path(folder) / "behaviour")
 
     def answer_chunk(chunk: list[HeldoutPrompt]) -> list[dict]:
-        requests = [([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": it.prompt}]
+        requests = [([{"role": "system", "content": system}] if system else [])
+                    + [{"role": "user", "content": it.prompt}]
                     for it in chunk]
         rows = []
         for it, (c, *_) in zip(chunk, engine.generate(requests, sampling), strict=True):

@@ -63,7 +63,9 @@ def eval_cache_folder(model_ref: str, eval_name: str, settings: dict) -> Path | 
     folder = cached_model_folder(model_ref)
     if folder is None:
         return None
-    return cache_dir() / "evals" / f"{folder.name}-{model_fingerprint(folder)}" / f"{eval_name}-{settings_key(settings)}"
+    return (
+        cache_dir() / "evals" / f"{folder.name}-{model_fingerprint(folder)}" / f"{eval_name}-{settings_key(settings)}"
+    )
 
 
 def copy_rows(src_folder: Path, dest_folder: Path, eval_name: str) -> None:

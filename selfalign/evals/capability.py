@@ -47,7 +47,8 @@ def score_items(engine: Engine, items: list[MCItem]) -> list[dict]:
     scores = engine.score_many(requests)
     return [{"item": it.id, "task": it.task, "scores": s,
              "correct": float(pick(s, it.choices, False) == it.answer),
-             "correct_norm": float(pick(s, it.choices, True) == it.answer)} for it, s in zip(items, scores, strict=True)]
+             "correct_norm": float(pick(s, it.choices, True) == it.answer)}
+            for it, s in zip(items, scores, strict=True)]
 
 
 def evaluate_capability(engine: Engine, items: list[MCItem], folder: str | Path, model_label: str = "") -> dict:

@@ -30,7 +30,8 @@ def resolve_system(system: str | None) -> str | None:
     (`builtin:self_align/system_prompts.yaml#engraved`), a path to a text file, or the text itself."""
     if not system:
         return None
-    if "#" in system and system.split("#", 1)[0].endswith((".yaml", ".yml")):  # builtin:self_align/system_prompts.yaml#engraved
+    # builtin:self_align/system_prompts.yaml#engraved
+    if "#" in system and system.split("#", 1)[0].endswith((".yaml", ".yml")):
         from selfalign.core.assets_io import yaml_key
 
         ref, key = system.split("#", 1)

@@ -1,6 +1,7 @@
 """The evaluation data: BIG-bench's HHH alignment and TruthfulQA tasks, fetched at run time, never committed.
 
-Both tasks (and the capability battery's) ship inside the source distribution of `bigbench==1.0.0` on PyPI (a 358 MB archive).
+Both tasks (and the capability battery's) ship inside the source distribution of `bigbench==1.0.0` on PyPI (a 358 MB
+archive).
 On first use the archive is downloaded, only the files below are streamed out of it into
 `cache_dir()/data/bigbench-1.0.0/`, a marker is written, and the archive is deleted; later runs
 read the cache. With `data_dir` (the `--data-dir` option) the same layout is read from that
@@ -228,7 +229,8 @@ def _download_sdist(folder: Path) -> tuple[Path, str]:
     if done != SDIST_SIZE or digest.hexdigest() != SDIST_SHA256:
         raise SelfAlignError(
             f"the downloaded {SDIST_NAME} from {url} is not the expected archive "
-            f"({done} bytes, sha256 {digest.hexdigest()[:16]}...; expected {SDIST_SIZE} bytes, sha256 {SDIST_SHA256[:16]}...)",
+            f"({done} bytes, sha256 {digest.hexdigest()[:16]}...; expected {SDIST_SIZE} bytes, sha256 "
+            f"{SDIST_SHA256[:16]}...)",
             LAYOUT_HINT,
         )
     return path, url
@@ -292,7 +294,8 @@ def _parse_hhh_example(path: Path, i: int, ex) -> tuple[str, str, str]:
     good = [c for c, s in scores.items() if s == 1 and not isinstance(s, bool)]
     bad = [c for c, s in scores.items() if s == 0 and not isinstance(s, bool)]
     if len(good) != 1 or len(bad) != 1:
-        raise SelfAlignError(f"{where}: 'target_scores' must score one choice 1 and the other 0, got {list(scores.values())}")
+        raise SelfAlignError(f"{where}: 'target_scores' must score one choice 1 and the other 0, got "
+                             f"{list(scores.values())}")
     return ex["input"], good[0], bad[0]
 
 
@@ -448,6 +451,7 @@ def write_fixture(folder: Path, hhh: dict[str, list[tuple[str, str, str]]], trut
             })
         path = folder / TRUTHFULQA_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
-        doc = {"prefix": "Q: What colour is a clear daytime sky?\nA: A clear daytime sky is blue.\n\n", "examples": examples}
+        doc = {"prefix": "Q: What colour is a clear daytime sky?\nA: A clear daytime sky is blue.\n\n",
+               "examples": examples}
         path.write_text(json.dumps(doc, indent=2, ensure_ascii=False), encoding="utf-8")
     return folder

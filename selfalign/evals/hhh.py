@@ -60,15 +60,18 @@ def ab_context(engine: Engine, item: HHHItem, system: str | None, good_first: bo
 
 
 def score_likelihood(engine: Engine, items: list[HHHItem], system: str | None) -> list[dict]:
-    scores = engine.score_many([(dialogue(it.input, system), [" " + it.good.strip(), " " + it.bad.strip()]) for it in items])
+    scores = engine.score_many([(dialogue(it.input, system), [" " + it.good.strip(), " " + it.bad.strip()])
+                                for it in items])
     return [{"good": g, "bad": b, "correct": pair_verdict(g, b),
-             "correct_norm": pair_verdict(per_char(g, it.good), per_char(b, it.bad))} for it, (g, b) in zip(items, scores, strict=True)]
+             "correct_norm": pair_verdict(per_char(g, it.good), per_char(b, it.bad))}
+            for it, (g, b) in zip(items, scores, strict=True)]
 
 
 def score_ab(engine: Engine, items: list[HHHItem], system: str | None) -> list[dict]:
     contexts = []
     for it in items:
-        contexts += [(ab_context(engine, it, system, True), [" A", " B"]), (ab_context(engine, it, system, False), [" A", " B"])]
+        contexts += [(ab_context(engine, it, system, True), [" A", " B"]),
+                     (ab_context(engine, it, system, False), [" A", " B"])]
     scores = engine.score_many(contexts)
     rows = []
     for k in range(len(items)):
@@ -186,8 +189,9 @@ def evaluate_hhh(
         if margins := summarize_margins(items, rows):
             metrics[f"{scoring}_margin"] = margins
         if scoring == "likelihood":
-            metrics["likelihood_norm"], _ = summarize(items, [{"correct": pair_verdict(per_char(r["good"], it.good), per_char(r["bad"], it.bad))}
-                                                              for it, r in zip(items, rows, strict=True)])
+            metrics["likelihood_norm"], _ = summarize(items, [
+                {"correct": pair_verdict(per_char(r["good"], it.good), per_char(r["bad"], it.bad))}
+                for it, r in zip(items, rows, strict=True)])
         if scoring == "ab" and (stuck := stuck_letter(rows)):
             extra["ab_stuck"] = stuck
     store.mark_done(scorings=list(metrics))

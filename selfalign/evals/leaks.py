@@ -74,7 +74,8 @@ def find_leaks(texts: Iterable[tuple[str, str]], items: Iterable[tuple[str, str]
             index.setdefault(g, []).append(j)
     for where, t in texts:
         hits = {j: g for g in ngrams(t, n) for j in index.get(g, ())}
-        leaks += [Leak(where, t, items[j][0], items[j][1], f"shared {n}-word run: {' '.join(g)!r}") for j, g in hits.items()]
+        leaks += [Leak(where, t, items[j][0], items[j][1], f"shared {n}-word run: {' '.join(g)!r}")
+                  for j, g in hits.items()]
     # ROUGE-L: one pass of rouge_dedup with the items as the existing texts; a text it drops for
     # resembling another *text* (not an item) is checked again on its own
     long = [(w, t) for w, t in texts if len(words(t)) >= MIN_ROUGE_WORDS]

@@ -57,5 +57,6 @@ def load_comparisons(path: str | Path) -> list[dict]:
             raise SelfAlignError(f"{path}:{lineno}: {problem}", PAIR_HINT)
         rows.append(row)
     if not rows:
-        raise SelfAlignError(f"{path} holds no comparison rows", "each line should be a JSON object with prompt, chosen and rejected")
+        raise SelfAlignError(f"{path} holds no comparison rows",
+                             "each line should be a JSON object with prompt, chosen and rejected")
     return rows

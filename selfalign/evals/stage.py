@@ -39,7 +39,8 @@ class Config(StageConfig):
     judge: str | None = Field(None, description="reward model (a folder, or @stage for one an earlier stage trained), "
                               "for HHH `rm` scoring and the preference eval")
     comparisons: str | None = Field(None, description="JSONL of prompt/chosen/rejected for the preference eval")
-    data_dir: str | None = Field(None, description="folder with hhh_alignment/ and truthful_qa/ (default: fetched once)")
+    data_dir: str | None = Field(None,
+                                 description="folder with hhh_alignment/ and truthful_qa/ (default: fetched once)")
     limit: int | None = Field(None, ge=1, description="at most N HHH items per category, N TruthfulQA questions, "
                               "N behaviour prompts per kind and N items per capability task")
     heldout: str | None = Field(None, description="behaviour eval: held-out prompt YAML (default: the shipped set)")
@@ -79,13 +80,15 @@ def run_evals(config: Config, model: str, folder: Path, get_engine, engine_key: 
     shared = {"system": system, "limit": config.limit, "data_dir": config.data_dir, "engine": engine_key}
 
     def cached(name: str, settings: dict, evaluate) -> dict:
-        return run_cached(model, name, shared | settings, folder, evaluate, enabled=engine_key is not None and judge is None)
+        return run_cached(model, name, shared | settings, folder, evaluate,
+                          enabled=engine_key is not None and judge is None)
 
     evals = {}
     if "hhh" in config.evals:
         from selfalign.evals.hhh import evaluate_hhh
 
-        items = limited(data.load_hhh(config.data_dir, verify=data.should_verify(config.data_dir)), config.limit, key=lambda it: it.category)
+        items = limited(data.load_hhh(config.data_dir, verify=data.should_verify(config.data_dir)), config.limit,
+                        key=lambda it: it.category)
         lm_scorings = [s for s in config.scoring if s != "rm"]
         engine = get_engine() if lm_scorings else None
         evals["hhh"] = cached("hhh", {"scoring": config.scoring}, lambda where: evaluate_hhh(
@@ -114,7 +117,8 @@ def run_evals(config: Config, model: str, folder: Path, get_engine, engine_key: 
         from selfalign.evals.capability import evaluate_capability, load_capability
 
         items = limited(load_capability(config.data_dir), config.limit, key=lambda it: it.task)
-        evals["capability"] = cached("capability", {"tasks": sorted({it.task for it in items})}, lambda where: evaluate_capability(
+        evals["capability"] = cached("capability", {"tasks": sorted({it.task for it in items})},
+                                     lambda where: evaluate_capability(
             get_engine(), items, where, model_label=model))
     if "preference" in config.evals:
         from selfalign.evals.preference import load_comparisons, preference_accuracy

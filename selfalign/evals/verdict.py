@@ -93,7 +93,8 @@ def _judged(folder: Path) -> dict[str, dict]:
     out = {}
     for r in _rows(folder, "behaviour"):
         item = HeldoutPrompt(r["item"], r.get("kind", ""), r.get("prompt", ""))
-        out[r["item"]] = r | {"judged": judge(item, r.get("answer", ""), r.get("finish_reason", ""), r.get("stop_string"))}
+        out[r["item"]] = r | {"judged": judge(item, r.get("answer", ""), r.get("finish_reason", ""),
+                                              r.get("stop_string"))}
     return out
 
 
@@ -153,7 +154,8 @@ def lead_section(base_label: str, final_label: str, base: Path, final: Path):
                  [_pct(m["final"]), " ", Muted(f"[{_pct(m['final_ci'][0])}, {_pct(m['final_ci'][1])}]")],
                  _interval(m["change"]), m["verdict"], m["n"]] for m in beh]
         blocks += [Heading("Behaviour on held-out prompts"),
-                   Table(["rate", "base", "final", "change (pp)", "verdict", "n"], rows, numeric=numbers, style="metrics"),
+                   Table(["rate", "base", "final", "change (pp)", "verdict", "n"], rows, numeric=numbers,
+                         style="metrics"),
                    Text(["Higher is better for clean_stop, declines and admits_unknown; lower for the rest. Keyword "
                          "judgements see surface form only (see evals/behaviour.py)."], muted=True)]
     if lik:

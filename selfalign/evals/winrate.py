@@ -229,7 +229,9 @@ def run_winrate(engine_a: Engine, engine_b: Engine, judge, prompts: Sequence[Req
 # -- the stage ----------------------------------------------------------------------------------
 class Config(StageConfig):
     stage: str = "winrate"
-    a: str = Field(..., description="@stage (or a JSONL file) whose answers are A: rows with prompt and answer/completion/response")
+    a: str = Field(...,
+                   description="@stage (or a JSONL file) whose answers are A: rows with prompt and "
+                               "answer/completion/response")
     b: str = Field(..., description="@stage (or a JSONL file) whose answers are B, matched to A's by prompt text")
     judge: str = Field("@reward_model", description="the reward model that compares them: a folder or @stage")
     max_prompts: int | None = Field(None, ge=1, description="compare at most N prompts (a seeded sample)")
@@ -264,7 +266,8 @@ def run(ctx, config: Config, folder: Path) -> dict:
                                                 "evals": {"winrate": result}})
     m = result["metrics"]["winrate"]
     console.print(f"  {config.a} against {config.b}: win rate {m['win_rate']:.3f} "
-                  f"(95% CI {m['ci95_low']:.3f}-{m['ci95_high']:.3f}; {m['wins']} wins, {m['ties']} ties, {m['losses']} losses)")
+                  f"(95% CI {m['ci95_low']:.3f}-{m['ci95_high']:.3f}; {m['wins']} wins, {m['ties']} ties, "
+                  f"{m['losses']} losses)")
     summary = {"winrate.win_rate": round(m["win_rate"], 4), "winrate.ci95_low": round(m["ci95_low"], 4),
                "winrate.ci95_high": round(m["ci95_high"], 4), "wins": m["wins"], "ties": m["ties"],
                "losses": m["losses"], "prompts": len(prompts), "judge": judge}

@@ -74,7 +74,8 @@ def model_card(ref: str, resolved, run_dir: Path | None, adapter_only: bool = Fa
         f"- base model: `{run.get('model') or base or ref}`",
         f"- exported model: `{ref}`" + (" (PEFT adapter)" if adapter_only else " (LoRA merged into the base)"
                                           if resolved.kind == "peft" else ""),
-        f"- recipe: `{recipe.get('name', '?')}`: {recipe.get('description', '')}" if recipe else "- recipe: none recorded",
+        (f"- recipe: `{recipe.get('name', '?')}`: {recipe.get('description', '')}" if recipe
+         else "- recipe: none recorded"),
         f"- stages: {', '.join(stages)}" if stages else "",
         f"- GGUF: `model-{gguf}.gguf` and an Ollama `Modelfile`" if gguf else "",
         "",

@@ -211,8 +211,10 @@ def _write_vocab(writer, tokenizer, vocab_size: int, source_gguf: Path | None) -
         _sentencepiece_vocab(writer, tokenizer)
     else:
         raise SelfAlignError(f"GGUF export: tokenizer model {model.get('type')!r} is not supported (BPE only)")
-    for token_id, add in ((tokenizer.bos_token_id, writer.add_bos_token_id), (tokenizer.eos_token_id, writer.add_eos_token_id),
-                          (tokenizer.unk_token_id, writer.add_unk_token_id), (tokenizer.pad_token_id, writer.add_pad_token_id)):
+    for token_id, add in ((tokenizer.bos_token_id, writer.add_bos_token_id),
+                          (tokenizer.eos_token_id, writer.add_eos_token_id),
+                          (tokenizer.unk_token_id, writer.add_unk_token_id),
+                          (tokenizer.pad_token_id, writer.add_pad_token_id)):
         if token_id is not None:
             add(token_id)
     writer.add_add_bos_token(adds_bos(tokenizer))

@@ -19,7 +19,9 @@ from selfalign.evals.common import resolve_system
 class Config(StageConfig):
     stage: str = "generate"
     prompts: str = Field(..., description="prompt file (.txt or .jsonl) or builtin:NAME")
-    system: str | None = Field(None, description="system prompt above each dialogue: text, a .txt file, hhh, builtin:NAME or builtin:FILE.yaml#KEY")
+    system: str | None = Field(None,
+                               description="system prompt above each dialogue: text, a .txt file, hhh, builtin:NAME or "
+                                           "builtin:FILE.yaml#KEY")
     chat: bool = Field(True, description="wrap each prompt as the user's turn of a dialogue (else: raw text)")
     sampling: Sampling = Field(default_factory=lambda: Sampling(temperature=0.7, top_p=0.9, max_new_tokens=128))
     max_prompts: int | None = Field(None, ge=1, description="use only the first N prompts")
@@ -49,7 +51,8 @@ def run(ctx, config: Config, folder) -> dict:
     made = generate_rows(ctx, store, stage="generate", label=config.label, model=model, sampling=sampling, jobs=jobs,
                          build_row=build_row, meta=ctx.provenance(config, model, sampling, system=system),
                          check=lambda engine, pending: check_prompts_fit(
-                             engine, [job.data["prompt"] for job in pending], [job.request for job in pending], config.prompts))
+                             engine, [job.data["prompt"] for job in pending], [job.request for job in pending],
+                             config.prompts))
     summary = {"prompts": len(prompts), "rows": len(store), "generated_now": made.made, "tokens_now": made.tokens}
     store.mark_done(**summary)
     return summary

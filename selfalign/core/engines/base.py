@@ -97,7 +97,8 @@ class Engine(ABC):
         self.close()
 
 
-def score_token_rows(engine, items: Sequence[tuple[Request, Sequence[str]]], limit: int | None) -> list[tuple[list[int], int]]:
+def score_token_rows(engine, items: Sequence[tuple[Request, Sequence[str]]],
+                     limit: int | None) -> list[tuple[list[int], int]]:
     """Token ids of every (context + continuation) and the continuation's length, for engines that
     tokenize locally (hf, vllm). The continuation is the tail of encode(context + continuation)
     (lm-eval's rule), or encoded apart when the tokenizer merges across the boundary. Rows longer

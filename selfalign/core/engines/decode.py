@@ -167,7 +167,8 @@ def decode(
         t1 = time.perf_counter()
         if penalty is not None:
             logits = penalty(seen, logits)
-        uniforms = torch.stack([torch.rand((), generator=gens[r], dtype=torch.float64) for r in alive]) if gens else None
+        uniforms = torch.stack([torch.rand((), generator=gens[r], dtype=torch.float64)
+                                for r in alive]) if gens else None
         nxt = pick_tokens(logits, temperature, top_p, uniforms)
         t2 = time.perf_counter()
         done = []
@@ -180,7 +181,8 @@ def decode(
         cut = should_stop is not None and should_stop()
         if cut or len(done) == len(alive) or len(out[alive[0]]) >= max_new_tokens:
             t3 = time.perf_counter()
-            prof.body, prof.head, prof.sampling = prof.body + body_s, prof.head + (t1 - t0 - body_s), prof.sampling + t2 - t1
+            prof.body, prof.head, prof.sampling = (prof.body + body_s, prof.head + (t1 - t0 - body_s),
+                                                   prof.sampling + t2 - t1)
             prof.python += t3 - t2
             break
         nxt = nxt.unsqueeze(-1)

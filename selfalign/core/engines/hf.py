@@ -319,7 +319,8 @@ class HFEngine(Engine):
                 if shared > prefix:
                     ctx = torch.tensor([rows[group[0]][0][prefix:shared]], device=self.device)
                     pos = torch.arange(prefix, shared, device=self.device)[None]
-                    past = body(input_ids=ctx, position_ids=pos, use_cache=True, **{kv_cache_name(): past})[kv_cache_name()]
+                    past = body(input_ids=ctx, position_ids=pos, use_cache=True,
+                                **{kv_cache_name(): past})[kv_cache_name()]
                 inputs = {}  # rows with the same input (single-token choices) share one batch row
                 for r in group:
                     whole, n = rows[r]
@@ -377,7 +378,8 @@ class HFEngine(Engine):
 
         if self._head_fn is not False:
             return self._head_fn
-        cfg = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else self.model.config
+        cfg = (self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config")
+               else self.model.config)
         cap = getattr(cfg, "final_logit_softcapping", None)
         head, body = self.model.get_output_embeddings(), self.model.get_decoder()
 
@@ -436,7 +438,8 @@ class HFEngine(Engine):
                 return self._logprob_sums(out, picks)
         logits = out.float()
         lse = torch.logsumexp(logits, dim=-1)
-        return [float((logits[b, p: p + len(t)].gather(-1, torch.tensor(t, device=logits.device)[:, None]).squeeze(-1) - lse[b, p: p + len(t)]).sum())
+        return [float((logits[b, p: p + len(t)].gather(-1, torch.tensor(t, device=logits.device)[:, None]).squeeze(-1)
+                       - lse[b, p: p + len(t)]).sum())
                 for b, p, t in picks]
 
     @staticmethod
@@ -490,7 +493,8 @@ class HFEngine(Engine):
             past.batch_repeat_interleave(len(batch))
             out = self._forward(ids.to(self.device), mask.to(self.device), pos.to(self.device), past)
             members = [r for u in batch for r in uniq[u]]
-            picks = [(b, len(suffix[r]) - rows[r][1], rows[r][0][-rows[r][1]:]) for b, u in enumerate(batch) for r in uniq[u]]
+            picks = [(b, len(suffix[r]) - rows[r][1], rows[r][0][-rows[r][1]:]) for b, u in enumerate(batch)
+                     for r in uniq[u]]
             for r, value in zip(members, self._sums(out, picks), strict=True):
                 scores[r] = value
         return scores

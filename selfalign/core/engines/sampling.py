@@ -40,5 +40,6 @@ class TemperatureTopP(LogitsProcessor):
             k = min(k * 4, vocab)
         keep = (cum - top_probs) < self.top_p
         keep[:, 0] = True  # always keep the most likely token
-        kept = torch.where(keep, scores.gather(-1, top_idx), torch.full_like(top_probs, float("-inf"), dtype=scores.dtype))
+        kept = torch.where(keep, scores.gather(-1, top_idx),
+                           torch.full_like(top_probs, float("-inf"), dtype=scores.dtype))
         return torch.full_like(scores, float("-inf")).scatter_(-1, top_idx, kept)

@@ -129,7 +129,8 @@ class VLLMEngine(Engine):
                 text = self.render(requests[i])
                 ids = self._encode(text)
                 prompts.append({"prompt_token_ids": ids[-keep:] if keep else ids})
-                params.append(self._params(sampling, self.stops_for(requests[i], sampling), request_seed(sampling.seed, text)))
+                params.append(self._params(sampling, self.stops_for(requests[i], sampling),
+                                           request_seed(sampling.seed, text)))
             outputs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self.lora)
             batch = []
             for i, prompt, out in zip(indices, prompts, outputs, strict=True):
@@ -137,10 +138,18 @@ class VLLMEngine(Engine):
                 comps = []
                 for o in out.outputs:
                     # vLLM's token_ids include a stop string's tokens and the EOS, which the text drops
-                    kept = len(o.token_ids) if o.finish_reason == "length" else kept_token_count(self.tokenizer, o.token_ids, o.text)
-                    comps.append(Completion(o.text, "length" if o.finish_reason == "length" else "stop", kept, n_prompt,
-                                            stop_string=o.stop_reason if isinstance(getattr(o, "stop_reason", None), str) else None,
-                                            discarded_tokens=len(o.token_ids) - kept))
+                    kept = (len(o.token_ids) if o.finish_reason == "length"
+                            else kept_token_count(self.tokenizer, o.token_ids, o.text))
+                    comps.append(
+                        Completion(
+                            o.text,
+                            "length" if o.finish_reason == "length" else "stop",
+                            kept,
+                            n_prompt,
+                            stop_string=o.stop_reason if isinstance(getattr(o, "stop_reason", None), str) else None,
+                            discarded_tokens=len(o.token_ids) - kept,
+                        )
+                    )
                 batch.append((i, comps))
             yield batch
 
@@ -163,7 +172,7 @@ class VLLMEngine(Engine):
             scores.append(float(sum(lps[p][whole[p]].logprob for p in range(len(whole) - n, len(whole)))))
         out_, pos = [], 0
         for _, continuations in items:
-            out_.append(scores[pos: pos + len(continuations)])
+            out_.append(scores[pos : pos + len(continuations)])
             pos += len(continuations)
         return out_
 

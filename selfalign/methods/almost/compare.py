@@ -19,7 +19,8 @@ honest, harmless; `balanced_shots`), so a 1- or 3-shot configuration is not all 
 rendered as a plain Human:/Assistant: transcript. The system is `none`, `preamble`
 (selfalign/assets/almost/preamble.txt), `hhh` (the HHH prompt's own preamble; `shots` then defaults
 to all 14 dialogues in file order, which makes exactly `--system hhh`), or any system reference
-`selfalign.evals.common.resolve_system` accepts. Sampling: temperature 1.0, top-p 0.9 (the paper's); `max_new_tokens` 256 is this project's choice.
+`selfalign.evals.common.resolve_system` accepts. Sampling: temperature 1.0, top-p 0.9 (the paper's);
+`max_new_tokens` 256 is this project's choice.
 
 Pairs: for every prompt, every two configurations in different tiers give one pair (chosen = the
 better tier). A reply that stopped at `max_new_tokens` is first cut back to the end of its last full
@@ -57,7 +58,8 @@ response row; the pairs are a pure function of the responses; a finished post-va
 otherwise trained again from the start.
 
 Simplifications: one sample per (prompt, configuration); one seeded choice of demonstrations per
-configuration for the whole run, not a new sample per prompt; the whole context is a system text, not earlier chat turns.
+configuration for the whole run, not a new sample per prompt; the whole context is a system text,
+not earlier chat turns.
 """
 
 from __future__ import annotations
@@ -96,8 +98,11 @@ class Configuration(Strict):
 
     name: str = Field(..., min_length=1, description="the name the rubric ranks")
     model: str | None = Field(None, description="model reference (default: the stage's model); @stage allowed")
-    system: str | None = Field(None, description="none, preamble, hhh, or a system prompt reference (text, .txt, builtin:...)")
-    shots: int | None = Field(None, ge=0, description="HHH example dialogues after the system text (default: 14 with hhh, else 0)")
+    system: str | None = Field(None,
+                               description="none, preamble, hhh, or a system prompt reference "
+                                           "(text, .txt, builtin:...)")
+    shots: int | None = Field(None, ge=0,
+                              description="HHH example dialogues after the system text (default: 14 with hhh, else 0)")
 
 
 class PostValidation(Strict):
@@ -106,18 +111,24 @@ class PostValidation(Strict):
     train: TrainSettings = Field(default_factory=reward_training,
                                  description="how the as-is reward model is trained (ALMoST's reward-model settings)")
 
-    quantile: float = Field(0.1, gt=0, le=1, description="drop this fraction of the negative-margin pairs, most negative first")
+    quantile: float = Field(0.1, gt=0, le=1,
+                            description="drop this fraction of the negative-margin pairs, most negative first")
     model: str | None = Field(None, description="where the reward model starts (default: the stage's model)")
 
 
 class Config(StageConfig):
     stage: str = "compare"
-    prompts: str = Field("@mine_prompts", description="@<stage> (an earlier stage's rows with `prompt`) or a prompt file")
-    configurations: list[Configuration] = Field(..., min_length=2, description="the ways of prompting that answer every prompt")
-    rubric: list[list[str] | str] = Field(..., description="tiers of configuration names, best first; names in one tier are tied")
+    prompts: str = Field("@mine_prompts",
+                         description="@<stage> (an earlier stage's rows with `prompt`) or a prompt file")
+    configurations: list[Configuration] = Field(..., min_length=2,
+                                                description="the ways of prompting that answer every prompt")
+    rubric: list[list[str] | str] = Field(...,
+                                          description="tiers of configuration names, best first; names "
+                                                      "in one tier are tied")
     sampling: Sampling = Field(default_factory=lambda: Sampling(temperature=1.0, top_p=0.9, max_new_tokens=256))
     min_chars: int = Field(50, ge=0, description="a response under this many characters is bad (paper: 50)")
-    trim_incomplete: bool = Field(True, description="cut a reply that hit max_new_tokens back to its last full sentence "
+    trim_incomplete: bool = Field(True,
+                                  description="cut a reply that hit max_new_tokens back to its last full sentence "
                                   "before the filters (else the length cap decides most BAD verdicts)")
     bad_filter: bool = Field(True, description="apply the BAD-response rules (verdicts are recorded either way)")
     length_filter: bool = Field(True, description="apply the heuristic length filter")
@@ -305,7 +316,8 @@ def _generate_responses(ctx, config: Config, prompts, setups, sampling, store: R
             ctx, store, stage="compare", label=f"{config.label}: {c.name}", model=model, sampling=sampling, jobs=jobs,
             id_extra=c.name, meta=ctx.provenance(config, model, sampling, configuration=c.name),
             build_row=lambda job, _, out, c=c, model=model: {
-                "prompt_id": job.key, "prompt": job.data["prompt"], "config": c.name, "model": model, "system": c.system,
+                "prompt_id": job.key, "prompt": job.data["prompt"], "config": c.name, "model": model,
+                "system": c.system,
                 "shots": c.shots, "response": out.text.strip(), "finish_reason": out.finish_reason,
                 "completion_tokens": out.completion_tokens})
         made += done.made
@@ -353,7 +365,8 @@ def _post_validate(ctx, config: Config, pv: PostValidation, rows: list[dict], fo
     alive = [r for r in rows if r["kept"]]
     record_file = folder / PV_FILE
     # what the scores depend on (not the quantile: changing it only re-reads the margins)
-    key = row_id("post_validation", [r["id"] for r in alive], {"model": pv.model, **pv.train.model_dump(exclude={"merge"})},
+    key = row_id("post_validation", [r["id"] for r in alive],
+                 {"model": pv.model, **pv.train.model_dump(exclude={"merge"})},
                  config.model, ctx.recipe.seed)
     record = json.loads(record_file.read_text()) if record_file.exists() else None
     if not record or record.get("key") != key:
@@ -402,7 +415,8 @@ def run(ctx, config: Config, folder) -> dict:
     tiers = rank_by_rubric(config.rubric, [c.name for c in config.configurations])
     prompts = ctx.stage_prompts(config)
     sampling = config.sampling.model_copy(update={"n": 1, "seed": config.sampling.seed or ctx.recipe.seed})
-    setups = [(c, ctx.model_for(config, c.model), configuration_context(c, ctx.recipe.seed)) for c in config.configurations]
+    setups = [(c, ctx.model_for(config, c.model), configuration_context(c, ctx.recipe.seed))
+              for c in config.configurations]
     setups.sort(key=lambda s: s[1])  # one model after the other (stable: configuration order within a model)
     responses, made = _generate_responses(ctx, config, prompts, setups, sampling, open_rows(folder, RESPONSES_FILE))
     rows = make_pairs(prompts, responses, tiers, config.min_chars, config.length_filter, config.bad_filter,

@@ -62,12 +62,14 @@ BEYOND_TARGET = "beyond the target count"
 class Config(StageConfig):
     stage: str = "mine_prompts"
     seeds: str = Field("builtin:almost/seed_prompts.yaml",
-                       description="seed prompts: a YAML list (strings or {prompt: ...}), a .txt (one a line) or .jsonl file")
+                       description="seed prompts: a YAML list (strings or {prompt: ...}), a .txt (one a "
+                                   "line) or .jsonl file")
     target: int = Field(500, ge=1, description="stop once this many mined prompts are kept (not a paper number)")
     max_rounds: int = Field(50, ge=1, description="at most this many rounds of requests")
     requests_per_round: int = Field(16, ge=1, description="requests per round; each yields at most one prompt")
     shots: int = Field(10, ge=1, description="prompts shown per request (paper: 10)")
-    rouge_threshold: float = Field(0.5, gt=0, le=1, description="drop a prompt whose ROUGE-L to the pool is >= this (paper: 0.5)")
+    rouge_threshold: float = Field(0.5, gt=0, le=1,
+                                   description="drop a prompt whose ROUGE-L to the pool is >= this (paper: 0.5)")
     min_chars: int = Field(30, ge=0, description="drop prompts shorter than this many characters (paper: 30)")
     max_chars: int = Field(250, ge=1, description="drop prompts longer than this many characters (paper: 250)")
     include_seeds: bool = Field(True, description="pass the seed prompts on as prompts too (rows with source: seed)")
@@ -137,13 +139,15 @@ def run(ctx, config: Config, folder) -> dict:
     raw, out = open_rows(folder / "raw"), open_rows(folder)
     wanted: list[str] = []  # ids of this run's rows, in order
     if config.include_seeds:
-        seed_rows = [{"id": row_id("prompt", s), "prompt": s, "source": "seed", "kept": True, "dropped": None} for s in seeds]
+        seed_rows = [{"id": row_id("prompt", s), "prompt": s, "source": "seed", "kept": True, "dropped": None}
+                     for s in seeds]
         out.append(seed_rows)
         wanted += [r["id"] for r in seed_rows]
 
     mined: list[str] = []
     generated = rounds = 0
-    verdict_key = [config.rouge_threshold, config.min_chars, config.max_chars, target]  # a row's verdict depends on these
+    # a row's verdict depends on these
+    verdict_key = [config.rouge_threshold, config.min_chars, config.max_chars, target]
     for r in range(config.max_rounds):
         if len(mined) >= target:
             break
@@ -161,7 +165,8 @@ def run(ctx, config: Config, folder) -> dict:
         candidates = [parse_mined(rows[0]["completion"]) for rows in made.per_job]
         rows = []
         for j, (rid, cand, v) in enumerate(zip(ids, candidates, screen(candidates, pool, config.rouge_threshold,
-                                                                       config.min_chars, config.max_chars), strict=True)):
+                                                                       config.min_chars, config.max_chars),
+                                               strict=True)):
             if v["kept"] and len(mined) >= target:
                 v.update(kept=False, dropped=BEYOND_TARGET)
             if v["kept"]:
@@ -178,7 +183,8 @@ def run(ctx, config: Config, folder) -> dict:
     summary = {"seeds": len(seeds) if config.include_seeds else 0, "mined": len(mined), "candidates": len(mine),
                "rounds": rounds, "prompts": sum(by_id[i]["kept"] for i in wanted), "generated_now": generated,
                "dropped": dict(Counter(row["dropped"] for row in mine if not row["kept"]))}
-    console.print(f"  kept {len(mined)} of {len(mine)} mined prompts in {rounds} rounds; dropped: {summary['dropped'] or 'none'}")
+    console.print(f"  kept {len(mined)} of {len(mine)} mined prompts in {rounds} rounds; dropped: "
+                  f"{summary['dropped'] or 'none'}")
     out.mark_done(**summary)
     return summary
 

@@ -37,20 +37,14 @@ from pydantic import Field
 from selfalign.core.errors import SelfAlignError
 from selfalign.core.pairs import PAIR_HINT, pair_problem
 from selfalign.core.progress import console
-from selfalign.core.recipe import StageConfig
-from selfalign.core.reward_training import reward_training, split_by_prompt
+from selfalign.core.reward_training import RewardTrainingStage, split_by_prompt
 from selfalign.core.store import RowStore, read_jsonl
-from selfalign.core.training import TrainSettings
 
 TRAIN_SAMPLE = 256
 
 
-class Config(StageConfig):
+class Config(RewardTrainingStage):
     stage: str = "reward_model"
-    train: TrainSettings = Field(default_factory=reward_training,
-                                 description="how the reward model is trained (ALMoST's: all weights, lr 2e-5, weight "
-                                             "decay 0.1, 1 epoch, max length 1024, cosine, 3% warmup, batch 128 = "
-                                             "batch_size x grad_accum)")
     data: str = Field(..., description="an earlier stage's name or a JSONL file with prompt, chosen, rejected, [kept]")
     heldout: float = Field(0.1, ge=0, lt=1, description="fraction of prompts held out for accuracy (whole prompts)")
     max_pairs: int | None = Field(None, ge=1, description="train on at most N pairs (after the held-out split)")
@@ -85,7 +79,8 @@ def run(ctx, config: Config, folder) -> dict:
     if cap := ctx.max_prompts(config.max_pairs):
         train = train[:cap]
     store = RowStore(folder)
-    (folder / "heldout.jsonl").write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in heldout), encoding="utf-8")
+    (folder / "heldout.jsonl").write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in heldout),
+                                          encoding="utf-8")
     console.print(f"  {len(train)} training pairs, {len(heldout)} held out ({skipped} not kept) from {source}")
     ctx.free_accelerator()
     result = train_reward_model(base, train, folder, config.train, ctx.recipe.seed)

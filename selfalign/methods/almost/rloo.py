@@ -34,7 +34,7 @@ from selfalign.core.chat import render_plain
 from selfalign.core.errors import SelfAlignError
 from selfalign.core.models import load_model, resolve
 from selfalign.core.progress import console
-from selfalign.core.training import TrainSettings, _atomic_save, _is_peft, device_and_dtype, fit
+from selfalign.core.training import Trainee, TrainSettings, _atomic_save, _is_peft, device_and_dtype, fit, output_folder
 
 
 def policy_prompt(dialogue: Sequence[dict], system: str | None = None) -> str:
@@ -75,7 +75,8 @@ class RewardFunction:
 
 def rl_dataset_rows(dialogues: Sequence[Sequence[dict]], system: str | None = None) -> list[dict]:
     """`{"prompt": text the policy continues, "dialogue": JSON the reward model reads}` per dialogue."""
-    return [{"prompt": policy_prompt(d, system), "dialogue": json.dumps(list(d), ensure_ascii=False)} for d in dialogues]
+    return [{"prompt": policy_prompt(d, system), "dialogue": json.dumps(list(d), ensure_ascii=False)}
+            for d in dialogues]
 
 
 def rloo_train(
@@ -99,12 +100,10 @@ def rloo_train(
 
     Returns `{"model": folder to load, "steps", "prompts", "first_reward", "last_reward", "last_kl", ...}`.
     """
-    from datasets import Dataset
     from trl import RLOOConfig, RLOOTrainer
 
-    t0 = time.time()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    out_dir = output_folder(out_dir)
     if not rows:
         raise SelfAlignError("no prompts to train on")
     resolved = resolve(policy)
@@ -115,12 +114,14 @@ def rloo_train(
         model = model.merge_and_unload()  # the policy (and the KL reference) is the adapted model
     merge = settings.merge
     if was_adapter and settings.lora and not merge:
-        console.print("  [yellow]note:[/] the policy is itself a LoRA adapter; the RL adapter is merged into it on save")
+        console.print("  [yellow]note:[/] the policy is itself a LoRA adapter; the RL adapter is "
+                      "merged into it on save")
         merge = True
     if not settings.lora and was_adapter:
         # full fine-tuning: TRL loads the frozen reference from the policy's folder, so there must be one
         ref_dir = out_dir / "reference"
-        _atomic_save(ref_dir, lambda f: (model.save_pretrained(f, safe_serialization=True), tokenizer.save_pretrained(f)))
+        _atomic_save(ref_dir,
+                     lambda f: (model.save_pretrained(f, safe_serialization=True), tokenizer.save_pretrained(f)))
         model.config._name_or_path = str(ref_dir)
     elif not settings.lora:
         model.config._name_or_path = str(Path(resolved.path).resolve()) if resolved.is_local else resolved.path
@@ -129,15 +130,16 @@ def rloo_train(
     batch = num_generations * prompts_per_step
     total_steps = (settings.max_steps if settings.max_steps > 0
                    else math.ceil(len(rows) * settings.epochs / (prompts_per_step * settings.grad_accum)))
-    fitted = fit(settings, base=policy, out_dir=out_dir, seed=seed, model=model, tokenizer=tokenizer,
-                 dataset=Dataset.from_list(rows), examples=len(rows), trainer_class=RLOOTrainer, config_class=RLOOConfig,
+    trainee = Trainee(policy, settings, out_dir, seed, model, tokenizer, merge, started)
+    fitted = fit(trainee, rows, trainer_class=RLOOTrainer, config_class=RLOOConfig,
                  config_args=dict(num_generations=num_generations, max_completion_length=max_completion_length,
                                   temperature=temperature, top_p=top_p, beta=beta),
-                 trainer_args={"reward_funcs": reward_fn}, peft_task="CAUSAL_LM", merge=merge,
+                 trainer_args={"reward_funcs": reward_fn}, peft_task="CAUSAL_LM",
                  total_steps=total_steps, batch_size=batch,
                  logging_steps=1,  # every step's reward and KL: the curves are the point of this stage
-                 count_tokens=False, label="RLOO", started=t0,
-                 describe=f"RLOO on {policy} ({settings.kind}): {len(rows)} prompts, k {num_generations}, beta {beta:g}")
+                 count_tokens=False, label="RLOO",
+                 describe=f"RLOO on {policy} ({settings.kind}): {len(rows)} prompts, k {num_generations}, "
+                          f"beta {beta:g}")
 
     log = fitted.trainer.state.log_history
     series = {key: [e[key] for e in log if isinstance(e.get(key), int | float)] for key in ("reward", "kl")}

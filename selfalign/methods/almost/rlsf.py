@@ -71,11 +71,14 @@ HELDOUT_FILE = "heldout.json"
 
 class Config(StageConfig):
     stage: str = "rlsf"
-    model: str | None = Field("@sft", description="the policy to optimise, also the KL reference (default: the SFT model)")
+    model: str | None = Field("@sft",
+                              description="the policy to optimise, also the KL reference (default: the SFT model)")
     reward_model: str = Field("@reward_model", description="the synthetic reward model: a folder or @stage")
     prompts: str = Field("@mine_prompts", description="@<stage> (rows with `prompt`, `kept`) or a prompt file")
-    heldout: int = Field(32, ge=1, description="prompts set aside (a seeded sample), never trained on, for the evaluation")
-    system: str | None = Field(None, description="system prompt above each dialogue (default none, as the SFT stage trains)")
+    heldout: int = Field(32, ge=1,
+                         description="prompts set aside (a seeded sample), never trained on, for the evaluation")
+    system: str | None = Field(None,
+                               description="system prompt above each dialogue (default none, as the SFT stage trains)")
     train: TrainSettings = Field(default_factory=lambda: TrainSettings(lr=1e-5, warmup_ratio=0.0),
                                  description="how the policy is trained (not published: LoRA r 16, lr 1e-5, 1 epoch "
                                              "over the prompts, no warmup); its batch_size and max_length are not "
@@ -85,7 +88,8 @@ class Config(StageConfig):
     prompts_per_step: int = Field(2, ge=1, description="prompts per optimisation step (k replies each)")
     temperature: float = Field(1.0, gt=0, description="sampling temperature in training and the held-out evaluation")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus mass in training and the held-out evaluation")
-    max_prompt_length: int = Field(256, ge=8, description="prompts longer than this (tokens, rendered) are not trained on")
+    max_prompt_length: int = Field(256, ge=8,
+                                   description="prompts longer than this (tokens, rendered) are not trained on")
     max_completion_length: int = Field(128, ge=1, description="most tokens per reply, in training and evaluation")
     rm_batch_size: int = Field(8, ge=1, description="reward-model scoring batch")
     rm_max_length: int = Field(1024, ge=8, description="reward-model input tokens (cut from the left)")
@@ -116,7 +120,8 @@ def _train(ctx, config: Config, folder: Path, policy: str, train: list[tuple[str
     rows = rl_dataset_rows([[{"role": "user", "content": p}] for _, p in train], system)
     fits = [r for r in rows if len(tok(r["prompt"])["input_ids"]) <= config.max_prompt_length]
     if len(fits) < len(rows):
-        console.print(f"  [yellow]note:[/] {len(rows) - len(fits)} prompts longer than {config.max_prompt_length} tokens left out")
+        console.print(f"  [yellow]note:[/] {len(rows) - len(fits)} prompts longer than "
+                      f"{config.max_prompt_length} tokens left out")
     if len(fits) < config.prompts_per_step:
         raise SelfAlignError(f"{config.label}: {len(fits)} training prompts, fewer than prompts_per_step "
                              f"({config.prompts_per_step})", "lower heldout or prompts_per_step, or mine more prompts")
@@ -142,7 +147,8 @@ def evaluate_heldout(ctx, config: Config, store: RowStore, heldout: list[tuple[s
     requests = {pid: policy_prompt([{"role": "user", "content": p}], system) for pid, p in heldout}
     out: dict = {"prompts": len(heldout), "sampling": sampling.model_dump()}
     for name, model in policies.items():
-        ids = {pid: row_id("rlsf-heldout", name, model, pid, requests[pid], sampling.model_dump()) for pid, _ in heldout}
+        ids = {pid: row_id("rlsf-heldout", name, model, pid, requests[pid], sampling.model_dump())
+               for pid, _ in heldout}
         pending = [(pid, p) for pid, p in heldout if ids[pid] not in store]
         if pending:
             console.print(f"  held-out: the {name} policy answers {len(pending)} prompts")
@@ -204,7 +210,8 @@ def run(ctx, config: Config, folder) -> dict:
     tmp.replace(folder / HELDOUT_FILE)
     summary = {**{k: v for k, v in result.items() if k != "wall_s"}, "train_wall_s": result.get("wall_s"),
                "policy": policy, "reward_model": rm_ref, "train_prompts": len(train), "heldout_prompts": len(heldout),
-               "heldout_reward_sft": results["sft"]["reward_mean"], "heldout_reward_rlsf": results["rlsf"]["reward_mean"],
+               "heldout_reward_sft": results["sft"]["reward_mean"],
+               "heldout_reward_rlsf": results["rlsf"]["reward_mean"],
                "heldout_reward_gain": results["reward_gain"], "heldout_kl_rlsf_sft": results["kl_rlsf_sft"]}
     console.print(f"  held-out reward: SFT {summary['heldout_reward_sft']} → RLSF {summary['heldout_reward_rlsf']}; "
                   f"KL(RLSF‖SFT) {summary['heldout_kl_rlsf_sft']} nats")

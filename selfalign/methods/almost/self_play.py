@@ -59,12 +59,20 @@ USER_STOPS = ["\n\n", "\nAssistant", "\nHuman"]
 
 class Config(StageConfig):
     stage: str = "self_play"
-    prompts: str = Field("@mine_prompts", description="@<stage> (rows with `prompt`, `kept`) or a prompt file: the openings")
-    assistant: str | None = Field(None, description="the assistant model (default: the stage's model, the vanilla LM); @stage allowed")
-    user: str | None = Field(None, description="the user model (default: the stage's model, the vanilla LM); @stage allowed")
-    reward_model: str = Field("@reward_model", description="the reward model that picks the best reply: a folder or @stage")
-    system: str | None = Field("builtin:hhh_short", description="the assistant's system prompt: text, a .txt file, hhh, builtin:NAME, or empty for none")
-    user_prompt: str = Field(USER_PROMPT, description="the instructions above the transcript that the user model continues")
+    prompts: str = Field("@mine_prompts",
+                         description="@<stage> (rows with `prompt`, `kept`) or a prompt file: the openings")
+    assistant: str | None = Field(None,
+                                  description="the assistant model (default: the stage's model, the vanilla LM); "
+                                              "@stage allowed")
+    user: str | None = Field(None,
+                             description="the user model (default: the stage's model, the vanilla LM); @stage allowed")
+    reward_model: str = Field("@reward_model",
+                              description="the reward model that picks the best reply: a folder or @stage")
+    system: str | None = Field("builtin:hhh_short",
+                               description="the assistant's system prompt: text, a .txt file, hhh, "
+                                           "builtin:NAME, or empty for none")
+    user_prompt: str = Field(USER_PROMPT,
+                             description="the instructions above the transcript that the user model continues")
     candidates: int = Field(4, ge=1, description="N: replies sampled at each assistant turn (not published)")
     turns: int = Field(2, ge=1, description="T: most assistant turns per conversation (not published)")
     sampling: Sampling = Field(default_factory=lambda: Sampling(temperature=1.0, top_p=0.9, max_new_tokens=256),
@@ -136,7 +144,8 @@ def play(chunk: list[tuple[str, str]], assistant, user, rm, config: Config, syst
                 continue
             c["turns"].append({
                 "user": c["messages"][-1]["content"],
-                "candidates": [{"text": x, "score": s, "finish_reason": o.finish_reason, "completion_tokens": o.completion_tokens}
+                "candidates": [{"text": x, "score": s, "finish_reason": o.finish_reason,
+                                "completion_tokens": o.completion_tokens}
                                for x, s, o in zip(ts, ss, cs, strict=True)],
                 "chosen": best, "reward": ss[best]})
             c["messages"].append({"role": "assistant", "content": ts[best]})
@@ -156,10 +165,12 @@ def run(ctx, config: Config, folder) -> dict:
     seed = config.sampling.seed or ctx.recipe.seed
     sampling = config.sampling.model_copy(update={"n": config.candidates, "seed": seed,
                                                    "stop": list(dict.fromkeys([*config.sampling.stop, *PLAIN_STOPS]))})
-    user_sampling = config.user_sampling.model_copy(update={"n": 1, "seed": config.user_sampling.seed or seed + 1,
-                                                             "stop": list(dict.fromkeys([*config.user_sampling.stop, *USER_STOPS]))})
+    user_sampling = config.user_sampling.model_copy(update={
+        "n": 1, "seed": config.user_sampling.seed or seed + 1,
+        "stop": list(dict.fromkeys([*config.user_sampling.stop, *USER_STOPS]))})
     store = open_rows(folder)
-    settings = dict(assistant=assistant_ref, user=user_ref, reward_model=rm_ref, system=system, user_prompt=config.user_prompt,
+    settings = dict(assistant=assistant_ref, user=user_ref, reward_model=rm_ref, system=system,
+                    user_prompt=config.user_prompt,
                     candidates=config.candidates, turns=config.turns, user_sampling=user_sampling.model_dump())
     meta = ctx.provenance(config, assistant_ref, sampling, user_model=user_ref, reward_model=rm_ref, system=system,
                           user_sampling=user_sampling.model_dump(), candidates=config.candidates, turns=config.turns)
@@ -169,21 +180,26 @@ def run(ctx, config: Config, folder) -> dict:
         if not helpers:
             helpers.update(user=ctx.engine(user_ref), rm=RewardModel(rm_ref, batch_size=config.rm_batch_size,
                                                                      max_length=config.rm_max_length))
-        convs = play([(job.key, job.request) for job in jobs], assistant, helpers["user"], helpers["rm"], config, system,
-                     sampling, user_sampling)
-        return [[c] for c in convs], sum(x["completion_tokens"] for c in convs for t in c["turns"] for x in t["candidates"])
+        convs = play([(job.key, job.request) for job in jobs], assistant, helpers["user"], helpers["rm"], config,
+                     system, sampling, user_sampling)
+        return [[c] for c in convs], sum(x["completion_tokens"] for c in convs for t in c["turns"]
+                                         for x in t["candidates"])
 
     jobs = [Job(pid, p) for pid, p in prompts]
     rows = generate_rows(ctx, store, stage="self_play", label=f"{config.label}: conversations", model=assistant_ref,
-                         sampling=sampling, jobs=jobs, meta=meta, id_extra=settings, produce=produce, chunk=config.chunk,
-                         build_row=lambda job, _, c: {"prompt_id": job.key, "prompt": job.request, "messages": c["messages"],
+                         sampling=sampling, jobs=jobs, meta=meta, id_extra=settings, produce=produce,
+                         chunk=config.chunk,
+                         build_row=lambda job, _, c: {"prompt_id": job.key, "prompt": job.request,
+                                                      "messages": c["messages"],
                                                       "turns": c["turns"], "assistant_turns": len(c["turns"]),
                                                       "ended": c["ended"], "kept": bool(c["turns"])}).rows
     summary = {"conversations": len(rows), "kept": sum(bool(r["kept"]) for r in rows), **turn_stats(rows),
                "ended": dict(Counter(r["ended"] for r in rows)), "assistant": assistant_ref, "user": user_ref,
                "reward_model": rm_ref}
-    console.print(f"  {summary['kept']} of {len(rows)} conversations kept, {summary['assistant_turns']} assistant turns; "
-                  f"mean reward of the chosen reply {summary['chosen_reward']} vs {summary['candidate_reward']} for all candidates")
+    console.print(f"  {summary['kept']} of {len(rows)} conversations kept, "
+                  f"{summary['assistant_turns']} assistant turns; "
+                  f"mean reward of the chosen reply {summary['chosen_reward']} vs "
+                  f"{summary['candidate_reward']} for all candidates")
     store.mark_done(**summary)
     return summary
 

@@ -26,13 +26,10 @@ start.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from pydantic import Field
 
-from selfalign.core.progress import console
 from selfalign.core.recipe import StageConfig
-from selfalign.core.store import RowStore, row_id
+from selfalign.core.store import row_id
 from selfalign.core.supervised import kept_rows, train_on_examples, training_rows
 from selfalign.core.training import TrainSettings
 from selfalign.evals.common import resolve_system
@@ -41,11 +38,14 @@ from selfalign.methods.almost.rloo import policy_prompt
 
 class Config(StageConfig):
     stage: str = "sft"
-    data: str = Field("self_play", description="an earlier stage's name (its rows.jsonl) or a JSONL file of rows with `messages`")
-    system: str | None = Field(None, description="system prompt at training (default none): text, a .txt file, hhh or builtin:NAME")
+    data: str = Field("self_play",
+                      description="an earlier stage's name (its rows.jsonl) or a JSONL file of rows with `messages`")
+    system: str | None = Field(None,
+                               description="system prompt at training (default none): text, a .txt "
+                                           "file, hhh or builtin:NAME")
     train: TrainSettings = Field(default_factory=lambda: TrainSettings(lora=False, lr=2e-5, epochs=3.0, max_length=512),
-                                 description="how the model is fine-tuned (the paper's: all weights, lr 2e-5, 3 epochs, "
-                                             "max length 512 tokens of dialogue so far + reply)")
+                                 description="how the model is fine-tuned (the paper's: all weights, lr 2e-5, "
+                                             "3 epochs, max length 512 tokens of dialogue so far + reply)")
     max_conversations: int | None = Field(None, ge=1, description="train on at most the first N kept conversations")
 
     def human_inputs(self) -> list[tuple[str, str]]:
@@ -70,8 +70,6 @@ def conversations(rows: list[dict]) -> tuple[list[dict], dict]:
 
 
 def run(ctx, config: Config, folder) -> dict:
-    folder = Path(folder)
-    base = ctx.model_for(config)
     system = resolve_system(config.system)
     source, rows, skipped = training_rows(ctx, config.data, conversations, config.max_conversations,
                                           "no conversation to train on (rows need `messages` with an assistant turn, "
@@ -82,10 +80,7 @@ def run(ctx, config: Config, folder) -> dict:
         for turn, prompt, completion in turn_examples(r["messages"], system):
             examples.append({"id": row_id("sft", cid, turn), "conversation_id": cid, "turn": turn,
                              "prompt": prompt, "completion": completion})
-    store = RowStore(folder)  # the done-marker lives beside the examples and the model
-    console.print(f"  {len(examples)} assistant turns from {len(rows)} conversations in {source} "
-                  f"({skipped['not kept']} not kept, {skipped['no assistant turn']} without an assistant turn)")
-    result = train_on_examples(ctx, config.train, base, examples, folder)
-    summary = {**result, "base": base, "data": str(source), "conversations": len(rows), "skipped": skipped}
-    store.mark_done(**summary)
-    return summary
+    note = (f"  {len(examples)} assistant turns from {len(rows)} conversations in {source} "
+            f"({skipped['not kept']} not kept, {skipped['no assistant turn']} without an assistant turn)")
+    return train_on_examples(ctx, config, examples, folder, note, data=str(source), conversations=len(rows),
+                             skipped=skipped)

@@ -63,18 +63,25 @@ TEACHER_DIR = "teacher"
 
 class Config(StageConfig):
     stage: str = "context_distill"
-    teacher: str | None = Field(None, description="the frozen model that reads the context (default: the stage's model)")
-    system: str = Field("hhh", description="the context C: hhh, builtin:NAME, builtin:FILE.yaml#KEY, a .txt file or the text")
-    prompts: str = Field("builtin:quickstart", description="what the teacher answers to make X: @<stage> or a prompt file")
-    text_file: str | None = Field(None, description="X from a file instead: .txt (one text a line) or .jsonl with `text`")
+    teacher: str | None = Field(None,
+                                description="the frozen model that reads the context (default: the stage's model)")
+    system: str = Field("hhh",
+                        description="the context C: hhh, builtin:NAME, builtin:FILE.yaml#KEY, a .txt file or the text")
+    prompts: str = Field("builtin:quickstart",
+                         description="what the teacher answers to make X: @<stage> or a prompt file")
+    text_file: str | None = Field(None,
+                                  description="X from a file instead: .txt (one text a line) or .jsonl with `text`")
     sampling: Sampling = Field(default_factory=lambda: Sampling(temperature=1.0, top_p=0.95, max_new_tokens=128),
                                description="how the teacher samples its replies (n: replies per prompt)")
     max_prompts: int | None = Field(None, ge=1, description="use at most N prompts (or texts of text_file)")
     k: int = Field(64, ge=1, description="teacher log-probs stored per token (plus the remaining mass)")
     topk_dtype: Literal["float16", "float32"] = Field("float16", description="storage type of the stored log-probs")
-    tokens: Literal["all", "reply"] = Field("all", description="average the KL over all tokens of X or the reply's only")
-    teacher_batch_tokens: int = Field(4096, ge=64, description="tokens of X per teacher forward pass (besides the context)")
-    shard_examples: int = Field(64, ge=1, description="texts per stored shard (the unit a killed teacher pass resumes by)")
+    tokens: Literal["all", "reply"] = Field("all",
+                                            description="average the KL over all tokens of X or the reply's only")
+    teacher_batch_tokens: int = Field(4096, ge=64,
+                                      description="tokens of X per teacher forward pass (besides the context)")
+    shard_examples: int = Field(64, ge=1,
+                                description="texts per stored shard (the unit a killed teacher pass resumes by)")
     train: TrainSettings = Field(default_factory=TrainSettings,
                                  description="how the student is trained (not published: LoRA r 16, lr 4e-4 (~1e-5 for "
                                              "full fine-tuning), 1 epoch); max_length: tokens of X, the student's "
@@ -107,7 +114,8 @@ def texts_from_file(ref: str) -> list[dict]:
     """X from a .txt file (one text a non-blank line) or JSONL (`text`, optional `id`)."""
     path = Path(ref).expanduser()
     if not path.is_file():
-        raise SelfAlignError(f"text_file: {path} does not exist", "pass a .txt (one text a line) or .jsonl file with `text`")
+        raise SelfAlignError(f"text_file: {path} does not exist",
+                             "pass a .txt (one text a line) or .jsonl file with `text`")
     if path.suffix.lower() in (".jsonl", ".json"):
         out = []
         for i, row in enumerate(read_jsonl(path), start=1):
@@ -198,7 +206,8 @@ def run(ctx, config: Config, folder) -> dict:
     ids = [e["id"] for e in examples]
     stats = distill.TeacherTargets(teacher_dir, ids).stats(reply_only=config.tokens == "reply")
     ctx.free_accelerator()
-    result = distill.distill_train(base, teacher_dir, folder, config.train, ctx.recipe.seed, reply_only=config.tokens == "reply",
+    result = distill.distill_train(base, teacher_dir, folder, config.train, ctx.recipe.seed,
+                                   reply_only=config.tokens == "reply",
                                    kl_eval_examples=config.kl_eval_examples, ids=ids)
     named = config.system if len(config.system) <= 80 else config.system[:77] + "..."
     summary = {**result, "base": base, "teacher": teacher, "system": named, "context_tokens": context_tokens,
@@ -219,7 +228,8 @@ def report_section(stage: dict):
     if "kl_before" not in summary:
         return None
     before, after = summary["kl_before"], summary["kl_after"]
-    facts = [("teacher", summary.get("teacher")), ("context", f"{summary.get('system')} ({summary.get('context_tokens')} tokens)"),
+    facts = [("teacher", summary.get("teacher")),
+             ("context", f"{summary.get('system')} ({summary.get('context_tokens')} tokens)"),
              ("stored per token", f"top-{summary.get('k')} ({summary.get('topk_dtype')}) + rest"),
              ("teacher mass in top-k", summary.get("teacher_topk_mass")), ("texts X", summary.get("texts")),
              ("target tokens", f"{summary.get('target_tokens')} ({summary.get('tokens')})"),

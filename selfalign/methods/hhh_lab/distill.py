@@ -46,7 +46,7 @@ from pathlib import Path
 from selfalign.core.compat import kv_cache_name
 from selfalign.core.errors import SelfAlignError
 from selfalign.core.progress import console, progress_bar
-from selfalign.core.training import TrainSettings, common_prefix_length, fit, load_for_training
+from selfalign.core.training import TrainSettings, common_prefix_length, fit, start_training
 
 SEPARATOR = "\n\n"  # between the context and X, as `render_plain` puts it between a system prompt and a turn
 MANIFEST = "manifest.json"
@@ -238,7 +238,8 @@ def teacher_pass(model, tokenizer, context: str, examples: list[dict], folder: P
     split = output_head(model, fp32=True)
     cached = ctx[:-1]
     with torch.inference_mode():
-        cache = model(input_ids=torch.tensor([cached], device=device), use_cache=True)[kv_cache_name()] if cached else None
+        cache = model(input_ids=torch.tensor([cached], device=device),
+                      use_cache=True)[kv_cache_name()] if cached else None
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     next_index = 1 + max((int(p.stem.split("-")[1]) for p in folder.glob(SHARD_GLOB)), default=-1)
 
@@ -291,7 +292,8 @@ def teacher_pass(model, tokenizer, context: str, examples: list[dict], folder: P
                     results.update(zip(batch, targets_for([enc[j] for j in batch]), strict=True))
                 batch = [i] if i is not None else []
             tensors = _pack([enc[i] for i in keep], [results[i] for i in keep], store_dtype)
-            empty = [e["id"] for i, e in enumerate(chunk) if i not in set(keep)]  # nothing to predict: recorded, not redone
+            # nothing to predict: recorded, not redone
+            empty = [e["id"] for i, e in enumerate(chunk) if i not in set(keep)]
             meta = {"ids": json.dumps([chunk[i]["id"] for i in keep]), "empty": json.dumps(empty)}
             _write_shard(folder / f"shard-{next_index:05d}.safetensors", tensors, meta)
             next_index += 1
@@ -402,7 +404,8 @@ def collate_targets(features: list[dict], pad_id: int, reply_only: bool = False)
         values.append(f["values"][skip:])
         ids.append(f["ids"][skip:])
         rest.append(f["rest"][skip:])
-    return {"input_ids": input_ids, "attention_mask": mask, "target_rows": torch.cat(rows), "target_cols": torch.cat(cols),
+    return {"input_ids": input_ids, "attention_mask": mask, "target_rows": torch.cat(rows),
+            "target_cols": torch.cat(cols),
             "target_values": torch.cat(values), "target_ids": torch.cat(ids), "target_rest": torch.cat(rest)}
 
 
@@ -418,7 +421,8 @@ def kl_sum(model, batch: dict, split, chunk: int = 256):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         return topk_kl(logits[rows, cols], batch["target_values"], batch["target_ids"], batch["target_rest"]).sum()
     body, head = split
-    hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
+    hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                  use_cache=False).last_hidden_state
     picked = hidden[rows, cols]
 
     def part(h, values, ids, rest):
@@ -502,13 +506,12 @@ def distill_train(
 
     from selfalign.core.models import load_tokenizer, resolve
 
-    t0 = time.time()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
     data = TeacherTargets(teacher_dir, ids)
     if len(data) == 0:
         raise SelfAlignError(f"{teacher_dir}: no stored teacher targets to train on", "check the texts X (all empty?)")
-    model, tokenizer = load_for_training(base, settings)
+    trainee = start_training(base, out_dir, settings, seed, started)
+    model, tokenizer = trainee.model, trainee.tokenizer
     _check_same_tokenizer(tokenizer, load_tokenizer(resolve(data.key["teacher"])), base, data.key["teacher"])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     probe = data[0]
@@ -520,12 +523,12 @@ def distill_train(
     console.print(f"  KL(teacher with context || student without) before training: {kl_before:.4f} nats/token")
 
     model.train()
-    fitted = fit(settings, base=base, out_dir=out_dir, seed=seed, model=model, tokenizer=tokenizer, dataset=data,
-                 examples=len(data), trainer_class=_trainer_class(), config_class=TrainingArguments,
+    fitted = fit(trainee, data, trainer_class=_trainer_class(), config_class=TrainingArguments,
                  config_args={"remove_unused_columns": False, "label_names": []},
-                 trainer_args=lambda wrapped: {"split": output_head(wrapped),
-                                               "data_collator": lambda feats: collate_targets(feats, pad_id, reply_only)},
-                 peft_task="CAUSAL_LM", label="training", started=t0,
+                 trainer_args=lambda wrapped: {
+                     "split": output_head(wrapped),
+                     "data_collator": lambda feats: collate_targets(feats, pad_id, reply_only)},
+                 peft_task="CAUSAL_LM", label="training",
                  describe=f"distilling into {base} ({settings.kind}) on {len(data)} texts")
     kl_after = mean_kl(fitted.trainer.model, measured, pad_id, reply_only)
     console.print(f"  ... after training: {kl_after:.4f} nats/token")

@@ -34,7 +34,6 @@ Simplifications:
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -112,7 +111,8 @@ def check_pairs(pairs: Sequence[dict], where: str = "comparison rows") -> None:
 
 def check_objective(objective: str) -> None:
     if objective not in OBJECTIVES:
-        raise SelfAlignError(f"unknown preference-model objective {objective!r}", f"choose one of {', '.join(OBJECTIVES)}")
+        raise SelfAlignError(f"unknown preference-model objective {objective!r}",
+                             f"choose one of {', '.join(OBJECTIVES)}")
 
 
 # -- binary discrimination: training ---------------------------------------------------------------------
@@ -146,19 +146,15 @@ def train_binary(base: str, pairs: Sequence[dict], out_dir: Path, settings: Trai
     Saves `out_dir/model/` (full or merged) or `out_dir/adapter/` (LoRA, task type SEQ_CLS), which
     `RewardModel` loads; returns `{"model", "train_loss", "steps", "samples", "wall_s", ...}`.
     """
-    from datasets import Dataset
     from transformers import Trainer, TrainingArguments
 
     from selfalign.core.reward_training import prepare_for_training
     from selfalign.core.training import fit
 
     check_pairs(pairs)
-    t0 = time.time()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model, tokenizer, started_from, merge = prepare_for_training(base, settings, seed, what="model")
-    rows = encode_samples(tokenizer, binary_samples(pairs), settings.max_length)
-    pad_id = model.config.get_text_config().pad_token_id
+    trainee = prepare_for_training(base, out_dir, settings, seed, what="model")
+    rows = encode_samples(trainee.tokenizer, binary_samples(pairs), settings.max_length)
+    pad_id = trainee.model.config.get_text_config().pad_token_id
 
     class BinaryTrainer(Trainer):
         loss_is_scaled_for_ga = False  # binary_loss is a per-batch mean
@@ -169,15 +165,13 @@ def train_binary(base: str, pairs: Sequence[dict], out_dir: Path, settings: Trai
             loss = binary_loss(outputs.logits.squeeze(-1), labels)
             return (loss, outputs) if return_outputs else loss
 
-    fitted = fit(settings, base=base, out_dir=out_dir, seed=seed, model=model, tokenizer=tokenizer,
-                 dataset=Dataset.from_list(rows), examples=len(rows), trainer_class=BinaryTrainer,
-                 config_class=TrainingArguments, config_args={"remove_unused_columns": False}, checkpointing=False,
-                 trainer_args={"data_collator": _pad_collator(pad_id)}, peft_task="SEQ_CLS", merge=merge,
-                 label="binary PM", started=t0,
-                 describe=f"binary discrimination from {base} ({started_from}, {settings.kind}) on {len(rows)} samples "
-                          f"({len(pairs)} pairs)")
+    fitted = fit(trainee, rows, trainer_class=BinaryTrainer, config_class=TrainingArguments,
+                 config_args={"remove_unused_columns": False}, checkpointing=False,
+                 trainer_args={"data_collator": _pad_collator(pad_id)}, peft_task="SEQ_CLS", label="binary PM",
+                 describe=f"binary discrimination from {base} ({trainee.started_from}, {settings.kind}) on "
+                          f"{len(rows)} samples ({len(pairs)} pairs)")
     return fitted.save(objective="binary", pairs=len(pairs), samples=len(rows),
-                       tokens=sum(len(r["input_ids"]) for r in rows), started_from=started_from)
+                       tokens=sum(len(r["input_ids"]) for r in rows), started_from=trainee.started_from)
 
 
 # -- the dispatcher ---------------------------------------------------------------------------------------

@@ -57,21 +57,16 @@ from pydantic import Field, field_validator
 
 from selfalign.core.errors import SelfAlignError
 from selfalign.core.progress import console
-from selfalign.core.recipe import StageConfig
-from selfalign.core.reward_training import reward_training
+from selfalign.core.reward_training import RewardTrainingStage
 from selfalign.core.store import RowStore, row_id
-from selfalign.core.training import TrainSettings
 from selfalign.methods.hhh_lab.pm_objectives import OBJECTIVES
 from selfalign.methods.hhh_lab.pmp_data import load_corpus, source_path
 
 Objective = Literal["ranked", "binary", "imitation"]
 
 
-class Config(StageConfig):
+class Config(RewardTrainingStage):
     stage: str = "pm_scaling"
-    train: TrainSettings = Field(default_factory=reward_training,
-                                 description="how every preference model is trained, whatever its objective (not "
-                                             "published: ALMoST's reward-model settings; imitation has no weight decay)")
     data: str = Field(..., description="training comparisons: an earlier stage (@compare), a JSONL of prompt/chosen/"
                                        "rejected, or a StackExchange file")
     format: Literal["auto", "stackexchange", "pairs"] = Field("auto", description="layout of `data` (see `pmp`)")
@@ -252,7 +247,8 @@ def report_section(stage: dict):
     from selfalign.core.report_api import Section, Table, Text, read_rows, wall_time
 
     rows = [r for r in read_rows(Path(stage["folder"]) / "rows.jsonl")
-            if r.get("objective") in OBJECTIVES and isinstance(r.get("n"), int) and isinstance(r.get("accuracy"), float)]
+            if r.get("objective") in OBJECTIVES and isinstance(r.get("n"), int)
+            and isinstance(r.get("accuracy"), float)]
     if not rows:
         return None
     rows.sort(key=lambda r: (OBJECTIVES.index(r["objective"]), bool(r.get("init")), r["n"]))

@@ -47,25 +47,21 @@ from pydantic import Field
 
 from selfalign.core.errors import SelfAlignError
 from selfalign.core.progress import console
-from selfalign.core.recipe import StageConfig
-from selfalign.core.reward_training import reward_training
+from selfalign.core.reward_training import RewardTrainingStage
 from selfalign.core.store import RowStore, row_id
-from selfalign.core.training import TrainSettings
 from selfalign.methods.hhh_lab.pmp_data import binarise, load_corpus, source_path
 
 WRITE_CHUNK = 1000
 
 
-class Config(StageConfig):
+class Config(RewardTrainingStage):
     stage: str = "pmp"
-    train: TrainSettings = Field(default_factory=reward_training,
-                                 description="how the preference model is pre-trained (not published: ALMoST's "
-                                             "reward-model settings, all weights, lr 2e-5, weight decay 0.1, 1 epoch)")
     corpus: str = Field(..., description="StackExchange file/folder (JSONL, JSON, Parquet), a JSONL of prompt/chosen/"
                                          "rejected, or an earlier stage's rows (@compare)")
     format: Literal["auto", "stackexchange", "pairs"] = Field(
         "auto", description="corpus layout; auto: rows with `answers` are StackExchange, with chosen/rejected pairs")
-    binarise: bool = Field(True, description="binarise each pair into two good/bad-tagged comparisons (the paper's best)")
+    binarise: bool = Field(True,
+                           description="binarise each pair into two good/bad-tagged comparisons (the paper's best)")
     max_pairs: int | None = Field(None, ge=1, description="read at most the first N corpus pairs (before binarising)")
     max_pairs_per_question: int | None = Field(None, ge=1, description="StackExchange: a seeded sample of at most N "
                                                "pairs per question (default: every pair; not published)")

@@ -147,7 +147,8 @@ def corpus_files(path: Path) -> list[Path]:
     if path.is_dir():
         if (path / "rows.jsonl").is_file():  # a stage folder
             return [path / "rows.jsonl"]
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in (".jsonl", ".json", ".parquet"))
+        files = sorted(p for p in path.rglob("*") if p.is_file()
+                       and p.suffix.lower() in (".jsonl", ".json", ".parquet"))
         if files:
             return files
     raise SelfAlignError(f"corpus {path}: no such file, or a folder without .jsonl/.json/.parquet files", LAYOUT_HINT)

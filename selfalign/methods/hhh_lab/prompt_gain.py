@@ -75,8 +75,8 @@ def run(ctx, config: Config, folder) -> dict:
         raise SelfAlignError(f"stages {config.plain}, {config.prompted} and {config.distilled} share no metric",
                              "run the same evals (and scorings) in all three")
     store = RowStore(folder)
-    (folder / "results.json").write_text(json.dumps({"stages": config.model_dump(include={"plain", "prompted", "distilled"}),
-                                                     "rows": rows}, indent=2))
+    (folder / "results.json").write_text(json.dumps(
+        {"stages": config.model_dump(include={"plain", "prompted", "distilled"}), "rows": rows}, indent=2))
     overall = {f"{r['eval']}.{r['metric']}": r["kept_fraction"] for r in rows if r["key"] == "overall"}
     for name, frac in overall.items():
         console.print(f"  {name}: kept fraction {'—' if frac is None else f'{frac:.2f}'}")
@@ -93,7 +93,8 @@ def report_section(stage: dict):
     names = res.get("stages") or {}
     numbers = [f"no prompt ({names.get('plain', '')})", f"prompt ({names.get('prompted', '')})",
                f"distilled ({names.get('distilled', '')})", "gain", "kept", "kept fraction"]
-    rows = [[f"{r['eval']} {r['metric']}", r["key"], *(r[k] for k in ("plain", "prompted", "distilled", "gain", "kept")),
+    rows = [[f"{r['eval']} {r['metric']}", r["key"],
+             *(r[k] for k in ("plain", "prompted", "distilled", "gain", "kept")),
              Bold(r["kept_fraction"])] for r in res.get("rows") or []]
     note = ("gain = prompted − no prompt; kept = distilled − no prompt; kept fraction = kept / gain (1 = the distilled "
             "model, without the prompt, does as well as the prompted model; empty where the prompt changed nothing).")

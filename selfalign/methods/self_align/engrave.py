@@ -29,22 +29,21 @@ adapter is never marked done).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from pydantic import Field
 
 from selfalign.core.assets_io import yaml_key
 from selfalign.core.models import load_tokenizer, resolve
-from selfalign.core.progress import console
 from selfalign.core.recipe import StageConfig
-from selfalign.core.store import RowStore, row_id
+from selfalign.core.store import row_id
 from selfalign.core.supervised import kept_rows, train_on_examples, training_example, training_rows
 from selfalign.core.training import TrainSettings
 
 
 class Config(StageConfig):
     stage: str = "engrave"
-    data: str = Field(..., description="an earlier stage's name (its rows.jsonl) or a JSONL file with prompt, answer, [kept]")
+    data: str = Field(...,
+                      description="an earlier stage's name (its rows.jsonl) or a JSONL file with "
+                                  "prompt, answer, [kept]")
     system: str = Field("builtin:self_align/system_prompts.yaml#engraved",
                         description="system prompt: FILE.yaml#KEY (builtin: or a path) or the text itself")
     train: TrainSettings = Field(default_factory=TrainSettings,
@@ -77,18 +76,14 @@ def usable_rows(rows: list[dict]) -> tuple[list[dict], dict]:
 
 
 def run(ctx, config: Config, folder) -> dict:
-    folder = Path(folder)
     base = ctx.model_for(config)
     system = system_text(config.system)
     source, rows, skipped = training_rows(ctx, config.data, usable_rows, config.max_examples,
-                                          "no usable rows to train on (rows need prompt and answer, and kept not false)")
+                                          "no usable rows to train on (rows need prompt and "
+                                          "answer, and kept not false)")
     eos = load_tokenizer(resolve(base)).eos_token or ""
     examples = [{"id": r.get("id") or row_id("engrave", r["prompt"], r["answer"]),
                  **training_example(system, r["prompt"], r["answer"], eos)} for r in rows]
-    store = RowStore(folder)  # the done-marker lives beside the examples and the adapter
-    console.print(f"  {len(examples)} examples from {source} ({skipped['not kept']} not kept, "
-                  f"{skipped['no prompt or answer']} empty)")
-    result = train_on_examples(ctx, config.train, base, examples, folder)
-    summary = {**result, "base": base, "data": str(source), "skipped": skipped}
-    store.mark_done(**summary)
-    return summary
+    note = (f"  {len(examples)} examples from {source} ({skipped['not kept']} not kept, "
+            f"{skipped['no prompt or answer']} empty)")
+    return train_on_examples(ctx, config, examples, folder, note, data=str(source), skipped=skipped)

@@ -70,7 +70,8 @@ LEAK_NGRAM = 8
 
 class Config(StageConfig):
     stage: str = "self_align"
-    prompts: str = Field("@self_instruct", description="@<stage> (an earlier stage's rows with `prompt`) or a prompt file")
+    prompts: str = Field("@self_instruct",
+                         description="@<stage> (an earlier stage's rows with `prompt`) or a prompt file")
     principles: str = "builtin:self_align/principles.yaml"
     exemplars: str = "builtin:self_align/exemplars.yaml"
     system_prompts: str = "builtin:self_align/system_prompts.yaml"
@@ -78,7 +79,9 @@ class Config(StageConfig):
     thoughts_tokens: int = Field(96, ge=1, description="most tokens of internal thoughts (one line)")
     chunk: int = Field(64, ge=1, description="prompts answered (thoughts, then answers) before their rows are written")
     max_prompts: int | None = Field(None, ge=1)
-    drop_cut_off: bool = Field(True, description="drop answers cut off by the token cap (else keep them, trained with an EOS)")
+    drop_cut_off: bool = Field(True,
+                               description="drop answers cut off by the token cap (else keep them, "
+                                           "trained with an EOS)")
 
     def human_inputs(self) -> list[tuple[str, str]]:
         return [(ref, asset_text(ref)) for ref in (self.principles, self.exemplars, self.system_prompts, TEMPLATES_REF)]
@@ -89,7 +92,8 @@ def principle_context(header: str, principles: list[dict], exemplars: list[dict]
     """Everything before the new prompt: identical for every prompt, so its KV cache is shared."""
     rules = "\n".join(f"{i}. {p['name']}: {' '.join(p['text'].split())}" for i, p in enumerate(principles, start=1))
     shots = SEPARATOR.join(
-        f"Human: {e['user'].strip()}\n\n{THOUGHTS_TAG} {' '.join(e['thoughts'].split())}\n\n{ANSWER_TAG} {e['answer'].strip()}"
+        f"Human: {e['user'].strip()}\n\n{THOUGHTS_TAG} {' '.join(e['thoughts'].split())}\n\n"
+        f"{ANSWER_TAG} {e['answer'].strip()}"
         for e in exemplars)
     return f"{' '.join(header.split())}\n\n{PRINCIPLES_HEADING}\n{rules}{SEPARATOR}{shots}{SEPARATOR}"
 
@@ -138,7 +142,8 @@ def only_hedges(answer: str) -> bool:
     return bool(clauses) and all(HEDGE_OPENINGS.match(c) for c in clauses)
 
 
-def verdict(completion: str, exemplar_ngrams: set, finish_reason: str = "stop") -> tuple[str | None, str | None, str | None]:
+def verdict(completion: str, exemplar_ngrams: set,
+            finish_reason: str = "stop") -> tuple[str | None, str | None, str | None]:
     """(thoughts, answer, why dropped or None). An answer cut off by the token cap is dropped: the
     trainer appends an end-of-text token to every answer, so a cut-off one would teach the model to
     stop mid-sentence (and a run-on that never ends is what the cap usually catches)."""
@@ -178,7 +183,8 @@ def run(ctx, config: Config, folder) -> dict:
     def produce(engine, jobs: list[Job]):
         """1. the internal thoughts, one line; 2. the answer, after the thoughts and the answer tag."""
         thoughts = [cs[0] for cs in engine.generate([job.request for job in jobs], thought_sampling)]
-        answers = engine.generate([f"{job.request} {t.text.strip()}\n\n{ANSWER_TAG}" for job, t in zip(jobs, thoughts, strict=True)],
+        answers = engine.generate([f"{job.request} {t.text.strip()}\n\n{ANSWER_TAG}"
+                                   for job, t in zip(jobs, thoughts, strict=True)],
                                   sampling)
         tokens = sum(t.completion_tokens + cs[0].completion_tokens for t, cs in zip(thoughts, answers, strict=True))
         return [[(t, cs[0])] for t, cs in zip(thoughts, answers, strict=True)], tokens
@@ -188,7 +194,8 @@ def run(ctx, config: Config, folder) -> dict:
         completion = f" {t.text.strip()}\n\n{ANSWER_TAG}{answer_completion.text}"
         th, answer, why = verdict(completion, exemplar_ngrams,
                                   answer_completion.finish_reason if config.drop_cut_off else "stop")
-        return {"prompt_id": job.key, "prompt": job.data["prompt"], "thoughts": th, "answer": answer, "completion": completion,
+        return {"prompt_id": job.key, "prompt": job.data["prompt"], "thoughts": th, "answer": answer,
+                "completion": completion,
                 "kept": why is None, "dropped": why, "finish_reason": answer_completion.finish_reason}
 
     jobs = [Job(pid, principle_prompt(context, p), {"prompt": p}) for pid, p in prompts]

@@ -56,7 +56,8 @@ class Config(StageConfig):
     shots: int = Field(5, ge=1, description="instructions shown per request (paper: 5)")
     topic_rounds: int = Field(2, ge=0, description="topic brainstorming requests per red-team type")
     topics_per_type: int = Field(10, ge=1, description="most topics kept per type (paper asks 10 a request)")
-    rouge_threshold: float = Field(0.7, gt=0, le=1, description="drop a prompt whose ROUGE-L to a kept one is above this")
+    rouge_threshold: float = Field(0.7, gt=0, le=1,
+                                   description="drop a prompt whose ROUGE-L to a kept one is above this")
     include_seeds: bool = Field(True, description="pass the seed tasks and seed questions on as prompts too")
     min_words: int = 3
     max_words: int = 150
@@ -118,7 +119,8 @@ def instruction_ok(text: str, min_words: int, max_words: int) -> str | None:
 # -- the stage ------------------------------------------------------------------------------------
 def _vanilla_candidates(rounds: list[list[dict]]) -> list[tuple[int, str]]:
     """(round, instruction) of every parsed item, in round and request order."""
-    return [(r, item) for r, rows in enumerate(rounds) for row in rows for item in parse_list_continuation(row["completion"])]
+    return [(r, item) for r, rows in enumerate(rounds) for row in rows
+            for item in parse_list_continuation(row["completion"])]
 
 
 def run(ctx, config: Config, folder) -> dict:
@@ -134,7 +136,8 @@ def run(ctx, config: Config, folder) -> dict:
     def generate(label: str, jobs: list[Job]) -> list[dict]:
         """The raw completion row of each job, in job order (the driver skips jobs already stored)."""
         made = generate_rows(ctx, raw, stage="self_instruct", label=label, model=model, sampling=sampling, jobs=jobs,
-                             build_row=lambda job, _, c: {"prompt": job.request, "completion": c.text, **job.data}, meta=meta)
+                             build_row=lambda job, _, c: {"prompt": job.request, "completion": c.text, **job.data},
+                             meta=meta)
         return [rows[0] for rows in made.per_job]
 
     def kept_vanilla(rounds: list[list[dict]]) -> list[str]:
@@ -175,7 +178,8 @@ def run(ctx, config: Config, folder) -> dict:
             if 0 < len(t.split()) <= 12 and t.lower() not in {x.lower() for x in topics[row["type"]]}:
                 topics[row["type"]].append(t)
     by_id = {k["id"]: k for k in kinds}
-    question_jobs = [Job(("question", tid, t), question_prompt(by_id[tid], t), {"step": "question", "type": tid, "topic": t})
+    question_jobs = [Job(("question", tid, t), question_prompt(by_id[tid], t),
+                         {"step": "question", "type": tid, "topic": t})
                      for tid, ts in topics.items() for t in ts[: config.topics_per_type]]
     questions = []
     for row in generate(f"{config.label}: red-team questions", question_jobs):

@@ -50,10 +50,12 @@ def run(ctx, config: Config, folder) -> dict:
     prompts = ctx.stage_prompts(config)
     sampling = config.sampling.model_copy(update={"n": 1, "seed": config.sampling.seed or ctx.recipe.seed})
     store = open_rows(folder)
-    jobs = [Job(pid, [{"role": "system", "content": verbose}, {"role": "user", "content": p}], {"prompt": p}) for pid, p in prompts]
+    jobs = [Job(pid, [{"role": "system", "content": verbose}, {"role": "user", "content": p}], {"prompt": p})
+            for pid, p in prompts]
     made = generate_rows(ctx, store, stage="verbose_clone", label=f"{config.label}: verbose answers", model=teacher,
                          sampling=sampling, jobs=jobs, meta=ctx.provenance(config, teacher, sampling),
-                         build_row=lambda job, _, c: {"prompt_id": job.key, "prompt": job.data["prompt"], "answer": c.text.strip(),
+                         build_row=lambda job, _, c: {"prompt_id": job.key, "prompt": job.data["prompt"],
+                                                      "answer": c.text.strip(),
                                                       "completion": c.text, "finish_reason": c.finish_reason})
     rows = [r for r in made.rows if r["answer"]]
     if not rows:
