@@ -51,13 +51,19 @@ class _Slab:
         self._v[:, :, self._n: self._n + t] = value_states
         self._n += t
 
-    def _select(self, indices: torch.Tensor) -> None:
-        self._k = self._k[indices]
-        self._v = self._v[indices]
+    def _sync(self) -> None:
+        raise NotImplementedError
 
-    def _repeat(self, repeats: int) -> None:
-        self._k = self._k.repeat_interleave(repeats, dim=0)
-        self._v = self._v.repeat_interleave(repeats, dim=0)
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self._k, self._v = self._k[indices], self._v[indices]
+            self._sync()
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._k = self._k.repeat_interleave(repeats, dim=0)
+            self._v = self._v.repeat_interleave(repeats, dim=0)
+            self._sync()
 
 
 class SlabLayer(_Slab, DynamicLayer):
@@ -77,16 +83,6 @@ class SlabLayer(_Slab, DynamicLayer):
         self._write(key_states, value_states, None)
         self._sync()
         return self.keys, self.values
-
-    def batch_select_indices(self, indices):
-        if self.is_initialized:
-            self._select(indices)
-            self._sync()
-
-    def batch_repeat_interleave(self, repeats):
-        if self.is_initialized:
-            self._repeat(repeats)
-            self._sync()
 
 
 class SlabSlidingLayer(_Slab, DynamicSlidingWindowLayer):
@@ -111,16 +107,6 @@ class SlabSlidingLayer(_Slab, DynamicSlidingWindowLayer):
         out = self._k[:, :, start: self._n], self._v[:, :, start: self._n]
         self._sync()
         return out
-
-    def batch_select_indices(self, indices):
-        if self.is_initialized:
-            self._select(indices)
-            self._sync()
-
-    def batch_repeat_interleave(self, repeats):
-        if self.is_initialized:
-            self._repeat(repeats)
-            self._sync()
 
 
 def slab(cache, room: int):

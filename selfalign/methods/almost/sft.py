@@ -38,11 +38,12 @@ from selfalign.methods.almost.rloo import policy_prompt
 
 class Config(StageConfig):
     stage: str = "sft"
-    data: str = Field("self_play",
-                      description="an earlier stage's name (its rows.jsonl) or a JSONL file of rows with `messages`")
-    system: str | None = Field(None,
-                               description="system prompt at training (default none): text, a .txt "
-                                           "file, hhh or builtin:NAME")
+    data: str = Field(
+        "self_play", description="an earlier stage's name (its rows.jsonl) or a JSONL file of rows with `messages`"
+    )
+    system: str | None = Field(
+        None, description="system prompt at training (default none): text, a .txt file, hhh or builtin:NAME"
+    )
     train: TrainSettings = Field(default_factory=lambda: TrainSettings(lora=False, lr=2e-5, epochs=3.0, max_length=512),
                                  description="how the model is fine-tuned (the paper's: all weights, lr 2e-5, "
                                              "3 epochs, max length 512 tokens of dialogue so far + reply)")
