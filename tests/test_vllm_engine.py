@@ -1,6 +1,7 @@
-"""The vllm engine, tested without vLLM (it needs a CUDA GPU): a fake `vllm` module in
+"""The vllm engine, tested without vLLM: a fake `vllm` module in
 `sys.modules` implements the small API surface the engine uses (LLM.generate / get_tokenizer,
-SamplingParams, LoRARequest) on top of the real tiny model, through the hf engine."""
+SamplingParams, LoRARequest) on top of the real tiny model, through the hf engine.
+tests/test_vllm_real.py runs the engine on real vLLM (its CPU build) where it is installed."""
 
 from __future__ import annotations
 
@@ -112,6 +113,8 @@ def fake_vllm(hf, monkeypatch):
     mod.lora, lora.request = lora, lora_request
     for name, m in (("vllm", mod), ("vllm.lora", lora), ("vllm.lora.request", lora_request)):
         monkeypatch.setitem(sys.modules, name, m)
+    # the GPU build unless a test says otherwise (even where the real vLLM's platform module is loaded)
+    monkeypatch.setitem(sys.modules, "vllm.platforms", None)
     monkeypatch.setattr(FakeLLM, "hf", hf)
     return mod
 
@@ -146,6 +149,74 @@ def test_llm_built_from_resolved_model(fake_vllm, hf):
     assert llm.kwargs["gpu_memory_utilization"] == 0.5 and llm.kwargs["max_model_len"] == 512
     assert llm.kwargs["dtype"] == "bfloat16" and "enable_lora" not in llm.kwargs
     assert eng.name == "vllm" and eng.lora is None and eng.max_model_len == 512
+
+
+def fake_platform(monkeypatch, cpu: bool):
+    platforms = types.ModuleType("vllm.platforms")
+    platforms.current_platform = types.SimpleNamespace(is_cpu=lambda: cpu)
+    monkeypatch.setitem(sys.modules, "vllm.platforms", platforms)
+
+
+def clear_cpu_env(monkeypatch):
+    """Unset vLLM's CPU variables for this test, and restore them (or their absence) after it."""
+    for var in ("VLLM_CPU_NUM_OF_RESERVED_CPU", "VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_KVCACHE_SPACE"):
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
+
+
+def test_cpu_build_defaults(fake_vllm, hf, monkeypatch):
+    """On vLLM's CPU build: float32 as the hf engine on a CPU, a fixed KV cache instead of a fraction
+    of RAM, and no core held back from the model's threads; whatever the caller sets wins."""
+    import os
+
+    from selfalign.core.engines.vllm import CPU_KV_CACHE_MAX
+
+    fake_platform(monkeypatch, cpu=True)
+    clear_cpu_env(monkeypatch)
+    eng = make_engine("vllm", "tiny:llama")
+    kw = FakeLLM.last.kwargs
+    assert kw["dtype"] == "float32" and eng.dtype == "float32" and eng.on_cpu
+    assert "gpu_memory_utilization" not in kw and 0 < kw["kv_cache_memory_bytes"] <= CPU_KV_CACHE_MAX
+    assert os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0" and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ
+
+    clear_cpu_env(monkeypatch)
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0")
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    make_engine("vllm", "tiny:llama", dtype="bfloat16", gpu_memory_utilization=None)
+    kw = FakeLLM.last.kwargs
+    assert kw["dtype"] == "bfloat16" and "kv_cache_memory_bytes" not in kw and "gpu_memory_utilization" not in kw
+    assert "VLLM_CPU_NUM_OF_RESERVED_CPU" not in os.environ  # the user's binding is left as it is
+
+    make_engine("vllm", "tiny:llama", gpu_memory_utilization=0.3)  # given: vLLM's CPU meaning, a fraction of RAM
+    assert FakeLLM.last.kwargs["gpu_memory_utilization"] == 0.3 and "kv_cache_memory_bytes" not in FakeLLM.last.kwargs
+    make_engine("vllm", "tiny:llama", kv_cache_memory_bytes=1 << 30)
+    assert FakeLLM.last.kwargs["kv_cache_memory_bytes"] == 1 << 30
+
+
+def test_gpu_build_defaults(fake_vllm, hf, monkeypatch):
+    import os
+
+    fake_platform(monkeypatch, cpu=False)
+    clear_cpu_env(monkeypatch)
+    eng = make_engine("vllm", "tiny:llama")
+    kw = FakeLLM.last.kwargs
+    assert kw["dtype"] == "bfloat16" and kw["gpu_memory_utilization"] == 0.85 and "kv_cache_memory_bytes" not in kw
+    assert not eng.on_cpu and "VLLM_CPU_NUM_OF_RESERVED_CPU" not in os.environ
+
+
+def test_ignore_eos_reaches_sampling_params(fake_vllm, hf):
+    class Params(FakeSamplingParams):
+        def __init__(self, ignore_eos=False, **kw):
+            super().__init__(**kw)
+            self.ignore_eos = ignore_eos
+
+    fake_vllm.SamplingParams = Params
+    eng = make_engine("vllm", "tiny:llama")
+    eng.generate(["Hi"], Sampling(max_new_tokens=2))
+    assert FakeLLM.last.calls[-1]["params"][0].ignore_eos is False
+    eng.ignore_eos = True
+    eng.generate(["Hi"], Sampling(max_new_tokens=2))
+    assert FakeLLM.last.calls[-1]["params"][0].ignore_eos is True
 
 
 def test_generate_maps_sampling_and_keeps_order(fake_vllm, hf):

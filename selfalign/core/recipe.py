@@ -53,8 +53,9 @@ PARALLELISM = ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_
 class EngineConfig(Strict):
     """Which engine runs the models, and its options (each engine ignores the others' options)."""
 
-    name: Literal["hf", "openai", "vllm"] = Field("hf",
-                                                  description="hf (transformers), vllm (GPU) or openai (a server)")
+    name: Literal["hf", "openai", "vllm"] = Field(
+        "hf", description="hf (transformers), vllm (GPU, or vLLM's CPU build) or openai (a server)"
+    )
     device: str = Field("auto", description="hf: auto, cpu, cuda, cuda:1, ...")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto",
                                                                      description="auto: bf16 on GPU, fp32 on CPU")
@@ -68,7 +69,9 @@ class EngineConfig(Strict):
                                  description="openai: server URL, default $OPENAI_BASE_URL or http://127.0.0.1:8000/v1")
     api_key_env: str = Field("OPENAI_API_KEY", description="openai: environment variable holding the API key")
     max_concurrency: int = Field(8, ge=1, description="openai: requests in flight at once")
-    gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="vllm: fraction of GPU memory to use")
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1, description="vllm: fraction of GPU memory to use (default 0.85); on vLLM's CPU build, "
+        "the fraction of RAM (default: a fixed KV cache, a quarter of free RAM, at most 4 GiB)")
     # vLLM's own parallelism, passed to vllm.LLM as they are; they change where the work runs, not the rows
     # (each request's seed comes from the sampling seed and its prompt), so they are not in a stage's fingerprint
     tensor_parallel_size: int | None = Field(None, ge=1,

