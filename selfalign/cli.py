@@ -37,7 +37,7 @@ app = typer.Typer(
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="model reference: embedded:gemma-3-270m, tiny:llama, a folder, a .gguf file, a PEFT adapter folder or a hub id")]
 FreshOpt = Annotated[list[str] | None, typer.Option(
     "--fresh", help="redo this stage (by name) and every stage after it from scratch, deleting their folders (repeatable)")]
-EngineOpt = Annotated[str | None, typer.Option("--engine", "-e", help="hf (transformers, default), vllm (GPU) or openai (an OpenAI-compatible server)")]
+EngineOpt = Annotated[str | None, typer.Option("--engine", "-e", help="hf (transformers, default), vllm (GPU, or vLLM's CPU build) or openai (an OpenAI-compatible server)")]
 
 
 @app.command()
