@@ -43,7 +43,7 @@ FreshOpt = Annotated[list[str] | None, typer.Option(
     help="redo this stage (by name) and every stage after it from scratch, deleting their folders (repeatable)")]
 EngineOpt = Annotated[str | None,
                       typer.Option("--engine", "-e",
-                                   help="hf (transformers, default), vllm (GPU) or openai (an "
+                                   help="hf (transformers, default), vllm (GPU, or vLLM's CPU build) or openai (an "
                                         "OpenAI-compatible server)")]
 
 

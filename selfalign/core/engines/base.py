@@ -3,7 +3,7 @@
 An engine wraps one model. `generate` turns requests (a plain prompt or a chat) into
 completions; `score` gives the summed log-probability of each continuation after a context,
 which is all multiple-choice evaluations and likelihood filters need. Engines differ only in
-where the model runs: `hf` (transformers, in-process), `vllm` (GPU, optional extra) and
+where the model runs: `hf` (transformers, in-process), `vllm` (vLLM on a GPU or its CPU build, optional extra) and
 `openai` (any OpenAI-compatible server).
 """
 
