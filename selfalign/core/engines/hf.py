@@ -188,8 +188,9 @@ class HFEngine(Engine):
 
     def _growing_cache(self, cache, room: int):
         """The decoding loop's KV cache: `cache` (or a new empty one) with layers that grow in place,
-        `room` positions ahead (`kv_slab`), instead of copying every row's cache at every step. None
-        (the model then makes its own) for a transformers without cache layers."""
+        `room` positions ahead (`kv_slab`), instead of copying every row's cache at every step. On a
+        transformers whose caches have no layers, `cache` as it is (None when there was none: the model
+        then makes its own). `cache` must be a fork (`fork_cache`): its layer list is replaced."""
         from transformers import DynamicCache
 
         from selfalign.core.engines.kv_slab import slab
