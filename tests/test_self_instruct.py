@@ -41,8 +41,10 @@ class ScriptedEngine(Engine):
         super().__init__("scripted")
         self.calls = 0
         self.prompts: list[str] = []
+        self.passes: list[list[str]] = []  # the prompts of each generate_iter call
 
     def generate_iter(self, requests, sampling):
+        self.passes.append(list(requests))
         out = []
         for i, prompt in enumerate(requests):
             self.calls += 1
@@ -95,6 +97,25 @@ def test_stage_keeps_filtered_deduplicated_prompts_and_resumes(tmp_path):
     (tmp_path / "01-self_instruct" / "rows.jsonl").unlink()
     again = si.run(ctx, config, tmp_path / "01-self_instruct")
     assert engine.calls == calls and again["prompts"] == summary["prompts"]
+
+
+def kind(prompt: str) -> str:
+    return "instruct" if prompt.startswith("Here is a varied list") else "topics" if "topics" in prompt else "question"
+
+
+def test_red_team_requests_ride_in_the_vanilla_rounds_batches(tmp_path):
+    """Two vanilla rounds make two decoding passes: the topic requests go with round 1, the
+    questions (written from those topics) with round 2; with no vanilla round they go alone."""
+    ctx, config, engine = make_ctx(tmp_path, vanilla_target=6, max_rounds=3, requests_per_round=2, topic_rounds=1,
+                                   topics_per_type=2)
+    summary = si.run(ctx, config, tmp_path / "a")
+    assert [sorted({kind(p) for p in batch}) for batch in engine.passes] == [
+        ["instruct", "topics"], ["instruct", "question"]]
+    assert summary["tgrt"] > 0 and summary["self_instruct"] == 6
+    ctx, config, engine = make_ctx(tmp_path, vanilla_target=0, topic_rounds=1, topics_per_type=2)
+    alone = si.run(ctx, config, tmp_path / "b")
+    assert [sorted({kind(p) for p in batch}) for batch in engine.passes] == [["topics"], ["question"]]
+    assert alone["tgrt"] == summary["tgrt"]
 
 
 def test_bad_asset_file_names_file_and_entry(tmp_path):

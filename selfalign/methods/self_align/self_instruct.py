@@ -152,6 +152,30 @@ def run(ctx, config: Config, folder) -> dict:
         rejected["rouge-l duplicate"] = res.keep.count(False)
         return [c for c, k in zip(cands, res.keep, strict=True) if k]
 
+    by_id = {k["id"]: k for k in kinds}
+    topic_jobs = [Job(("topics", k["id"], r), topics_prompt(k, config.topics_per_type),
+                      {"step": "topics", "type": k["id"], "round": r})
+                  for k in kinds for r in range(config.topic_rounds)]
+    topics: dict[str, list[str]] = {}
+
+    def read_topics(topic_rows: list[dict]) -> list[Job]:
+        """Fill `topics` from the topic rows; the question jobs, one per (type, topic)."""
+        topics.update({k["id"]: [] for k in kinds})
+        for row in topic_rows:
+            for t in parse_list_continuation(row["completion"]):
+                t = t.rstrip(".")
+                if 0 < len(t.split()) <= 12 and t.lower() not in {x.lower() for x in topics[row["type"]]}:
+                    topics[row["type"]].append(t)
+        return [Job(("question", tid, t), question_prompt(by_id[tid], t), {"step": "question", "type": tid, "topic": t})
+                for tid, ts in topics.items() for t in ts[: config.topics_per_type]]
+
+    # The red-team requests depend on no vanilla round, so they ride in the vanilla rounds' batches:
+    # the topic requests in round 1's, the questions (which need the topics) in round 2's. At these
+    # batch sizes decoding is bound by reading the weights, so the extra rows cost little, and the
+    # stage makes two decoding passes instead of four. Whatever did not ride goes alone afterwards.
+    question_jobs: list[Job] | None = None
+    question_rows: list[dict] | None = None
+
     # 1. vanilla self-instruct, round by round: round r's examples come from what rounds < r kept
     kept: list[str] = []
     rounds: list[list[dict]] = []
@@ -164,25 +188,24 @@ def run(ctx, config: Config, folder) -> dict:
         pool = seeds + kept
         jobs = [Job(("instruct", r, j), instruct_prompt(rng.sample(pool, min(config.shots, len(pool)))),
                     {"step": "instruct", "round": r, "request": j}) for j in range(config.requests_per_round)]
-        rounds.append(generate(f"{config.label}: instructions round {r + 1}", jobs))
+        riders, what = ((topic_jobs, "red-team topics") if question_jobs is None
+                        else (question_jobs, "red-team questions") if question_rows is None else ([], ""))
+        made = generate(f"{config.label}: instructions round {r + 1}" + (f" and {what}" if riders else ""),
+                        jobs + riders)
+        rounds.append(made[: len(jobs)])
+        if riders is topic_jobs:
+            question_jobs = read_topics(made[len(jobs):])
+        elif riders:
+            question_rows = made[len(jobs):]
     kept = kept[: config.vanilla_target]
 
-    # 2. red-team topics per type, then one question per (type, topic)
-    topic_jobs = [Job(("topics", k["id"], r), topics_prompt(k, config.topics_per_type),
-                      {"step": "topics", "type": k["id"], "round": r})
-                  for k in kinds for r in range(config.topic_rounds)]
-    topics: dict[str, list[str]] = {k["id"]: [] for k in kinds}
-    for row in generate(f"{config.label}: red-team topics", topic_jobs):
-        for t in parse_list_continuation(row["completion"]):
-            t = t.rstrip(".")
-            if 0 < len(t.split()) <= 12 and t.lower() not in {x.lower() for x in topics[row["type"]]}:
-                topics[row["type"]].append(t)
-    by_id = {k["id"]: k for k in kinds}
-    question_jobs = [Job(("question", tid, t), question_prompt(by_id[tid], t),
-                         {"step": "question", "type": tid, "topic": t})
-                     for tid, ts in topics.items() for t in ts[: config.topics_per_type]]
+    # 2. red-team topics per type, then one question per (type, topic): what did not ride above
+    if question_jobs is None:
+        question_jobs = read_topics(generate(f"{config.label}: red-team topics", topic_jobs))
+    if question_rows is None:
+        question_rows = generate(f"{config.label}: red-team questions", question_jobs)
     questions = []
-    for row in generate(f"{config.label}: red-team questions", question_jobs):
+    for row in question_rows:
         q = first_line(row["completion"])
         if q and not instruction_ok(q, config.min_words, config.max_words):
             questions.append((q, row))
