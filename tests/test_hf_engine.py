@@ -193,3 +193,29 @@ def test_context_window_and_the_kept_prefix_cache(tiny_engine):
     tiny_engine.forget_prefix()
     again = tiny_engine.score_many(items)
     assert [x for r in again for x in r] == pytest.approx([x for r in first for x in r], abs=1e-5)
+
+
+@pytest.mark.parametrize("cap", [None, 5.0])
+def test_target_logprobs_in_a_reused_buffer_equal_log_softmax(tiny_gemma_engine, cap):
+    """The CPU fast path (logits into a kept buffer, log-sum-exp in place) against log_softmax of
+    the plain output layer, softcapped or not, for a call that reuses a larger buffer."""
+    engine = tiny_gemma_engine
+    cfg = engine.model.config.get_text_config()
+    saved = cfg.final_logit_softcapping
+    cfg.final_logit_softcapping = cap
+    head = engine.model.get_output_embeddings()
+    try:
+        gen = torch.Generator().manual_seed(0)
+        for n in (7, 3):  # the second call reads the first rows of the first call's buffer
+            hidden = torch.randn(n, head.in_features, generator=gen)
+            targets = torch.randint(0, head.out_features, (n,), generator=gen)
+            logits = head(hidden).float()
+            if cap:
+                logits = torch.tanh(logits / cap) * cap
+            want = torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1)
+            got = engine._target_logprobs(hidden, targets)
+            assert engine._logits_buffer is not None and engine._logits_buffer.shape[0] >= 7
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    finally:
+        cfg.final_logit_softcapping = saved
+        engine.forget_prefix()

