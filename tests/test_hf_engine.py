@@ -219,3 +219,29 @@ def test_target_logprobs_in_a_reused_buffer_equal_log_softmax(tiny_gemma_engine,
     finally:
         cfg.final_logit_softcapping = saved
         engine.forget_prefix()
+
+
+@pytest.mark.parametrize("engine_name", ["tiny_engine", "tiny_gemma_engine"])
+@pytest.mark.parametrize("few_shot", ["", "Q: Is a kilo of lead heavier than a kilo of feathers?\nA: No.\n\n"])
+def test_items_packed_into_shared_forwards_score_as_alone(engine_name, few_shot, request, monkeypatch):
+    """Items of different context lengths scored in packs (contexts right-padded, every item's
+    continuations on its own context's cache rows) give each continuation the score it gets alone;
+    an item longer than tiny gemma's 64-token window goes in a pack of its own."""
+    engine = request.getfixturevalue(engine_name)
+    long_ctx = "Q: " + "Tell me a long story about rivers and mountains and the sea. " * 5 + "\nA:"
+    items = [(f"{few_shot}Q: What colour is the sky?\nA:", [" Blue.", " Green, mostly, on a clear day.", " Red"]),
+             (f"{few_shot}Q: Name a large animal that lives in the ocean and eats krill.\nA:", [" A whale.", " A cat"]),
+             (f"{few_shot}Q: 2+2?\nA:", [" 4", " 5", " four"]),
+             (f"{few_shot}{long_ctx}", [" Once upon a time.", " No."])]
+    packs = []
+    real = engine._score_pack
+    monkeypatch.setattr(engine, "_score_pack", lambda pack, *a: (packs.append(len(pack)), real(pack, *a))[1])
+    got = engine.score_many(items)
+    for (ctx, conts), scores in zip(items, got, strict=True):
+        for cont, s in zip(conts, scores, strict=True):
+            assert s == pytest.approx(naive_score(engine, ctx, cont), abs=1e-3)
+    assert sum(packs) == len(items)
+    if engine_name == "tiny_engine" or not few_shot:  # (tiny gemma's tokens are short: with the
+        assert max(packs) >= 2  # few-shot block no two items fit its window together)
+    if engine_name == "tiny_gemma_engine":
+        assert 1 in packs  # the long item, alone
