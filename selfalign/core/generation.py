@@ -63,8 +63,8 @@ def open_rows(folder: str | Path, filename: str = ROWS_FILE) -> RowStore:
 def job_ids(ctx, stage: str, model: str, sampling: Sampling, job: Job, samples: int, id_extra: Any = None) -> list[str]:
     """The ids of a job's rows: everything that decides what the engine writes is in them."""
     engine = ctx.recipe.engine
-    return [row_id(stage, model, engine.name, engine.chat_format, sampling.model_dump(), job.request, job.key,
-                   id_extra, j)
+    return [row_id(stage, ctx.model_key(model), engine.name, engine.chat_format, sampling.model_dump(), job.request,
+                   job.key, id_extra, j)
             for j in range(samples)]
 
 

@@ -35,6 +35,17 @@ from selfalign.core.store import DONE_FILE, ROWS_FILE, read_done, read_jsonl, wr
 BOOKKEEPING = ("fingerprint", "settings", "finished_at", "wall_s")
 
 
+def rebased(model: str, folder: Path) -> str:
+    """A model path a stage's done-marker recorded, followed into the stage's folder as it is now:
+    the run folder may have moved since (`/old/run/04-engrave/adapter` → `FOLDER/adapter`)."""
+    path = Path(model)
+    if not path.is_absolute() or path.exists() or folder.name not in path.parts:
+        return model
+    at = len(path.parts) - 1 - path.parts[::-1].index(folder.name)
+    moved = folder.joinpath(*path.parts[at + 1:])
+    return str(moved) if moved.exists() else model
+
+
 @dataclass
 class RunContext:
     """What a stage gets besides its config: the recipe, the run folder and shared engines."""
@@ -61,7 +72,16 @@ class RunContext:
         model = done.get("model")
         if not model:
             raise SelfAlignError(f"model {ref!r}: stage {ref[1:]!r} did not produce a model")
-        return model
+        return rebased(model, folder)
+
+    def model_key(self, model: str) -> str:
+        """How row ids name a model: a model this run trained by its place in the run folder
+        (`run:04-engrave/adapter`), so that a run folder moved or copied elsewhere keeps its rows;
+        any other model by its reference."""
+        try:
+            return "run:" + Path(model).resolve().relative_to(Path(self.run_dir).resolve()).as_posix()
+        except (ValueError, OSError):
+            return model
 
     def model(self, config: StageConfig, ref: str | None = None) -> str:
         """The model a field names (the stage's own by default); `@label` is what an earlier stage trained."""

@@ -64,13 +64,17 @@ def limited(items: list, limit: int | None, key=lambda it: "") -> list:
     return out
 
 
-def run_evals(config: Config, model: str, folder: Path, get_engine, engine_key: dict | None = None) -> dict:
+def run_evals(config: Config, model: str, folder: Path, get_engine, engine_key: dict | None = None,
+              model_key: str | None = None) -> dict:
     """Run the config's evaluations; `get_engine()` is called only if a language model is needed.
 
     With `engine_key` (the engine settings that change scores), evals of a model from selfalign's
-    model cache keep their rows in the shared eval cache (`evals.cache`) and are reused by later runs."""
+    model cache keep their rows in the shared eval cache (`evals.cache`) and are reused by later runs.
+    `model_key` names the model in row ids (default: `model`; a run names its own models by their
+    place in the run folder, `RunContext.model_key`)."""
     from selfalign.evals import data
 
+    label = model_key or model
     system = resolve_system(config.system)
     judge = None
     if config.judge:
@@ -92,13 +96,13 @@ def run_evals(config: Config, model: str, folder: Path, get_engine, engine_key: 
         lm_scorings = [s for s in config.scoring if s != "rm"]
         engine = get_engine() if lm_scorings else None
         evals["hhh"] = cached("hhh", {"scoring": config.scoring}, lambda where: evaluate_hhh(
-            engine, items, where, tuple(config.scoring), system, judge, model_label=model))
+            engine, items, where, tuple(config.scoring), system, judge, model_label=label))
     if "truthfulqa" in config.evals:
         from selfalign.evals.truthfulqa import evaluate_truthfulqa
 
         items = limited(data.load_truthfulqa(config.data_dir, verify=data.should_verify(config.data_dir)), config.limit)
         evals["truthfulqa"] = cached("truthfulqa", {}, lambda where: evaluate_truthfulqa(
-            get_engine(), items, where, system, model_label=model))
+            get_engine(), items, where, system, model_label=label))
     if "behaviour" in config.evals:
         from selfalign.evals.behaviour import (
             DEFAULT_SYSTEM,
@@ -112,14 +116,14 @@ def run_evals(config: Config, model: str, folder: Path, get_engine, engine_key: 
         chat_system = resolve_system(config.system or DEFAULT_SYSTEM)
         evals["behaviour"] = cached("behaviour", {"system": chat_system, "items": [(i.id, i.prompt) for i in items],
                                                   "sampling": sampling.model_dump()}, lambda where: evaluate_behaviour(
-            get_engine(), items, where, chat_system, sampling, model_label=model))
+            get_engine(), items, where, chat_system, sampling, model_label=label))
     if "capability" in config.evals:
         from selfalign.evals.capability import evaluate_capability, load_capability
 
         items = limited(load_capability(config.data_dir), config.limit, key=lambda it: it.task)
         evals["capability"] = cached("capability", {"tasks": sorted({it.task for it in items})},
                                      lambda where: evaluate_capability(
-            get_engine(), items, where, model_label=model))
+            get_engine(), items, where, model_label=label))
     if "preference" in config.evals:
         from selfalign.evals.preference import load_comparisons, preference_accuracy
 
@@ -176,7 +180,8 @@ def run(ctx, config: Config, folder: Path) -> dict:
     if config.judge and config.judge.startswith("@"):  # e.g. judge: "@reward_model"
         config = config.model_copy(update={"judge": ctx.model_for(config, config.judge)})
     folder.mkdir(parents=True, exist_ok=True)
-    evals = run_evals(config, model, folder, lambda: ctx.engine(model), engine_key=engine_key(ctx.recipe.engine))
+    evals = run_evals(config, model, folder, lambda: ctx.engine(model), engine_key=engine_key(ctx.recipe.engine),
+                      model_key=ctx.model_key(model))
     results = {"model": model, "engine": ctx.recipe.engine.name, "system": resolve_system(config.system),
                "system_name": config.system, "judge": config.judge, "evals": evals}
     (folder / "results.json").write_text(json.dumps(results, indent=2))
