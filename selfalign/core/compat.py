@@ -12,3 +12,10 @@ def kv_cache_name() -> str:
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def text_config(model):
+    """The config of a model's language part: `get_text_config()` where transformers has it (a
+    multimodal config nests one), else the config itself."""
+    cfg = model.config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from selfalign.core.chat import Request, first_stop, truncate_at_stop
-from selfalign.core.compat import kv_cache_name
+from selfalign.core.compat import kv_cache_name, text_config
 from selfalign.core.engines.base import Completion, Engine, Sampling, score_token_rows
 
 MAX_CONTEXT = 32768
@@ -80,15 +80,18 @@ class _ItemPlan:
     width: int
     inputs: list[list[int]]
     shared: int
-    padded: int  # tokens through the body when it goes alone: its context, and its inputs padded to `width`
+
+    @property
+    def padded(self) -> int:
+        """Tokens through the body when it goes alone: its context, and its inputs padded to `width`."""
+        return self.context + len(self.inputs) * self.width
 
 
 def context_window(model) -> int:
     """The model's own context length (`max_position_embeddings`), capped at 32k tokens. Inputs longer
     than this lose tokens from the left; a fixed smaller cap would silently cut long system prompts
     (the HHH prompt is ~4.4k tokens on gemma) and, with them, the shared prefix the KV cache reuses."""
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    n = getattr(cfg, "max_position_embeddings", None)
+    n = getattr(text_config(model), "max_position_embeddings", None)
     return min(int(n), MAX_CONTEXT) if isinstance(n, int) and n > 0 else 4096
 
 
@@ -343,8 +346,7 @@ class HFEngine(Engine):
                 whole, n = rows[r]
                 inputs.setdefault(tuple(whole[shared:-1]) if n == 1 else (r,), []).append(r)
             widths = [len(rows[members[0]][0]) - 1 - shared for members in inputs.values()]
-            plans.append(_ItemPlan(shared - prefix, max(widths), list(inputs.values()), shared,
-                                   shared - prefix + len(widths) * max(widths)))
+            plans.append(_ItemPlan(shared - prefix, max(widths), list(inputs.values()), shared))
         plans.sort(key=lambda p: (p.context, p.width))  # similar lengths together: little padding
         pack: list[_ItemPlan] = []
         with torch.inference_mode():
@@ -421,8 +423,7 @@ class HFEngine(Engine):
 
     def _sliding_window(self) -> int | None:
         """The model's attention window, when any of its layers has one (gemma 3: 512)."""
-        cfg = (self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config")
-               else self.model.config)
+        cfg = text_config(self.model)
         window = getattr(cfg, "sliding_window", None)
         types = getattr(cfg, "layer_types", None)
         if window and (types is None or any("sliding" in t for t in types)):
@@ -460,8 +461,7 @@ class HFEngine(Engine):
 
         if self._head_fn is not False:
             return self._head_fn
-        cfg = (self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config")
-               else self.model.config)
+        cfg = text_config(self.model)
         cap = self._softcap()
         head, body = self.model.get_output_embeddings(), self.model.get_decoder()
 
@@ -505,9 +505,7 @@ class HFEngine(Engine):
             return picked - (logits.sub_(top).exp_().sum(-1).log_() + top.squeeze(-1))
 
     def _softcap(self) -> float | None:
-        cfg = (self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config")
-               else self.model.config)
-        return getattr(cfg, "final_logit_softcapping", None)
+        return getattr(text_config(self.model), "final_logit_softcapping", None)
 
     def _logprob_sums(self, hidden, picks: list[tuple[int, int, list[int]]]) -> list[float]:
         """For each (batch row, first position, target tokens): the summed log-probability of the

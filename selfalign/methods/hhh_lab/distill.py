@@ -43,7 +43,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from selfalign.core.compat import kv_cache_name
+from selfalign.core.compat import kv_cache_name, text_config
 from selfalign.core.errors import SelfAlignError
 from selfalign.core.progress import console, progress_bar
 from selfalign.core.training import TrainSettings, common_prefix_length, fit, start_training
@@ -99,7 +99,7 @@ def output_head(model, fp32: bool = False):
     import torch
     import torch.nn.functional as F
 
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    cfg = text_config(model)
     cap = getattr(cfg, "final_logit_softcapping", None)
     head, body = model.get_output_embeddings(), model.get_decoder()
     if head is None or body is None:
