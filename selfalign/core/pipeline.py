@@ -6,8 +6,8 @@ fingerprint (`selfalign.core.fingerprint`): its resolved settings, its model, th
 files it reads and the fingerprints of the earlier stages it reads. A stage whose done-marker
 records the same fingerprint is skipped; a stage killed half-way is run again and continues from
 its rows. A finished stage whose fingerprint differs is never silently reused: the run stops before anything runs,
-naming the changed fields and the way out
-(`--fresh LABEL` redoes that stage and every stage after it, or a new `--out`).
+naming the changed fields and the way out (`--fresh LABEL` redoes that stage and every stage after it, or a
+new `--out`).
 """
 
 from __future__ import annotations
@@ -187,9 +187,8 @@ def _write_recipe_snapshot(recipe: Recipe, run_dir: Path) -> None:
     recipe_file = run_dir / "recipe.yaml"
     try:
         if recipe_file.exists() and recipe_file.read_text() != snapshot:
-            console.print(f"[yellow]note:[/] {recipe_file} differs from this recipe; finished "
-                          "stages whose settings did "
-                          "not change are kept (the old recipe is in recipe.previous.yaml)")
+            console.print(f"[yellow]note:[/] {recipe_file} differs from this recipe; finished stages whose "
+                          "settings did not change are kept (the old recipe is in recipe.previous.yaml)")
             (run_dir / "recipe.previous.yaml").write_text(recipe_file.read_text())
         recipe_file.write_text(snapshot)
     except OSError as exc:
