@@ -111,9 +111,11 @@ def load_line() -> str:
 def plain_generate(engine, requests, sampling):
     """The engine's generation before this issue: `model.generate` on each padded batch, which runs
     until its longest row is done (a stop string ends a row only when every row has met one).
-    Returns (kept tokens, generated tokens)."""
+    Returns (kept tokens, generated tokens). Its layers run as `nn.Linear` does (`plain_linears`)."""
     import torch
     from transformers import LogitsProcessorList
+
+    from selfalign.core.engines.cpu_matmul import plain_linears
 
     from selfalign.core.chat import truncate_at_stop
     from selfalign.core.engines.decode import kept_token_count
@@ -136,7 +138,7 @@ def plain_generate(engine, requests, sampling):
         if stops:
             kwargs.update(stop_strings=stops, tokenizer=engine.tokenizer)
         torch.manual_seed(sampling.seed + at)
-        with torch.inference_mode():
+        with torch.inference_mode(), plain_linears():
             out = engine.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
         for toks in out[:, ids.shape[1]:].tolist():
             generated += len(toks)
@@ -147,8 +149,11 @@ def plain_generate(engine, requests, sampling):
 
 
 def plain_score_loop(engine, items):
-    """One forward per (context, reply) at batch 1, the output layer only at the reply's positions."""
+    """One forward per (context, reply) at batch 1, the output layer only at the reply's positions
+    (the layers as `nn.Linear` runs them: `cpu_matmul.plain_linears`)."""
     import torch
+
+    from selfalign.core.engines.cpu_matmul import plain_linears
 
     from selfalign.core.engines.base import score_token_rows
 
@@ -157,7 +162,7 @@ def plain_score_loop(engine, items):
     for item in items:
         scores = []
         for whole, n in score_token_rows(engine, [item], None):
-            with torch.inference_mode():
+            with torch.inference_mode(), plain_linears():
                 h = body(input_ids=torch.tensor([whole[:-1]], device=engine.device)).last_hidden_state[0, -n:]
                 logits = head(h)
                 tgt = torch.tensor(whole[-n:], device=engine.device)

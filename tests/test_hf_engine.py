@@ -197,9 +197,12 @@ def test_context_window_and_the_kept_prefix_cache(tiny_engine):
 
 @pytest.mark.parametrize("cap", [None, 5.0])
 def test_target_logprobs_in_a_reused_buffer_equal_log_softmax(tiny_gemma_engine, cap):
-    """The CPU fast path (logits into a kept buffer, log-sum-exp in place) against log_softmax of
-    the plain output layer, softcapped or not, for a call that reuses a larger buffer."""
+    """The CPU fast path (the log-sum-exp a vocabulary block at a time, in a kept buffer) against
+    log_softmax of the plain output layer, softcapped or not, with a vocabulary that does not divide
+    into blocks, for a call that reuses a larger buffer."""
     engine = tiny_gemma_engine
+    engine.score_head_block = 37
+    assert engine.model.get_output_embeddings().out_features % 37
     cfg = engine.model.config.get_text_config()
     saved = cfg.final_logit_softcapping
     cfg.final_logit_softcapping = cap
@@ -214,10 +217,11 @@ def test_target_logprobs_in_a_reused_buffer_equal_log_softmax(tiny_gemma_engine,
                 logits = torch.tanh(logits / cap) * cap
             want = torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1)
             got = engine._target_logprobs(hidden, targets)
-            assert engine._logits_buffer is not None and engine._logits_buffer.shape[0] >= 7
+            assert engine._logits_buffer is not None and engine._logits_buffer.numel() >= 7 * 37
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     finally:
         cfg.final_logit_softcapping = saved
+        del engine.score_head_block
         engine.forget_prefix()
 
 
@@ -245,3 +249,78 @@ def test_items_packed_into_shared_forwards_score_as_alone(engine_name, few_shot,
         assert max(packs) >= 2  # few-shot block no two items fit its window together)
     if engine_name == "tiny_gemma_engine":
         assert 1 in packs  # the long item, alone
+
+
+@pytest.mark.parametrize("cap", [None, 5.0])
+def test_decode_logits_in_vocabulary_blocks_equal_the_plain_head(tiny_gemma_engine, monkeypatch, cap):
+    """The decoding head laid out block by block (weight block @ hiddenᵀ into a kept buffer) gives
+    the plain head's logits, softcapped or not, for one row, several rows, a vocabulary that does
+    not divide into blocks, and a call that reuses a larger buffer."""
+    engine = tiny_gemma_engine
+    cfg = engine.model.config.get_text_config()
+    monkeypatch.setattr(cfg, "final_logit_softcapping", cap)
+    head = engine.model.get_output_embeddings()
+    monkeypatch.setattr(engine, "decode_head_block", 37)
+    monkeypatch.setattr(engine, "_head_fn", False)  # one row takes the plain head, built with this cap
+    assert head.out_features % 37
+    engine._decode_buffers = None
+    gen = torch.Generator().manual_seed(1)
+    for rows in (5, 1, 3):
+        hidden = torch.randn(rows, head.in_features, generator=gen)
+        want = head(hidden).float()
+        if cap:
+            want = torch.tanh(want / cap) * cap
+        got = engine._decode_logits(hidden)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert engine._decode_buffers is not None and engine._decode_buffers[0].shape[0] == 5
+    engine.forget_prefix()
+    assert engine._decode_buffers is None
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_laid_out_linears_match_nn_linear_and_leave_training_alone(bias):
+    from selfalign.core.engines.cpu_matmul import MAX_ROWS, lay_out_linears, plain_linears
+
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(24, 40, bias=bias)
+    laid = torch.nn.Linear(24, 40, bias=bias)
+    laid.load_state_dict(plain.state_dict())
+    model = torch.nn.Sequential(laid, torch.nn.GELU())
+    assert lay_out_linears(model) == 1 and lay_out_linears(model) == 1  # idempotent
+    for shape in [(1, 24), (2, 24), (3, 5, 24), (MAX_ROWS + 1, 24), (4, 0, 24)]:
+        x = torch.randn(*shape)
+        with torch.inference_mode():
+            torch.testing.assert_close(laid(x), plain(x), atol=1e-5, rtol=1e-5)
+    # a recorded graph runs nn.Linear itself: gradients equal the plain layer's
+    x = torch.randn(6, 24)
+    laid(x).sum().backward()
+    plain(x).sum().backward()
+    torch.testing.assert_close(laid.weight.grad, plain.weight.grad)
+    # the laid-out product really ran under inference: its result is the transposed view
+    with torch.inference_mode():
+        assert not laid(torch.randn(8, 24)).is_contiguous()
+        with plain_linears():
+            assert laid(torch.randn(8, 24)).is_contiguous()
+
+
+def test_the_engine_lays_out_its_body_but_not_its_head(tiny_engine):
+    head = tiny_engine.model.get_output_embeddings()
+    laid = [m for m in tiny_engine.model.modules() if getattr(m, "_selfalign_laid_out", False)]
+    assert laid and head not in laid
+
+
+def test_continuations_split_into_batches_with_bounded_padding():
+    from selfalign.core.engines.hf import HFEngine
+
+    split = HFEngine._split_by_width
+    lengths = [2, 3, 3, 8, 9, 30, 31, 200]
+    runs = split(lengths, slack=1.25, extra=0)
+    assert [b for run in runs for b in run] == list(range(len(lengths)))  # every row once, in order
+    for run in runs:
+        real = sum(lengths[b] for b in run)
+        assert len(run) * max(lengths[b] for b in run) <= 1.25 * real or len(run) == 1
+    assert [200] in [[lengths[b] for b in run] for run in runs]  # the long one goes alone
+    # the boundary: 4 rows of 10 and one of 13 pad to 65 tokens for 53 real (65 <= 1.25 * 53 = 66.25)
+    assert split([10, 10, 10, 10, 13], slack=1.25, extra=0) == [[0, 1, 2, 3, 4]]
+    assert split([10, 10, 10, 10, 14], slack=1.25, extra=0) == [[0, 1, 2, 3], [4]]
+    assert split([1] * 5, extra=64) == [[0, 1, 2, 3, 4]]
