@@ -31,8 +31,10 @@ while the hf engine runs.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -70,7 +72,14 @@ class VLLMWorker:
         if args.vllm_eager:
             cmd.append("--eager")
         print(f"starting vLLM's CPU build: {' '.join(cmd)} (log: {self.log.name})", flush=True)
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        # this checkout's selfalign first on its path, and a session of its own: vLLM's engine and worker
+        # processes are its children, and a benchmark that is stopped must not leave them running
+        # (an orphaned worker spins on a core and holds gigabytes)
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
+                                     env=env, start_new_session=True)
+        atexit.register(self._kill_group)
         self.info = self._reply()
         print(f"vLLM {self.info['vllm']}, {self.info['dtype']}, {'eager' if self.info['eager'] else 'compiled'}, "
               f"threads bound: {self.info['threads_bind']}, reserved CPUs: {self.info['reserved_cpus']}, "
@@ -97,7 +106,15 @@ class VLLMWorker:
             try:
                 self.proc.wait(timeout=120)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                pass
+        self._kill_group()
+
+    def _kill_group(self) -> None:
+        """Whatever of the vLLM process group is still alive (its engine core and workers)."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def load_line() -> str:
@@ -115,9 +132,8 @@ def plain_generate(engine, requests, sampling):
     import torch
     from transformers import LogitsProcessorList
 
-    from selfalign.core.engines.cpu_matmul import plain_linears
-
     from selfalign.core.chat import truncate_at_stop
+    from selfalign.core.engines.cpu_matmul import plain_linears
     from selfalign.core.engines.decode import kept_token_count
     from selfalign.core.engines.sampling import TemperatureTopP
 
@@ -153,9 +169,8 @@ def plain_score_loop(engine, items):
     (the layers as `nn.Linear` runs them: `cpu_matmul.plain_linears`)."""
     import torch
 
-    from selfalign.core.engines.cpu_matmul import plain_linears
-
     from selfalign.core.engines.base import score_token_rows
+    from selfalign.core.engines.cpu_matmul import plain_linears
 
     head, body = engine._head(), engine.model.get_decoder()
     out = []
@@ -372,6 +387,8 @@ def bench_train(args, results) -> None:
 
 
 def main(argv=None) -> int:
+    # a SIGTERM (kill, a timeout) ends the run through exit handlers, which stop the vLLM process group
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="embedded:gemma-3-270m")
     ap.add_argument("--only", default="generate,stopping,hhh,train",
