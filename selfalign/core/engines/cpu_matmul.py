@@ -45,7 +45,7 @@ def plain_linears():
         _off -= 1
 
 
-def _forward(module: torch.nn.Linear):
+def _forward(module: torch.nn.Linear, contiguous: bool):
     def forward(x: torch.Tensor) -> torch.Tensor:
         weight, bias = module.weight, module.bias
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
@@ -53,21 +53,30 @@ def _forward(module: torch.nn.Linear):
                 and x.device.type == "cpu"):
             flat = x.reshape(rows, x.shape[-1])
             out = torch.mm(weight, flat.t()) if bias is None else torch.addmm(bias[:, None], weight, flat.t())
-            return out.t().reshape(*x.shape[:-1], weight.shape[0])
+            out = out.t().contiguous() if contiguous else out.t()
+            return out.reshape(*x.shape[:-1], weight.shape[0])
         return F.linear(x, weight, bias)
 
     return forward
 
 
+ATTENTION_INPUTS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "query", "key", "value")
+
+
 def lay_out_linears(model: torch.nn.Module, skip: tuple[torch.nn.Module, ...] = ()) -> int:
     """Give every plain float32 `nn.Linear` of a CPU `model` (except those in `skip`) the forward
-    above; returns how many. Idempotent. A no-op on other devices and dtypes."""
+    above; returns how many. Idempotent. A no-op on other devices and dtypes.
+
+    The query, key and value projections (`ATTENTION_INPUTS`, by module name) return a contiguous
+    result: torch's CPU flash-attention kernel needs a unit stride in the head dimension, and a
+    transposed view sends attention to the math kernel, which under a 1.9k-token prompt at 32 rows
+    took 28% of a decoding step."""
     count = 0
-    for module in model.modules():
+    for name, module in model.named_modules():
         if (type(module) is torch.nn.Linear and module not in skip and module.weight.device.type == "cpu"
                 and module.weight.dtype == torch.float32):
             if not getattr(module, "_selfalign_laid_out", False):
-                module.forward = _forward(module)
+                module.forward = _forward(module, name.rsplit(".", 1)[-1] in ATTENTION_INPUTS)
                 module._selfalign_laid_out = True
             count += 1
     return count
