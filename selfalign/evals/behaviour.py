@@ -213,10 +213,11 @@ def evaluate_behaviour(
     system: str | None,
     sampling: Sampling | None = None,
     model_label: str = "",
-    chunk_size: int = 16,
+    chunk_size: int | None = None,
 ) -> dict:
     """Answer every held-out prompt (rows to `folder/behaviour/rows.jsonl` chunk by chunk, so a killed
-    eval resumes) and judge the answers."""
+    eval resumes) and judge the answers. A chunk is one generation batch of the engine (its
+    `batch_size`; 16 when it has none): smaller chunks left the quickstart's batches of 32 half full."""
     t0 = time.time()
     sampling = sampling or behaviour_sampling()
     store = RowStore(Path(folder) / "behaviour")
@@ -234,6 +235,7 @@ def evaluate_behaviour(
         return rows
 
     work = [(row_id("behaviour", model_label, system, sampling.model_dump(), it.id, it.prompt), it) for it in items]
+    chunk_size = chunk_size or getattr(engine, "batch_size", None) or 16
     rows = score_rows_resumably(store, work, answer_chunk, "behaviour", chunk_size=chunk_size)
     store.mark_done()
     # judged again from the stored text, so rows written by an older version get today's rules

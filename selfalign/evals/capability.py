@@ -57,7 +57,7 @@ def evaluate_capability(engine: Engine, items: list[MCItem], folder: str | Path,
     t0 = time.time()
     store = RowStore(Path(folder) / "capability")
     work = [(row_id("capability", model_label, it.id, it.context, it.choices), it) for it in items]
-    rows = score_rows_resumably(store, work, lambda chunk: score_items(engine, chunk), "capability", chunk_size=16)
+    rows = score_rows_resumably(store, work, lambda chunk: score_items(engine, chunk), "capability", chunk_size=48)
     store.mark_done()
     tasks = list(dict.fromkeys(it.task for it in items))
     acc, norm, counts = {}, {}, {}

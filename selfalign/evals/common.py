@@ -62,7 +62,12 @@ def score_rows_resumably(
     chunk_size: int = 16,
 ) -> list[dict]:
     """Score `work` = [(row id, item)] in chunks, appending each chunk's rows as it finishes and
-    skipping ids already in the store. Returns the rows of all of `work`, in order."""
+    skipping ids already in the store. Returns the rows of all of `work`, in order.
+
+    A chunk is what a kill can lose, and the most the engine sees at once: the hf engine packs and
+    sorts items within one call, so chunks too small cost speed (full-set HHH in chunks of 16 took
+    ~10% longer than in one call on gemma-3-270m). The likelihood evals use chunks of about a
+    minute's work on a 2-core CPU."""
     done = store.done_ids()
     todo = [(rid, item) for rid, item in work if rid not in done]
     if todo:

@@ -184,7 +184,7 @@ def evaluate_hhh(
             if stuck := stuck_letter(probe):
                 extra["ab_stuck"] = stuck
                 continue
-        rows = score_rows_resumably(store, work, chunk_rows, f"hhh/{scoring}")
+        rows = score_rows_resumably(store, work, chunk_rows, f"hhh/{scoring}", chunk_size=48)
         metrics[scoring], counts = summarize(items, rows)
         if margins := summarize_margins(items, rows):
             metrics[f"{scoring}_margin"] = margins

@@ -86,7 +86,7 @@ def evaluate_truthfulqa(
     store = RowStore(Path(folder) / "truthfulqa")
     work = [(row_id("truthfulqa", model_label, system, it.id, it.question), it) for it in items]
     rows = score_rows_resumably(store, work, lambda chunk: score_questions(engine, chunk, system), "truthfulqa",
-                                chunk_size=8)
+                                chunk_size=32)
     store.mark_done()
     n = len(rows)
     metrics = {"mc1": sum(r["mc1"] for r in rows) / n, "mc2": sum(r["mc2"] for r in rows) / n,
