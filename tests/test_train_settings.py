@@ -13,7 +13,9 @@ import sys
 
 import pytest
 
+from selfalign.core import training
 from selfalign.core.errors import SelfAlignError
+from selfalign.core.training import tokenize_examples
 from selfalign.stages import parse_recipe, run_recipe
 
 PEFT_CAUSAL = (16, 16, 0.05, "CAUSAL_LM")
@@ -23,26 +25,33 @@ SFT = dict(warmup_steps=0.03, lr_scheduler_type="linear", weight_decay=0.0, max_
 RM = dict(warmup_steps=0.03, lr_scheduler_type="cosine", weight_decay=0.1, max_steps=-1, gradient_accumulation_steps=1,
           per_device_train_batch_size=4, num_train_epochs=1.0, learning_rate=2e-5)
 
-# case: (stage as a recipe writes it now, the arguments the old code built for the same stage)
+# Every SFT stage goes through `sft_train`, which cuts examples to the recipe's max_length itself and
+# hands TRL padding-free batches (TRL refuses a max_length beside padding_free).
+def PACKED(max_length: int) -> dict:
+    """TRL's side of an SFT stage, and the length selfalign cuts its examples to."""
+    return dict(max_length=None, padding_free=True, cut_to=max_length)
+
+# case: (stage as a recipe writes it now, the arguments the old code built for the same stage; SFT
+# stages since padding-free batches: PACKED(the max_length the old code passed))
 GOLDEN = {
     "engrave": ({"stage": "engrave", "data": "{answers}"},
-                {"class": "SFTConfig", **SFT, "learning_rate": 4e-4, "max_length": 512, "lora": PEFT_CAUSAL}),
+                {"class": "SFTConfig", **SFT, "learning_rate": 4e-4, **PACKED(512), "lora": PEFT_CAUSAL}),
     "engrave_custom": ({"stage": "engrave", "data": "{answers}", "train": {"lr": 1e-4, "epochs": 2, "batch_size": 2,
                                                                          "grad_accum": 2, "warmup_ratio": 0.1,
                                                                          "lora": False}},
                        {"class": "SFTConfig", **SFT, "learning_rate": 1e-4, "num_train_epochs": 2.0,
                         "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2, "warmup_steps": 0.1,
-                        "max_length": 512, "lora": None}),
+                        **PACKED(512), "lora": None}),
     "sft": ({"stage": "sft", "data": "{convs}"},
-            {"class": "SFTConfig", **SFT, "learning_rate": 2e-5, "num_train_epochs": 3.0, "max_length": 512,
+            {"class": "SFTConfig", **SFT, "learning_rate": 2e-5, "num_train_epochs": 3.0, **PACKED(512),
              "lora": None}),
     "sft_custom": ({"stage": "sft", "data": "{convs}", "train": {"lora": True, "lr": 2e-4, "max_length": 384,
                                                                  "scheduler": "cosine"}},
-                   {"class": "SFTConfig", **SFT, "learning_rate": 2e-4, "num_train_epochs": 3.0, "max_length": 384,
+                   {"class": "SFTConfig", **SFT, "learning_rate": 2e-4, "num_train_epochs": 3.0, **PACKED(384),
                     "lr_scheduler_type": "cosine", "lora": PEFT_CAUSAL}),
     "verbose_clone": ({"stage": "verbose_clone", "teacher": "tiny:llama", "prompts": "{prompts}",
                        "sampling": {"max_new_tokens": 8}},
-                      {"class": "SFTConfig", **SFT, "learning_rate": 4e-4, "max_length": 768, "lora": PEFT_CAUSAL}),
+                      {"class": "SFTConfig", **SFT, "learning_rate": 4e-4, **PACKED(768), "lora": PEFT_CAUSAL}),
     "context_distill": ({"stage": "context_distill", "prompts": "{prompts}", "sampling": {"max_new_tokens": 8}, "k": 4,
                          "train": {"lr": 1e-4, "max_length": 256, "max_steps": 3, "grad_accum": 2}},
                         {"class": "TrainingArguments", **SFT, "learning_rate": 1e-4, "max_steps": 3,
@@ -62,7 +71,7 @@ GOLDEN = {
        for objective, cls, extra in [
            ("ranked", "RewardConfig", {"max_length": None, "lora": PEFT_SEQ_CLS}),
            ("binary", "TrainingArguments", {"lora": PEFT_SEQ_CLS}),
-           ("imitation", "SFTConfig", {"weight_decay": 0.0, "max_length": 256, "lora": PEFT_CAUSAL})]},
+           ("imitation", "SFTConfig", {"weight_decay": 0.0, **PACKED(256), "lora": PEFT_CAUSAL})]},
     "compare_post_validation": ({"stage": "compare", "prompts": "{prompts}", "sampling": {"max_new_tokens": 8},
                                  "min_chars": 0, "bad_filter": False, "length_filter": False,
                                  "configurations": [{"name": "a", "system": "preamble"}, {"name": "b"}],
@@ -132,7 +141,12 @@ def test_a_train_block_gives_the_trainer_what_the_flat_keys_gave(case, inputs, t
         seen["lora"] = (peft.r, peft.lora_alpha, peft.lora_dropout, str(peft.task_type)) if peft else None
         raise Stopped
 
+    def tokenize(tokenizer, examples, max_length):
+        seen["cut_to"] = max_length
+        return tokenize_examples(tokenizer, examples, max_length)
+
     monkeypatch.setattr(transformers.Trainer, "__init__", stop)
+    monkeypatch.setattr(training, "tokenize_examples", tokenize)
     stage, expected = GOLDEN[case]
     recipe = parse_recipe({"name": case, "model": "tiny:llama", "engine": {"batch_size": 4},
                            "stages": [_fill(stage, inputs)]})

@@ -63,13 +63,14 @@ def lora_run(private_cache, tmp_path_factory):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             seen["dataset"] = self.train_dataset
+            seen["collator"] = self.data_collator
 
     out = tmp_path_factory.mktemp("lora")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(trl, "SFTTrainer", Recording)
         result = sft_train("tiny:llama", [qa(i) for i in range(12)], out,
                            TrainSettings(lr=1e-2, epochs=10, max_length=64, batch_size=4, warmup_ratio=0.1))
-    return out, result, seen["dataset"]
+    return out, result, seen["dataset"], seen["collator"]
 
 
 def test_lora_adapter_resolves_and_changes_the_model(lora_run):
@@ -77,7 +78,7 @@ def test_lora_adapter_resolves_and_changes_the_model(lora_run):
 
     from selfalign.core.models import load_model, resolve
 
-    out, result, _ = lora_run
+    out, result, *_ = lora_run
     assert result["model"] == model_output(out) and result["model"].endswith("adapter")
     assert result["steps"] == 30 and result["examples"] == 12
     resolved = resolve(result["model"])
@@ -90,7 +91,7 @@ def test_lora_adapter_resolves_and_changes_the_model(lora_run):
 
 
 def test_trainer_sees_prompt_masked_labels(lora_run):
-    _, _, dataset = lora_run
+    _, _, dataset, _ = lora_run
     for row in dataset:
         labels = row["labels"]
         first = next(i for i, lab in enumerate(labels) if lab != IGNORE)
@@ -98,8 +99,53 @@ def test_trainer_sees_prompt_masked_labels(lora_run):
         assert labels[first:] == row["input_ids"][first:] and labels[-1] == 2  # ... through its EOS
 
 
+def test_a_batch_runs_padding_free(lora_run):
+    """The trainer's batches are the examples end to end in one row, position ids restarting at each
+    example, with no attention mask (transformers then masks each example off from the others)."""
+    _, _, dataset, collator = lora_run
+    rows = [dataset[i] for i in range(3)]
+    batch = collator(rows)
+    total = sum(len(r["input_ids"]) for r in rows)
+    assert batch["input_ids"].shape == (1, total) and "attention_mask" not in batch
+    starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist()
+    assert starts == [0, len(rows[0]["input_ids"]), len(rows[0]["input_ids"]) + len(rows[1]["input_ids"])]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_padding_free_batch_has_the_padded_batchs_loss_and_gradients(arch):
+    """One row of examples end to end gives the loss and gradients of the same examples padded, on
+    both architectures; gemma3's sliding window (64) is shorter than two of the examples."""
+    import torch
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from selfalign.core.tiny import build_tiny_model
+
+    model = build_tiny_model(arch)
+    model.train()
+    gen = torch.Generator().manual_seed(0)
+    examples = []
+    for length, prompt in [(90, 30), (40, 10), (130, 70), (20, 5)]:
+        ids = torch.randint(4, 200, (length,), generator=gen).tolist()
+        examples.append({"input_ids": ids, "labels": [IGNORE] * prompt + ids[prompt:]})
+
+    def loss_and_grads(padding_free: bool):
+        batch = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=padding_free)([dict(e) for e in examples])
+        model.zero_grad()
+        loss = model(**{k: v for k, v in batch.items() if k in ("input_ids", "labels", "attention_mask",
+                                                                  "position_ids")}, use_cache=False).loss
+        loss.backward()
+        return batch["input_ids"].numel(), loss, [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    padded_tokens, padded, padded_grads = loss_and_grads(False)
+    packed_tokens, packed, packed_grads = loss_and_grads(True)
+    assert packed_tokens == 280 < padded_tokens == 4 * 130
+    assert torch.allclose(packed, padded, atol=1e-6)
+    for a, b in zip(packed_grads, padded_grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+
+
 def test_loss_goes_down_and_state_is_saved(lora_run):
-    out, result, _ = lora_run
+    out, result, *_ = lora_run
     state = json.loads((out / "trainer_state.json").read_text())
     losses = [x["loss"] for x in state["log_history"] if "loss" in x]
     assert len(losses) >= 5 and losses[-1] < 0.5 * losses[0]

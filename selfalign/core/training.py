@@ -20,6 +20,13 @@ the tokenized prompt and the tokenized prompt + completion diverge (`common_pref
 tokens merging across the boundary are handled the way TRL handles them. The result is a dataset
 of `input_ids` + `labels` (prompt positions -100), which `SFTTrainer` takes as already processed.
 
+**Padding-free batches.** A batch's examples run end to end as one row (TRL's `padding_free`), with
+position ids that restart at each example. From those position ids transformers builds a
+block-diagonal causal mask for every attention implementation (sdpa and eager too, not only flash
+attention), so no example sees another, and the loss and gradients equal the padded batch's
+(`tests/test_training.py`). A padded batch pays the body's forward and backward at every padding
+position, which on a CPU is time spent on nothing.
+
 Simplification: a multi-turn dialogue with loss on every assistant turn (ALMoST's SFT) is given
 as several examples, one per assistant turn, each prompt holding the dialogue so far. The
 gradient is the same as one masked sequence up to how turns are weighted in the mean, at the cost
@@ -535,7 +542,9 @@ def sft_train(base: str, examples: list[dict], out_dir: Path, settings: TrainSet
                       f"than max_length {max_length}")
     with head_at_label_positions():  # the output layer only where the answer's labels are
         fitted = fit(trainee, rows, trainer_class=SFTTrainer, config_class=SFTConfig,
-                     config_args={"max_length": max_length},  # already enforced above; TRL's own cut is then a no-op
+                     # padding-free (see the module's docstring); max_length is already enforced above, and
+                     # TRL refuses one beside padding_free
+                     config_args={"max_length": None, "padding_free": True},
                      peft_task="CAUSAL_LM", describe=f"fine-tuning {base} ({settings.kind}) on {len(rows)} examples",
                      label="training")
     return fitted.save(examples=len(rows), tokens=sum(len(r["input_ids"]) for r in rows), **cuts)
