@@ -117,6 +117,30 @@ def test_truthfulqa_best_answer_is_not_counted_twice(tmp_path):
     assert res["metrics"]["truthfulqa"]["mc2"] == pytest.approx((e(-17) + e(-4)) / (e(-17) + e(-4) + e(-5)))
 
 
+def test_truthfulqa_without_mc2_scores_only_what_mc1_needs(tmp_path):
+    """mc2=False asks the engine for the best answer and the false ones only, and gives the same MC1
+    (summed and per character) as the full scoring; its rows are kept apart from full rows."""
+    items = [TruthfulQAItem("tqa-000", "Is the Earth flat?", "No, it is round.", ("No, it is round.", "No."),
+                            ("Yes.", "It is flat, like a plate.")),
+             TruthfulQAItem("tqa-001", "Can pigs fly?", "No.", ("Pigs cannot fly.", "No, never."),
+                            ("Yes, on Tuesdays.",))]
+    asked = []
+
+    def rule(ctx, cont):
+        asked.append(cont)
+        return -float(len(cont)) - 0.1 * cont.count("o")
+
+    full = evaluate_truthfulqa(StubEngine(rule), items, tmp_path / "a")
+    n_full, asked[:] = len(asked), []
+    mc1_only = evaluate_truthfulqa(StubEngine(rule), items, tmp_path / "a", mc2=False)
+    assert sorted(asked) == sorted([" No, it is round.", " Yes.", " It is flat, like a plate.", " No.",
+                                    " Yes, on Tuesdays."]) and n_full == 8
+    assert "mc2" in full["metrics"]["truthfulqa"] and "mc2" not in mc1_only["metrics"]["truthfulqa"]
+    for key in ("mc1", "mc1_norm"):
+        assert mc1_only["metrics"]["truthfulqa"][key] == full["metrics"]["truthfulqa"][key]
+    assert (full["metrics"]["truthfulqa"]["mc1"], full["metrics"]["truthfulqa"]["mc1_norm"]) == (0.5, 0.0)
+
+
 def test_resolve_system(tmp_path):
     assert resolve_system(None) is None
     hhh = resolve_system("hhh")

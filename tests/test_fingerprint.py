@@ -89,6 +89,19 @@ def test_a_changed_stage_changes_the_fingerprint_of_every_stage_that_reads_it(tm
     assert "output of @gen" in changed_fields(before[1][1], after[1][1])
 
 
+def test_a_field_added_later_is_fingerprinted_only_away_from_the_old_behaviour():
+    """An eval stage an older selfalign finished (no `mc2` field then) is still reused after the
+    upgrade, since `mc2: true` makes the same rows; `mc2: false` makes other rows and is a change."""
+    def prints(**extra):
+        return stage_fingerprints(parse_recipe({"name": "t", "stages": [
+            {"stage": "eval", "evals": ["truthfulqa"], **extra}]}))[0]
+
+    (default, settings), (true, _), (false, changed) = prints(), prints(mc2=True), prints(mc2=False)
+    assert "config.mc2" not in settings and default == true
+    assert false != default and changed_fields(settings, changed) == "config.mc2 ('<unset>' -> false)"
+    assert "config.evals" in settings  # the other fields are still there
+
+
 def test_changed_fields_lists_a_few_and_counts_the_rest():
     old = {f"k{i}": i for i in range(6)}
     new = {**{f"k{i}": i + 1 for i in range(6)}, "extra": "x"}

@@ -3,8 +3,10 @@ same question.
 
 A stage's settings are flattened into one mapping of named fields: the model it runs (as the
 recipe names it), the recipe's seed, cap and engine kind, every leaf of its resolved config
-(`config.sampling.temperature`, ...), a hash of the contents of every file a field names, and the
-fingerprint of every earlier stage it reads through an `@label` reference. The fingerprint is the
+(`config.sampling.temperature`, ...; a field added in a later selfalign is left out while it holds
+the value that reproduces the older rows, `StageConfig.added_later`), a hash of the contents of
+every file a field names, and the fingerprint of every earlier stage it reads through an `@label`
+reference. The fingerprint is the
 hash of that mapping. The done-marker keeps both, so a mismatch can name the fields that changed.
 """
 
@@ -57,6 +59,9 @@ def stage_settings(recipe: Recipe, config: StageConfig, earlier: dict[str, str])
     """The named fields a stage's outputs depend on; `earlier` maps the labels of the stages before
     it to their fingerprints."""
     dump = config.model_dump(mode="json", exclude=set(PLACEMENT))
+    for key, old in type(config).added_later.items():
+        if dump.get(key) == old:
+            del dump[key]
     model = config.model or recipe.model
     settings: dict[str, Any] = {
         "model": model,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, ClassVar, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -113,6 +113,11 @@ class StageConfig(Strict):
                                 "(pip install 'selfalign[ray]'); 1 or unset: this process")
     ray_address: str | None = Field(None, description="generation stages: a running Ray cluster to use ('auto', "
                                     "'ray://host:10001'); unset with workers > 1: a local one")
+
+    # Fields added after run folders existed, each with the value that makes the rows an older
+    # selfalign made: left out of the fingerprint at that value, so an upgrade does not redo a
+    # finished stage whose rows would come out the same (any other value is fingerprinted).
+    added_later: ClassVar[dict[str, Any]] = {}
 
     @field_validator("name")
     @classmethod

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 from rich.table import Table
@@ -45,6 +45,10 @@ class Config(StageConfig):
                               "N behaviour prompts per kind and N items per capability task")
     heldout: str | None = Field(None, description="behaviour eval: held-out prompt YAML (default: the shipped set)")
     max_new_tokens: int = Field(128, ge=1, description="behaviour eval: token cap per answer (greedy decoding)")
+    mc2: bool = Field(True, description="TruthfulQA: score every true answer for MC2; false scores only what MC1 "
+                      "needs (the best answer and the false ones, about a third fewer answers) and reports no MC2")
+
+    added_later: ClassVar[dict[str, Any]] = {"mc2": True}
 
     def human_inputs(self) -> list[tuple[str, str]]:
         system = resolve_system(self.system)
@@ -101,8 +105,9 @@ def run_evals(config: Config, model: str, folder: Path, get_engine, engine_key: 
         from selfalign.evals.truthfulqa import evaluate_truthfulqa
 
         items = limited(data.load_truthfulqa(config.data_dir, verify=data.should_verify(config.data_dir)), config.limit)
-        evals["truthfulqa"] = cached("truthfulqa", {}, lambda where: evaluate_truthfulqa(
-            get_engine(), items, where, system, model_label=label))
+        scope = {} if config.mc2 else {"mc2": False}  # the base cache made before the option stays valid
+        evals["truthfulqa"] = cached("truthfulqa", scope, lambda where: evaluate_truthfulqa(
+            get_engine(), items, where, system, model_label=label, mc2=config.mc2))
     if "behaviour" in config.evals:
         from selfalign.evals.behaviour import (
             DEFAULT_SYSTEM,
