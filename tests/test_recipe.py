@@ -115,6 +115,6 @@ def test_the_run_folders_recipe_snapshot_keeps_every_stage_field(tmp_path):
     snapshot = yaml.safe_load((tmp_path / "recipe.yaml").read_text())
     self_align = next(s for s in snapshot["stages"] if s["stage"] == "self_align")
     assert self_align["max_prompts"] == 128 and self_align["thoughts_tokens"] == 40
-    assert next(s for s in snapshot["stages"] if s["stage"] == "engrave")["train"]["epochs"] == 3
+    assert next(s for s in snapshot["stages"] if s["stage"] == "engrave")["train"]["epochs"] == 2  # not the default 1
     again = parse_recipe(snapshot, "recipe.yaml")
     assert [s.model_dump() for s in again.stages] == [s.model_dump() for s in recipe.stages]
