@@ -6,8 +6,8 @@ recipe names it), the recipe's seed, cap and engine kind, every leaf of its reso
 (`config.sampling.temperature`, ...; a field added in a later selfalign is left out while it holds
 the value that reproduces the older rows, `StageConfig.added_later`), a hash of the contents of
 every file a field names, and the fingerprint of every earlier stage it reads through an `@label`
-reference. The fingerprint is the
-hash of that mapping. The done-marker keeps both, so a mismatch can name the fields that changed.
+reference. The fingerprint is the hash of that mapping. The done-marker keeps both, so a mismatch
+can name the fields that changed.
 """
 
 from __future__ import annotations
@@ -58,10 +58,8 @@ def file_digest(ref: str) -> str | None:
 def stage_settings(recipe: Recipe, config: StageConfig, earlier: dict[str, str]) -> dict[str, Any]:
     """The named fields a stage's outputs depend on; `earlier` maps the labels of the stages before
     it to their fingerprints."""
-    dump = config.model_dump(mode="json", exclude=set(PLACEMENT))
-    for key, old in type(config).added_later.items():
-        if dump.get(key) == old:
-            del dump[key]
+    at_old = set(type(config).added_later) - set(config.departures_from_old())
+    dump = config.model_dump(mode="json", exclude=set(PLACEMENT) | at_old)
     model = config.model or recipe.model
     settings: dict[str, Any] = {
         "model": model,

@@ -128,6 +128,11 @@ class StageConfig(Strict):
     def label(self) -> str:
         return self.name or self.stage
 
+    def departures_from_old(self) -> dict[str, Any]:
+        """The `added_later` fields set away from the older behaviour, with their values: what keys a
+        cache or a row apart from what an older selfalign made."""
+        return {key: getattr(self, key) for key, old in self.added_later.items() if getattr(self, key) != old}
+
     def human_inputs(self) -> list[tuple[str, str]]:
         """(source, text) of every human-written input this stage uses: prompt files, system
         prompts, principles, exemplars. The run report counts their lines: the papers' point is

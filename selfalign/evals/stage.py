@@ -105,8 +105,8 @@ def run_evals(config: Config, model: str, folder: Path, get_engine, engine_key: 
         from selfalign.evals.truthfulqa import evaluate_truthfulqa
 
         items = limited(data.load_truthfulqa(config.data_dir, verify=data.should_verify(config.data_dir)), config.limit)
-        scope = {} if config.mc2 else {"mc2": False}  # the base cache made before the option stays valid
-        evals["truthfulqa"] = cached("truthfulqa", scope, lambda where: evaluate_truthfulqa(
+        # keyed like the stage's fingerprint: the base cache made before `mc2` existed stays valid
+        evals["truthfulqa"] = cached("truthfulqa", config.departures_from_old(), lambda where: evaluate_truthfulqa(
             get_engine(), items, where, system, model_label=label, mc2=config.mc2))
     if "behaviour" in config.evals:
         from selfalign.evals.behaviour import (
