@@ -42,6 +42,14 @@ def test_report_leads_with_did_it_work_and_calls_real_changes(tmp_path):
     page = build_report(run).read_text()
     assert page.index('<section id="did-it-work"') == page.index("<section", page.index("<nav>"))  # the first section
     assert "No significant gain" not in page and "I cannot know your dog" in page  # side by side
+    # every rate says what it counts, under its name
+    assert "says it cannot know" in page and "restates the prompt" in page
+
+
+def test_every_behaviour_rate_has_a_meaning():
+    from selfalign.evals.behaviour import MEANING, METRICS
+
+    assert set(MEANING) == set(METRICS) and all(MEANING.values())
 
 
 def test_report_says_so_when_nothing_improved(tmp_path):

@@ -59,7 +59,8 @@ th,td{border-bottom:1px solid #eaecef;padding:6px 10px;text-align:left;vertical-
 tbody tr:nth-child(even) td{background:#fbfcfd}
 td.num,th.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 tr.total td{font-weight:700;border-top:2px solid #d0d7de}
-table.metrics{width:auto;min-width:60%} table.metrics .num{min-width:120px} .up{color:#1a7f37;font-weight:600}
+table.metrics{width:auto;min-width:60%} table.metrics .num{min-width:120px}
+table.metrics td:first-child .muted{display:block;max-width:28em} .up{color:#1a7f37;font-weight:600}
 .down{color:#cf222e;font-weight:600}
 .cell{max-height:16em;overflow:auto;white-space:pre-wrap;word-break:break-word;
 font:13px/1.45 ui-monospace,Menlo,Consolas,monospace}

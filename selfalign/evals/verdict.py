@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from selfalign.evals.behaviour import HIGHER_IS_BETTER, KINDS, METRICS, HeldoutPrompt, judge
+from selfalign.evals.behaviour import HIGHER_IS_BETTER, KINDS, MEANING, METRICS, HeldoutPrompt, judge
 from selfalign.evals.stats import is_real, paired_bootstrap, wilson
 
 # (eval, row field, filter on rows, label, headline?)
@@ -150,7 +150,8 @@ def lead_section(base_label: str, final_label: str, base: Path, final: Path):
     numbers = ["base", "final", "change (pp)", "n"]
     if beh:
         real_gain |= any(m["verdict"] == "better" for m in beh)
-        rows = [[m["label"], [_pct(m["base"]), " ", Muted(f"[{_pct(m['base_ci'][0])}, {_pct(m['base_ci'][1])}]")],
+        rows = [[[m["label"], Muted(MEANING.get(m["label"], ""))],
+                 [_pct(m["base"]), " ", Muted(f"[{_pct(m['base_ci'][0])}, {_pct(m['base_ci'][1])}]")],
                  [_pct(m["final"]), " ", Muted(f"[{_pct(m['final_ci'][0])}, {_pct(m['final_ci'][1])}]")],
                  _interval(m["change"]), m["verdict"], m["n"]] for m in beh]
         blocks += [Heading("Behaviour on held-out prompts"),
