@@ -102,6 +102,19 @@ def test_a_field_added_later_is_fingerprinted_only_away_from_the_old_behaviour()
     assert "config.evals" in settings  # the other fields are still there
 
 
+def test_the_engine_dtype_counts_unless_it_is_auto():
+    """bfloat16 makes other rows than float32, so it is a change; auto (the default, what every older
+    run used) adds nothing, so finished stages keep their fingerprints."""
+    def prints(**engine):
+        return stage_fingerprints(parse_recipe({"name": "t", "engine": {"name": "hf", **engine},
+                                                "stages": [{"stage": "eval", "evals": ["hhh"]}]}))[0]
+
+    (auto, settings), (default, _), (bf16, changed) = prints(dtype="auto"), prints(), prints(dtype="bfloat16")
+    assert auto == default and "engine.dtype" not in settings
+    assert bf16 != auto and changed_fields(settings, changed) == "engine.dtype ('<unset>' -> 'bfloat16')"
+    assert prints(batch_size=3)[0] == auto  # how rows are batched is not what they are
+
+
 def test_changed_fields_lists_a_few_and_counts_the_rest():
     old = {f"k{i}": i for i in range(6)}
     new = {**{f"k{i}": i + 1 for i in range(6)}, "extra": "x"}

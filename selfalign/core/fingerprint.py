@@ -2,7 +2,7 @@
 same question.
 
 A stage's settings are flattened into one mapping of named fields: the model it runs (as the
-recipe names it), the recipe's seed, cap and engine kind, every leaf of its resolved config
+recipe names it), the recipe's seed, cap, engine kind and dtype (unless auto), every leaf of its resolved config
 (`config.sampling.temperature`, ...; a field added in a later selfalign is left out while it holds
 the value that reproduces the older rows, `StageConfig.added_later`), a hash of the contents of
 every file a field names, and the fingerprint of every earlier stage it reads through an `@label`
@@ -69,6 +69,10 @@ def stage_settings(recipe: Recipe, config: StageConfig, earlier: dict[str, str])
         "engine.chat_format": recipe.engine.chat_format,
         **_leaves(dump, "config"),
     }
+    if recipe.engine.dtype != "auto":
+        # another dtype makes other numbers (bfloat16 on a CPU: other samples, scores ~0.1% off); "auto"
+        # stays out, so every stage finished before this field counted keeps its fingerprint
+        settings["engine.dtype"] = recipe.engine.dtype
     from selfalign.core.launcher import launched
 
     if launched(recipe, config):  # batch_size is per process: N processes train on N times the batch
