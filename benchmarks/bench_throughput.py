@@ -407,6 +407,9 @@ def main(argv=None) -> int:
     ap.add_argument("--vllm-dtype", default="auto",
                     help="its dtype: auto (the vllm engine's: float32 on a CPU), bfloat16")
     ap.add_argument("--vllm-eager", action="store_true", help="its enforce_eager: skip torch.compile at start")
+    ap.add_argument("--hf-dtype", default="auto",
+                    help="the hf engine's dtype (and its plain anchor's): auto (float32 on a CPU), bfloat16 (the "
+                    "engine's opt-in; fast where the CPU has AMX or AVX512-BF16)")
     args = ap.parse_args(argv)
     args.batch_sizes = [int(x) for x in args.batch_sizes.split(",")]
     parts = set(args.only.split(","))
@@ -415,15 +418,16 @@ def main(argv=None) -> int:
 
     from selfalign.core.engines.hf import HFEngine
 
-    print(f"model: {args.model}  torch threads: {torch.get_num_threads()}  {load_line()}", flush=True)
-    results: dict = {"model": args.model}
+    print(f"model: {args.model} ({args.hf_dtype} on the hf engine)  torch threads: {torch.get_num_threads()}  "
+          f"{load_line()}", flush=True)
+    results: dict = {"model": args.model, "hf_dtype": args.hf_dtype}
     vllm = None
     if args.vllm_python and parts & {"generate", "stopping"}:
         vllm = VLLMWorker(args.vllm_python, args)  # started, and its model loaded, before any figure
         results["vllm"] = vllm.info
     try:
         if parts & {"generate", "stopping", "hhh"}:
-            engine = HFEngine(args.model)
+            engine = HFEngine(args.model, dtype=args.hf_dtype)
             if "generate" in parts:
                 bench_generate(engine, args, results, vllm)
             if "stopping" in parts:

@@ -39,3 +39,12 @@ def tiny_gemma_engine(private_cache):
     from selfalign.core.engines.hf import HFEngine
 
     return HFEngine("tiny:gemma3", batch_size=4, dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma_bf16_engine(private_cache):
+    """The opt-in bfloat16 engine (fast where a CPU has AMX): its own decode and scoring paths, compared
+    with the plain paths in the same dtype."""
+    from selfalign.core.engines.hf import HFEngine
+
+    return HFEngine("tiny:gemma3", batch_size=4, dtype="bfloat16")

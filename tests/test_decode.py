@@ -53,7 +53,7 @@ def test_kept_tokens_and_the_stop_watch(tiny_engine):
     assert watch.hit(ids[:upto]) and not watch.hit(ids[: upto - 1])
 
 
-@pytest.mark.parametrize("engine_name", ["tiny_engine", "tiny_gemma_engine"])
+@pytest.mark.parametrize("engine_name", ["tiny_engine", "tiny_gemma_engine", "tiny_gemma_bf16_engine"])
 def test_greedy_equals_model_generate(engine_name, request):
     """The plain path: each prompt alone through `model.generate`, greedy, no early stop."""
     engine = request.getfixturevalue(engine_name)

@@ -324,3 +324,14 @@ def test_continuations_split_into_batches_with_bounded_padding():
     assert split([10, 10, 10, 10, 13], slack=1.25, extra=0) == [[0, 1, 2, 3, 4]]
     assert split([10, 10, 10, 10, 14], slack=1.25, extra=0) == [[0, 1, 2, 3], [4]]
     assert split([1] * 5, extra=64) == [[0, 1, 2, 3, 4]]
+
+
+def test_bfloat16_scores_agree_with_the_plain_path_in_bfloat16(tiny_gemma_bf16_engine, tiny_gemma_engine):
+    """The opt-in bfloat16 engine scores within 1e-3 (relative) of a full-logits forward in the same dtype;
+    against float32 it is only close (bfloat16 keeps 8 bits of mantissa), which is why it is opt-in."""
+    context = "Human: hi\n\nAssistant:"
+    conts = [" hello there, how are you today?", " no", " the cat sat on the mat and it was good"]
+    got = tiny_gemma_bf16_engine.score(context, conts)
+    for g, c in zip(got, conts, strict=True):
+        assert g == pytest.approx(naive_score(tiny_gemma_bf16_engine, context, c), rel=1e-3)
+        assert g == pytest.approx(naive_score(tiny_gemma_engine, context, c), rel=1e-2)
