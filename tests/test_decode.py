@@ -33,6 +33,21 @@ def test_inverse_cdf_sampling_draws_the_nucleus_in_proportion(top_p):
     assert torch.allclose(counts / draws, probs.double(), atol=1.5 / draws)
 
 
+@pytest.mark.parametrize("top_p", [0.5, 1.0])
+def test_rows_sampled_in_blocks_pick_what_each_row_picks_alone(top_p):
+    """pick_tokens samples SAMPLE_ROWS rows at a time: over more rows than that, every row's token is
+    the one it gets on its own (peaked and flat rows mixed, so the nucleus widens in some blocks only)."""
+    from selfalign.core.engines import decode
+
+    torch.manual_seed(1)
+    rows = 2 * decode.SAMPLE_ROWS + 5
+    logits = torch.randn(rows, 3000) * torch.linspace(0.1, 8, rows).unsqueeze(-1)
+    u = torch.rand(rows, dtype=torch.float64)
+    together = pick_tokens(logits, 0.9, top_p, u)
+    alone = torch.cat([pick_tokens(logits[r:r + 1], 0.9, top_p, u[r:r + 1]) for r in range(rows)])
+    assert together.shape == (rows,) and torch.equal(together, alone)
+
+
 def test_nucleus_widens_until_the_mass_is_reached():
     flat = torch.full((1, 1000), 1e-3)
     probs, idx = nucleus(flat, 0.5, first_k=4)

@@ -52,13 +52,22 @@ def nucleus(probs: torch.Tensor, top_p: float, first_k: int = 64) -> tuple[torch
     return top * keep, idx
 
 
+# rows sampled at a time: softmax, top-k and cumsum over 16 rows of a 262k vocabulary (16 MB) run
+# ~1.6x faster than over 64 at once (62.5 -> 38.1 ms at batch 64 on 2 Xeon cores, medians of 30,
+# alternated), as the block stays in cache; every step of it is row-wise, so the tokens are the same
+SAMPLE_ROWS = 16
+
+
 def pick_tokens(logits: torch.Tensor, temperature: float, top_p: float, uniforms: torch.Tensor | None) -> torch.Tensor:
     """The next token of each row: argmax when `temperature` is 0, else the token where the row's
     uniform number falls in the cumulative distribution of softmax(logits / temperature), cut to
     its top-p nucleus and renormalised (inverse-CDF sampling: one random number a row and step,
-    drawn from the row's own stream)."""
+    drawn from the row's own stream). Rows are sampled `SAMPLE_ROWS` at a time."""
     if temperature == 0:
         return logits.argmax(dim=-1)
+    if logits.shape[0] > SAMPLE_ROWS:
+        return torch.cat([pick_tokens(logits[a:a + SAMPLE_ROWS], temperature, top_p, uniforms[a:a + SAMPLE_ROWS])
+                          for a in range(0, logits.shape[0], SAMPLE_ROWS)])
     probs = (logits.float() / temperature).softmax(dim=-1)
     if top_p < 1.0:
         probs, idx = nucleus(probs, top_p)
