@@ -60,8 +60,9 @@ class EngineConfig(Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: bf16 on GPU, fp32 on CPU. bfloat16 on a CPU with AMX (Intel Xeon 4th gen and "
         "later) generates about 1.9x faster at batch 64 (benchmarks/bench_throughput.py --hf-dtype bfloat16), "
-        "with log-probabilities ~0.1% off float32's and other samples; off by default so runs and cached base "
-        "evals stay float32")
+        "with log-probabilities ~0.1% off float32's and other samples. In bfloat16 a row's text can depend on the "
+        "batch it ran in (greedy: 9 of 64 rows differed between batches of 64 and 16), so a resumed run is not "
+        "bit-identical to an uninterrupted one; float32 rows are. Off by default")
     batch_size: int | None = Field(None, ge=1,
                                    description="requests per generation batch (default: 8 on CPU, 32 on GPU)")
     chat_format: Literal["plain", "model"] = Field("plain",
