@@ -2,9 +2,10 @@
 same question.
 
 A stage's settings are flattened into one mapping of named fields: the model it runs (as the
-recipe names it), the recipe's seed, cap, engine kind and dtype (unless auto), every leaf of its resolved config
-(`config.sampling.temperature`, ...; a field added in a later selfalign is left out while it holds
-the value that reproduces the older rows, `StageConfig.added_later`), a hash of the contents of
+recipe names it), the recipe's seed, cap, engine kind and dtype, every leaf of its resolved config
+(`config.sampling.temperature`, ...; a field that came to count in a later selfalign, the engine's
+dtype among them, is left out while it holds the value that reproduces the older rows,
+`Strict.added_later`), a hash of the contents of
 every file a field names, and the fingerprint of every earlier stage it reads through an `@label`
 reference. The fingerprint is the hash of that mapping. The done-marker keeps both, so a mismatch
 can name the fields that changed.
@@ -67,12 +68,9 @@ def stage_settings(recipe: Recipe, config: StageConfig, earlier: dict[str, str])
         "max_prompts": recipe.max_prompts,
         "engine": recipe.engine.name,
         "engine.chat_format": recipe.engine.chat_format,
+        **{f"engine.{key}": value for key, value in recipe.engine.departures_from_old().items()},
         **_leaves(dump, "config"),
     }
-    if recipe.engine.dtype != "auto":
-        # another dtype makes other numbers (bfloat16 on a CPU: other samples, scores ~0.1% off); "auto"
-        # stays out, so every stage finished before this field counted keeps its fingerprint
-        settings["engine.dtype"] = recipe.engine.dtype
     from selfalign.core.launcher import launched
 
     if launched(recipe, config):  # batch_size is per process: N processes train on N times the batch

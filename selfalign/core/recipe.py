@@ -29,6 +29,16 @@ from selfalign.core.models import DEFAULT_MODEL
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    # Fields that came to count in the fingerprint after run folders existed, each with the value that
+    # makes the rows an older selfalign made: left out of the fingerprint at that value, so an upgrade
+    # does not redo a finished stage whose rows would come out the same (any other value counts).
+    added_later: ClassVar[dict[str, Any]] = {}
+
+    def departures_from_old(self) -> dict[str, Any]:
+        """The `added_later` fields set away from the older behaviour, with their values: what keys a
+        cache or a row apart from what an older selfalign made."""
+        return {key: getattr(self, key) for key, old in self.added_later.items() if getattr(self, key) != old}
+
     @model_validator(mode="before")
     @classmethod
     def _partial_blocks_keep_defaults(cls, data: Any) -> Any:
@@ -63,6 +73,9 @@ class EngineConfig(Strict):
         "with log-probabilities ~0.1% off float32's and other samples. In bfloat16 a row's text can depend on the "
         "batch it ran in (greedy: 9 of 64 rows differed between batches of 64 and 16), so a resumed run is not "
         "bit-identical to an uninterrupted one; float32 rows are. Off by default")
+    # another dtype makes other numbers (bfloat16 on a CPU: other samples, scores ~0.1% off), so it counts;
+    # auto, what every run made before it counted, does not
+    added_later: ClassVar[dict[str, Any]] = {"dtype": "auto"}
     batch_size: int | None = Field(None, ge=1,
                                    description="requests per generation batch (default: 8 on CPU, 32 on GPU)")
     chat_format: Literal["plain", "model"] = Field("plain",
@@ -118,11 +131,6 @@ class StageConfig(Strict):
     ray_address: str | None = Field(None, description="generation stages: a running Ray cluster to use ('auto', "
                                     "'ray://host:10001'); unset with workers > 1: a local one")
 
-    # Fields added after run folders existed, each with the value that makes the rows an older
-    # selfalign made: left out of the fingerprint at that value, so an upgrade does not redo a
-    # finished stage whose rows would come out the same (any other value is fingerprinted).
-    added_later: ClassVar[dict[str, Any]] = {}
-
     @field_validator("name")
     @classmethod
     def _plain_name(cls, value: str | None) -> str | None:
@@ -131,11 +139,6 @@ class StageConfig(Strict):
     @property
     def label(self) -> str:
         return self.name or self.stage
-
-    def departures_from_old(self) -> dict[str, Any]:
-        """The `added_later` fields set away from the older behaviour, with their values: what keys a
-        cache or a row apart from what an older selfalign made."""
-        return {key: getattr(self, key) for key, old in self.added_later.items() if getattr(self, key) != old}
 
     def human_inputs(self) -> list[tuple[str, str]]:
         """(source, text) of every human-written input this stage uses: prompt files, system
