@@ -3,8 +3,13 @@
 - generation tok/s at batch 1 / 16 / 64, fixed length (EOS off, no stop): the `hf` engine against
   the plain path it replaced (`model.generate` on the same padded batches, batch-wide stop, one
   random stream a batch);
+  At batch 1 the hf engine is also timed with prompt lookup off (`decode.prompt_lookup`), and the
+  draft tokens it fed and kept are printed: the fixed prompts' answers echo the prompt, which is
+  where lookup gains most;
 - kept tokens/s on chat prompts that stop at a new "Human:" turn: the same two, plus the generated
   but discarded tokens;
+- batch 1 on such chat prompts, one prompt at a time: the hf engine with and without prompt lookup,
+  and vLLM one call a prompt;
 - a breakdown of the generation steps at batch 64: body, head, sampling, cache, Python;
 - full-set BIG-bench HHH likelihood scoring: `score_many` against a plain loop (one forward per
   reply at batch 1, output layer only at the reply's positions), with the verdicts compared;
@@ -218,14 +223,27 @@ def bench_generate(engine, args, results, vllm=None) -> None:
     for bs in args.batch_sizes:
         engine.batch_size = bs
         runs = args.repeats if bs <= 16 else args.repeats_large
-        fns = [lambda bs=bs: engine.generate(prompts[:bs], fixed),
-               lambda bs=bs: plain_generate(engine, prompts[:bs], fixed)]
+        profiles = []  # the hf engine's decoding profile of each of its runs
+
+        def ours(bs=bs, profiles=profiles):
+            out = engine.generate(prompts[:bs], fixed)
+            profiles.append(engine.last_profile)
+            return out
+
+        fns = [ours, lambda bs=bs: plain_generate(engine, prompts[:bs], fixed)]
         if vllm:
             fns.append(lambda bs=bs: vllm(part="generate", batch=bs, new_tokens=args.new_tokens))
+        if bs == 1:  # the hf engine without prompt lookup, beside
+            fns.append(lambda bs=bs: without_lookup(engine, lambda: engine.generate(prompts[:bs], fixed)))
         timed = alternated(fns, runs)
         (t_ours, out), (t_plain, (_, n_plain)) = timed[:2]
         n = sum(c.completion_tokens for cs in out for c in cs)
         table[bs] = {"hf": n / t_ours, "plain": n_plain / t_plain, "runs": runs}
+        if bs == 1:
+            t_off, (out_off, prof_off) = timed[-1]
+            drafts = profiles[-1].drafted, profiles[-1].draft_kept
+            table[bs].update(hf_no_lookup=n / t_off, drafted=drafts[0], drafts_kept=drafts[1],
+                             same_text=[c.text for cs in out for c in cs] == [c.text for cs in out_off for c in cs])
         line = (f"  {bs:>5}   {runs:>4}   {n / t_ours:9.1f}   {n_plain / t_plain:14.1f}   "
                 f"{n / t_ours / (n_plain / t_plain):5.2f}x")
         if vllm:
@@ -233,8 +251,11 @@ def bench_generate(engine, args, results, vllm=None) -> None:
             table[bs]["vllm"] = got["tokens"] / t_vllm
             line += f"   {got['tokens'] / t_vllm:8.1f}   {n / t_ours / (got['tokens'] / t_vllm):6.2f}x"
         print(line, flush=True)
+        if bs == 1:
+            print(f"          without prompt lookup: {table[1]['hf_no_lookup']:9.1f}   (with it, {drafts[1]} of "
+                  f"{drafts[0]} draft tokens kept in the last run; same text: {table[1]['same_text']})", flush=True)
         if bs == max(args.batch_sizes):
-            results["profile"] = profile_lines(engine.last_profile, bs)  # the last timed run's steps
+            results["profile"] = profile_lines(profiles[-1], bs)  # the last timed run's steps
     engine.model.generation_config.eos_token_id = eos
     results["generate"] = table
 
@@ -264,6 +285,43 @@ def bench_stopping(engine, args, results, vllm=None) -> None:
                                     "vllm_discarded": got["discarded"]})
         print(f"  vLLM CPU build : {got['kept'] / t_vllm:7.1f}  ({got['kept']} kept, {got['discarded']} generated and "
               f"discarded; all {len(chats)} prompts in one vLLM call)")
+        print(f"  hf/vLLM {kept / t_ours / (got['kept'] / t_vllm):.2f}x", flush=True)
+
+
+def without_lookup(engine, run):
+    """`run()` with the hf engine's prompt lookup off: (its result, the decoding profile)."""
+    engine.lookup_tokens = 0
+    try:
+        return run(), engine.last_profile
+    finally:
+        engine.lookup_tokens = type(engine).lookup_tokens
+
+
+def bench_single(engine, args, results, vllm=None) -> None:
+    """Batch 1 on text that is not a prompt echoed: chat prompts answered one at a time, stopping at a
+    new turn, kept tok/s; the hf engine with and without prompt lookup, and vLLM one call a prompt."""
+    chats = chat_prompts(args.single_prompts)
+    stopping = bench_sampling(args.new_tokens)
+    engine.batch_size = 1
+    fns = [lambda: engine.generate(chats, stopping),
+           lambda: without_lookup(engine, lambda: engine.generate(chats, stopping))]
+    if vllm:
+        fns.append(lambda: vllm(part="stopping", prompts=args.single_prompts, new_tokens=args.new_tokens,
+                                one_by_one=True))
+    timed = alternated(fns, args.repeats_large)
+    (t_ours, out), (t_off, (out_off, _)) = timed[:2]
+    kept = sum(c.completion_tokens for cs in out for c in cs)
+    same = [c.text for cs in out for c in cs] == [c.text for cs in out_off for c in cs]
+    results["single"] = {"prompts": len(chats), "hf_kept_tok_s": kept / t_ours,
+                         "hf_no_lookup_kept_tok_s": kept / t_off, "same_text": same}
+    print(f"\n{len(chats)} chat prompts one at a time (batch 1), stopping at a new 'Human:' turn, up to "
+          f"{args.new_tokens} tokens (kept tok/s, median of {args.repeats_large})")
+    print(f"  hf engine               : {kept / t_ours:7.1f}  ({kept} kept)")
+    print(f"  hf, no prompt lookup    : {kept / t_off:7.1f}  (same text: {same})")
+    if vllm:
+        t_vllm, got = timed[2]
+        results["single"]["vllm_kept_tok_s"] = got["kept"] / t_vllm
+        print(f"  vLLM CPU build          : {got['kept'] / t_vllm:7.1f}  ({got['kept']} kept)")
         print(f"  hf/vLLM {kept / t_ours / (got['kept'] / t_vllm):.2f}x", flush=True)
 
 
@@ -391,11 +449,13 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="embedded:gemma-3-270m")
-    ap.add_argument("--only", default="generate,stopping,hhh,train",
-                    help="comma-separated parts: generate (fixed length), stopping (kept tok/s), hhh, train")
+    ap.add_argument("--only", default="generate,stopping,single,hhh,train",
+                    help="comma-separated parts: generate (fixed length), stopping (kept tok/s), single (batch 1 on "
+                    "chat prompts), hhh, train")
     ap.add_argument("--batch-sizes", default="1,16,64")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--stop-prompts", type=int, default=128)
+    ap.add_argument("--single-prompts", type=int, default=16, help="chat prompts answered one at a time (single)")
     ap.add_argument("--hhh-items", type=int, default=221)
     ap.add_argument("--train-steps", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3, help="runs of each cheap figure (generation at batch <= 16)")
@@ -422,16 +482,18 @@ def main(argv=None) -> int:
           f"{load_line()}", flush=True)
     results: dict = {"model": args.model, "hf_dtype": args.hf_dtype}
     vllm = None
-    if args.vllm_python and parts & {"generate", "stopping"}:
+    if args.vllm_python and parts & {"generate", "stopping", "single"}:
         vllm = VLLMWorker(args.vllm_python, args)  # started, and its model loaded, before any figure
         results["vllm"] = vllm.info
     try:
-        if parts & {"generate", "stopping", "hhh"}:
+        if parts & {"generate", "stopping", "single", "hhh"}:
             engine = HFEngine(args.model, dtype=args.hf_dtype)
             if "generate" in parts:
                 bench_generate(engine, args, results, vllm)
             if "stopping" in parts:
                 bench_stopping(engine, args, results, vllm)
+            if "single" in parts:
+                bench_single(engine, args, results, vllm)
             if "hhh" in parts:
                 bench_hhh(engine, args, results)
             engine.close()

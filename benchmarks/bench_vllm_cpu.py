@@ -47,7 +47,7 @@ def build_engine(args):
 
 def measure(engine, request: dict) -> dict:
     """One timed run: {"part": "generate", "batch": B, "new_tokens": N} or {"part": "stopping",
-    "prompts": P, "new_tokens": N}; seconds and token counts back."""
+    "prompts": P, "new_tokens": N, "one_by_one": false}; seconds and token counts back."""
     from bench_throughput import bench_sampling, chat_prompts, fixed_prompts
 
     sampling = bench_sampling(request["new_tokens"])
@@ -60,9 +60,14 @@ def measure(engine, request: dict) -> dict:
         prompts, engine.ignore_eos = chat_prompts(request["prompts"]), False
     else:
         raise ValueError(f"unknown part {request['part']!r}")
-    engine.batch_size = len(prompts)  # one vLLM call: its scheduler batches the requests
+    # one vLLM call (its scheduler batches the requests), or with "one_by_one" a call a prompt (batch 1)
+    single = request.get("one_by_one", False)
+    engine.batch_size = 1 if single else len(prompts)
     t0 = time.perf_counter()
-    out = engine.generate(prompts, sampling)
+    if single:
+        out = [cs for p in prompts for cs in engine.generate([p], sampling)]
+    else:
+        out = engine.generate(prompts, sampling)
     seconds = time.perf_counter() - t0
     engine.ignore_eos = False
     kept = sum(c.completion_tokens for cs in out for c in cs)

@@ -4,7 +4,14 @@ import pytest
 import torch
 
 from selfalign.core.engines import Sampling
-from selfalign.core.engines.decode import StopWatch, kept_token_count, nucleus, pick_tokens, row_seed
+from selfalign.core.engines.decode import (
+    StopWatch,
+    kept_token_count,
+    nucleus,
+    pick_tokens,
+    prompt_lookup,
+    row_seed,
+)
 from selfalign.core.engines.sampling import TemperatureTopP
 
 PROMPTS = ["one", "two two two", "three is a longer prompt", "four", "a fifth prompt, the longest one of them all",
@@ -121,3 +128,46 @@ def test_sampled_rows_do_not_depend_on_the_batching(tiny_engine):
     split = engine.generate(prompts[:5], s) + engine.generate(prompts[5:], s)
     assert [[c.text for c in cs] for cs in whole] == [[c.text for c in cs] for cs in split]
     assert all(cs[0].text != cs[1].text for cs in whole[:3])  # the n samples of a request differ
+
+
+def test_prompt_lookup_drafts_what_followed_the_latest_match():
+    h = [5, 6, 7, 8, 1, 5, 6, 9, 2, 5, 6]
+    assert prompt_lookup(h, 3) == [9, 2, 5]  # the latest earlier "5 6", not the first
+    assert prompt_lookup(h, 1) == [9]
+    assert prompt_lookup([1, 2, 3, 4, 2, 3], 4) == [4, 2, 3]  # the longest n-gram that matches: "2 3"
+    assert prompt_lookup([4, 9, 1, 4], 2) == [9, 1]  # down to one token
+    assert prompt_lookup([1, 2, 3], 4) == [] and prompt_lookup([7], 4) == [] and prompt_lookup(h, 0) == []
+
+
+@pytest.mark.parametrize("engine_name", ["tiny_engine", "tiny_gemma_engine"])
+@pytest.mark.parametrize("temperature", [0.0, 0.3])  # sampled, peaked enough that some drafts are kept
+def test_prompt_lookup_keeps_what_plain_steps_would_pick(engine_name, temperature, request):
+    """A lone row with prompt lookup on writes what it writes with it off: the same tokens, stops and
+    counts, greedy and sampled (same random numbers, drawn in the same order). Long enough to cross
+    tiny gemma's 64-token sliding window; repetitive prompts, so that drafts are fed and kept."""
+    engine = request.getfixturevalue(engine_name)
+    prompts = ["la la la la la la la la", "one two three one two three one two", "a b c d a b c d a b"]
+    runs, drafts = {}, {}
+    long = Sampling(temperature=temperature, top_p=0.9, max_new_tokens=90, seed=3)
+    try:
+        for lookup in (0, 4):
+            engine.lookup_tokens = lookup
+            for name in ("long", "stop"):
+                s = long
+                if name == "stop":  # a character that some texts hold early: those rows stop there
+                    texts = [t for t, *_ in runs[0, "long"]]
+                    stop = max("abcdefghijklmnopqrstuvwxyz", key=lambda ch: sum(ch in t[5:30] for t in texts))
+                    s = long.model_copy(update={"max_new_tokens": 40, "stop": [stop]})
+                out = []
+                for p in prompts:  # one row: lookup from the first step
+                    out.append(engine.generate([p], s)[0][0])
+                    fed, kept = drafts.get(lookup, (0, 0))
+                    drafts[lookup] = fed + engine.last_profile.drafted, kept + engine.last_profile.draft_kept
+                out += [c[0] for c in engine.generate(prompts, s)]  # a batch: lookup once one row is left
+                runs[lookup, name] = [(c.text, c.finish_reason, c.completion_tokens, c.discarded_tokens) for c in out]
+    finally:
+        engine.lookup_tokens = type(engine).lookup_tokens
+    assert drafts[0] == (0, 0) and drafts[4][1] > 0  # drafts were fed, and some kept
+    assert runs[4, "long"] == runs[0, "long"]
+    assert runs[4, "stop"] == runs[0, "stop"]
+    assert any(reason == "stop" for _, reason, _, _ in runs[0, "stop"])

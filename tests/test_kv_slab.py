@@ -1,5 +1,7 @@
 """The in-place KV cache (`kv_slab`) returns exactly what transformers' dynamic layers return."""
 
+import copy
+
 import pytest
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
@@ -51,3 +53,25 @@ def test_slab_copies_a_forked_prefix_and_leaves_the_kept_one_alone():
         a, b = ref.update(nk, nv, 0), ours.update(nk, nv, 0)
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert kept.layers[0].keys.shape[-2] == 9 and torch.equal(kept.layers[0].keys, k)
+
+
+@pytest.mark.parametrize("room", [1, 3, 64])
+@pytest.mark.parametrize("window", [None, 8])
+def test_dropping_the_last_positions_equals_never_writing_them(room, window):
+    """Prompt lookup writes draft positions and forgets those not kept (`drop_last`): the layer then
+    returns what a layer fed only the kept positions returns, across compactions and the window."""
+    ref = DynamicLayer() if window is None else DynamicSlidingWindowLayer(sliding_window=window)
+    ours = SlabLayer(room) if window is None else SlabSlidingLayer(window, room)
+    g = torch.Generator().manual_seed(1)
+    for i in range(30):
+        t = 9 if i == 0 else 1 + i % 5  # a prefill, then a token and up to 4 drafts
+        keep = t if i == 0 else 1 + (i * 7) % t  # how many of them were kept
+        k, v = torch.randn(1, 1, t, 4, generator=g), torch.randn(1, 1, t, 4, generator=g)
+        ours.update(k, v)
+        ours.drop_last(t - keep)
+        ref.update(k[:, :, :keep], v[:, :, :keep])
+        assert ref.get_seq_length() == ours.get_seq_length(), f"step {i}"
+        assert torch.equal(ref.keys, ours.keys) and torch.equal(ref.values, ours.values), f"step {i}"
+        probe = torch.randn(1, 1, 1, 4, generator=g)  # and the next write sees the same past
+        a, b = copy.deepcopy(ref).update(probe, probe), copy.deepcopy(ours).update(probe, probe)
+        assert torch.equal(a[0], b[0]), f"step {i}"

@@ -13,7 +13,14 @@ were then counted as if kept. This loop instead
   index): a row's text does not depend on which other rows share its batch, so a run resumed at
   any batch size reproduces an uninterrupted one;
 - draws the nucleus (top-p) from a `topk` that widens until the kept mass is reached, instead of
-  sorting the whole vocabulary (`nucleus`), exactly the set transformers' `TopPLogitsWarper` keeps.
+  sorting the whole vocabulary (`nucleus`), exactly the set transformers' `TopPLogitsWarper` keeps;
+- once a single row is left (batch 1, or the last row of a batch), feeds draft tokens with each
+  step (prompt lookup: what followed the latest earlier occurrence of the row's last tokens) and
+  keeps those the row picks itself. One row's step reads every weight for one token's arithmetic,
+  so on a CPU it is bound by memory bandwidth, and a step over 5 positions costs about what a step
+  over 1 does; each kept draft is a step saved. The row picks each token from the same logits
+  (to float rounding) with the same random number as a plain step would, so its text is the same
+  (tested, greedy and sampled).
 
 Greedy decoding picks the same tokens as `model.generate` (tested on tiny Llama and Gemma 3).
 """
@@ -26,6 +33,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+
+from selfalign.core.engines.kv_slab import can_drop_last, drop_last
 
 
 def row_seed(seed: int, prompt: str, sample: int) -> int:
@@ -123,10 +132,13 @@ class DecodeProfile:
     python: float = 0.0
     steps: int = 0
     row_steps: int = 0
+    drafted: int = 0  # prompt lookup's draft tokens fed, and those kept
+    draft_kept: int = 0
 
     def as_dict(self) -> dict:
         return {"body": self.body, "head": self.head, "sampling": self.sampling, "cache": self.cache,
-                "python": self.python, "steps": self.steps, "row_steps": self.row_steps}
+                "python": self.python, "steps": self.steps, "row_steps": self.row_steps,
+                "drafted": self.drafted, "draft_kept": self.draft_kept}
 
 
 @dataclass
@@ -152,12 +164,17 @@ def decode(
     repetition_penalty: float = 1.0,
     profile: DecodeProfile | None = None,
     should_stop: Callable[[], bool] | None = None,
+    lookup: int = 0,
 ) -> list[list[int]]:
     """Generate up to `max_new_tokens` tokens for every row; returns each row's tokens, EOS included
     if one ended it (the caller drops it). `step(ids, mask, pos, past) -> (body_s, logits, past)` runs
     the model on new tokens and returns the last position's logits (float) and the grown cache.
     `should_stop()`, called once a step, ends every row at that step when it returns True (a server
-    whose clients left or which is shutting down); it also tells the caller a step was made."""
+    whose clients left or which is shutting down); it also tells the caller a step was made.
+
+    `lookup` > 0: once a single row is left, each step also feeds up to that many draft tokens
+    (`prompt_lookup`) and keeps those the row would have picked itself (`step` is then called with
+    `last=k` and returns the last k positions' logits; the cache must allow `drop_last`)."""
     prof = profile if profile is not None else DecodeProfile()
     n = rows.ids.shape[0]
     device = rows.ids.device
@@ -174,7 +191,21 @@ def decode(
     out: list[list[int]] = [[] for _ in range(n)]
     alive = list(range(n))  # original row index of each batch row
     past = rows.past
+    history = None  # the single row's tokens so far (prompt lookup's source), once it is alone
     for _ in range(max_new_tokens):
+        if lookup and penalty is None and len(alive) == 1 and can_drop_last(past):
+            r = alive[0]
+            if history is None:
+                history = rows.ids[r][rows.mask[r].bool()].tolist() + out[r]
+            drafted = _drafted_step(step, rows.watches[r], gens[r] if gens else None, history, out[r], inputs,
+                                    mask, pos, past, max_new_tokens=max_new_tokens, lookup=lookup,
+                                    temperature=temperature, top_p=top_p, eos_ids=eos_ids, profile=prof)
+            if drafted is None:  # the row is done
+                break
+            mask, pos, inputs, past = drafted
+            if (should_stop is not None and should_stop()) or len(out[r]) >= max_new_tokens:
+                break
+            continue
         t0 = time.perf_counter()
         body_s, logits, past = step(inputs, mask, pos, past)
         t1 = time.perf_counter()
@@ -222,3 +253,70 @@ def decode(
         prof.cache += t4 - t3
         prof.python += t3 - t2
     return out
+
+
+def prompt_lookup(history: list[int], k: int, ngram: int = 3) -> list[int]:
+    """Up to `k` draft tokens for a row whose tokens so far are `history`: what followed the latest
+    earlier occurrence of its last `ngram` tokens (or of fewer, down to one), as in prompt lookup
+    decoding (Saxena 2023; transformers' `prompt_lookup_num_tokens`, vLLM's "ngram" speculator).
+    A base model often repeats its prompt and itself, and every draft token kept is a step saved."""
+    if k <= 0:
+        return []
+    size = len(history)
+    for n in range(min(ngram, size - 1), 0, -1):
+        tail = history[size - n:]
+        first = tail[0]
+        for at in range(size - n - 1, -1, -1):
+            if history[at] == first and history[at: at + n] == tail:
+                return history[at + n: at + n + k]
+    return []
+
+
+def _drafted_step(step, watch, gen, history, row_out, inputs, mask, pos, past, *, max_new_tokens, lookup,
+                  temperature, top_p, eos_ids, profile):
+    """One forward of a lone row over its last token and up to `lookup` draft tokens; appends to
+    `row_out` the tokens the row picks, position by position, while they equal the drafts (each
+    pick is the one a plain step would make there: same logits, same random number, drawn in the
+    same order), then the first that differs. The cache forgets the positions of drafts not kept.
+    Returns the next (mask, pos, inputs, past), or None when the row is done."""
+    t0 = time.perf_counter()
+    draft = prompt_lookup(history, min(lookup, max_new_tokens - len(row_out) - 1))
+    width = len(draft) + 1  # positions whose next token is picked: the last input's and each draft's
+    feed, feed_mask, feed_pos = inputs, mask, pos
+    if draft:
+        feed = torch.cat([inputs, inputs.new_tensor([draft])], dim=-1)
+        feed_mask = torch.cat([mask, mask.new_ones((1, len(draft)))], dim=-1)
+        feed_pos = torch.cat([pos, pos[:, -1:] + torch.arange(1, width, device=pos.device)], dim=-1)
+    t1 = time.perf_counter()
+    body_s, logits, past = step(feed, feed_mask, feed_pos, past, last=width)
+    t2 = time.perf_counter()
+    done = False
+    kept = 0
+    for at in range(width):
+        uniform = torch.rand((1,), generator=gen, dtype=torch.float64) if gen is not None else None
+        tok = int(pick_tokens(logits[at: at + 1], temperature, top_p, uniform)[0])
+        row_out.append(tok)
+        history.append(tok)
+        kept += 1
+        if tok in eos_ids or watch.hit(row_out) or len(row_out) >= max_new_tokens:
+            done = True
+            break
+        if at == width - 1 or tok != draft[at]:
+            break
+    t3 = time.perf_counter()
+    profile.steps += 1
+    profile.row_steps += 1
+    profile.drafted += len(draft)
+    profile.draft_kept += kept - 1
+    profile.body += body_s
+    profile.head += t2 - t1 - body_s
+    profile.sampling += t3 - t2
+    if done:
+        profile.python += t1 - t0
+        return None
+    drop_last(past, width - kept)  # the cache holds the fed tokens whose next token was kept
+    mask = torch.cat([mask, mask.new_ones((1, kept))], dim=-1)
+    pos = pos[:, -1:] + kept
+    inputs = inputs.new_tensor([[row_out[-1]]])
+    profile.python += t1 - t0 + time.perf_counter() - t3
+    return mask, pos, inputs, past

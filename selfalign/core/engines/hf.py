@@ -100,6 +100,9 @@ class HFEngine(Engine):
     # asked once a decode step; True ends every row at that step (serve sets it: clients gone, shutdown)
     step_hook: Callable[[], bool] | None = None
     decode_head_block = 2048  # vocabulary rows per block in _decode_logits
+    # draft tokens a step feeds once a batch is down to one row (prompt lookup, `decode.prompt_lookup`);
+    # 0 turns it off
+    lookup_tokens = 4
     score_head_block = 1024  # and in _target_logprobs
 
     def __init__(
@@ -204,7 +207,7 @@ class HFEngine(Engine):
             new = decode(self._decode_step, rows, max_new_tokens=sampling.max_new_tokens,
                          temperature=sampling.temperature, top_p=sampling.top_p, eos_ids=eos_ids,
                          repetition_penalty=sampling.repetition_penalty, profile=self.last_profile,
-                         should_stop=self.step_hook)
+                         should_stop=self.step_hook, lookup=self.lookup_tokens)
             results = {i: [] for i in batch}
             for (i, _), toks in zip(members, new, strict=True):
                 results[i].append(self._completion(toks, eos_ids, stops[i], len(encoded[i])))
@@ -240,9 +243,10 @@ class HFEngine(Engine):
         reason = "stop" if (ended is not None or stopped) else "length"
         return Completion(text, reason, kept, prompt_tokens, stop_string=hit, discarded_tokens=len(toks) - kept)
 
-    def _decode_step(self, ids, mask, pos, past):
-        """One forward over new tokens: (seconds in the body, last position's logits, grown cache).
-        The output layer runs on the last position only."""
+    def _decode_step(self, ids, mask, pos, past, last: int = 1):
+        """One forward over new tokens: (seconds in the body, logits, grown cache). The output layer
+        runs on the last position only (or on the last `last` of a single row: prompt lookup's
+        drafts), and the logits are (rows, vocab) (or (last, vocab))."""
         import time
 
         import torch
@@ -254,12 +258,13 @@ class HFEngine(Engine):
                 out = self.model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=pos,
                                                use_cache=True, **{kv_cache_name(): past})
                 body_s = time.perf_counter() - t0
-                logits = self._decode_logits(out.last_hidden_state[:, -1])
+                hidden = out.last_hidden_state[:, -last:]
+                logits = self._decode_logits(hidden.reshape(-1, hidden.shape[-1]))
             else:
                 out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
-                                 logits_to_keep=1, **{kv_cache_name(): past})
+                                 logits_to_keep=last, **{kv_cache_name(): past})
                 body_s = time.perf_counter() - t0
-                logits = out.logits[:, -1].float()
+                logits = out.logits[:, -last:].reshape(-1, out.logits.shape[-1]).float()
         return body_s, logits, out[kv_cache_name()]
 
     def _plain_head_weight(self):

@@ -65,6 +65,13 @@ class _Slab:
             self._v = self._v.repeat_interleave(repeats, dim=0)
             self._sync()
 
+    def drop_last(self, n: int) -> None:
+        """Forget the last `n` positions written (at most those of the last write): decoding wrote
+        draft tokens that were not kept. The buffer still holds what the view needs: a write that
+        made room kept the `window - 1` positions before it, and `n` is less than what it wrote."""
+        self._n -= n
+        self._sync()
+
 
 class SlabLayer(_Slab, DynamicLayer):
     """A full-attention layer whose cache grows in place."""
@@ -92,6 +99,10 @@ class SlabSlidingLayer(_Slab, DynamicSlidingWindowLayer):
         DynamicSlidingWindowLayer.__init__(self, sliding_window=sliding_window)
         self.room = room
 
+    def drop_last(self, n: int) -> None:
+        self.cumulative_length -= n
+        super().drop_last(n)
+
     def _sync(self) -> None:
         start = max(self._n - (self.sliding_window - 1), 0)
         self.keys, self.values = self._k[:, :, start: self._n], self._v[:, :, start: self._n]
@@ -107,6 +118,19 @@ class SlabSlidingLayer(_Slab, DynamicSlidingWindowLayer):
         out = self._k[:, :, start: self._n], self._v[:, :, start: self._n]
         self._sync()
         return out
+
+
+def can_drop_last(cache) -> bool:
+    """Whether every layer of `cache` can forget its last positions (`drop_last`): all are slab layers."""
+    return cache is not None and bool(getattr(cache, "layers", None)) and all(
+        isinstance(layer, _Slab) for layer in cache.layers)
+
+
+def drop_last(cache, n: int) -> None:
+    """Forget the last `n` positions of every layer of `cache` (see `can_drop_last`)."""
+    if n:
+        for layer in cache.layers:
+            layer.drop_last(n)
 
 
 def slab(cache, room: int):
