@@ -372,16 +372,15 @@ def training_examples(n: int) -> list[dict]:
     return out
 
 
-def raw_peft_loop(base: str, rows: list[dict], batch_size: int, steps: int, lr: float) -> tuple[float, int]:
-    """Seconds (the model's load included) and non-padding tokens for `steps` optimizer steps of a
-    plain PEFT LoRA loop."""
+def raw_peft_loop(base: str, rows: list[dict], batch_size: int, steps: int, lr: float) -> int:
+    """Non-padding tokens trained on in `steps` optimizer steps of a plain PEFT LoRA loop (timed by
+    the caller, the model's load included, as the sft_train figures are)."""
     import torch
     from peft import get_peft_model
 
     from selfalign.core.training import TrainSettings, load_for_training
 
     settings = TrainSettings()  # engrave's LoRA: r 16, alpha 16, dropout 0.05 on q/k/v/o
-    t0 = time.perf_counter()  # from the model's load, as the sft_train figures are timed
     model, tok = load_for_training(base, settings)
     model = get_peft_model(model, settings.peft_config("CAUSAL_LM"))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
@@ -398,7 +397,7 @@ def raw_peft_loop(base: str, rows: list[dict], batch_size: int, steps: int, lr: 
         opt.step()
         opt.zero_grad()
         tokens += int(mask.sum())
-    return time.perf_counter() - t0, tokens
+    return tokens
 
 
 def bench_train(args, results) -> None:
@@ -414,32 +413,37 @@ def bench_train(args, results) -> None:
     rows, _ = training.tokenize_examples(tok, examples, 512)
     figures = {}
 
-    def sft(label):
-        # Wall time of the whole call, the model's load included, as for the raw loop. Not the
-        # trainer's `train_runtime`: it starts after the trainer's own set-up and, measured on
-        # gemma-3-270m, covered 6.2 s of a 42 s `trainer.train()` (8 steps), a 7x overstatement.
+    def sft():
+        """Tokens trained on. Timed (by `alternated`) as the wall time of the whole call, the model's
+        load included, as for the raw loop. Not the trainer's `train_runtime`: it starts after the
+        trainer's own set-up and, measured on gemma-3-270m, covered 6.2 s of a 42 s `trainer.train()`
+        (8 steps), a 7x overstatement."""
         with tempfile.TemporaryDirectory() as tmp:
             settings = training.TrainSettings(lr=4e-4, epochs=1, max_length=512, batch_size=4,
                                               max_steps=args.train_steps)
-            t0 = time.perf_counter()
             training.sft_train(args.model, examples, Path(tmp), settings, seed=0)
-            seconds = time.perf_counter() - t0
-            state = json.loads((Path(tmp) / training.STATE_FILE).read_text())
-        figures[label] = state["num_input_tokens_seen"] / seconds
+            return json.loads((Path(tmp) / training.STATE_FILE).read_text())["num_input_tokens_seen"]
 
-    sft("sft_train")
-    saved = training.head_at_label_positions
-    training.head_at_label_positions = contextlib.nullcontext  # the output layer on every position, as before
-    try:
-        sft("sft_train, head on every position")
-    finally:
-        training.head_at_label_positions = saved
-    seconds, tokens = raw_peft_loop(args.model, rows, 4, args.train_steps, 4e-4)
-    figures["raw PEFT loop"] = tokens / seconds
+    def sft_as_before():
+        saved = training.head_at_label_positions
+        training.head_at_label_positions = contextlib.nullcontext  # the output layer on every position, as before
+        try:
+            return sft()
+        finally:
+            training.head_at_label_positions = saved
+
+    import peft  # noqa: F401 - imported before any timing: the first call would pay for it alone
+    import trl  # noqa: F401
+
+    timed = alternated([sft, sft_as_before, lambda: raw_peft_loop(args.model, rows, 4, args.train_steps, 4e-4)],
+                       args.train_repeats)
+    for label, (seconds, tokens) in zip(["sft_train", "sft_train, head on every position", "raw PEFT loop"], timed,
+                                        strict=True):
+        figures[label] = tokens / seconds
     results["train"] = figures
     ours = figures["sft_train"]
     print(f"\nLoRA SFT (engrave's settings), {args.train_steps} steps of 4 examples (non-padding tokens/s, "
-          "wall time of each call with the model's load)")
+          f"wall time of each call with the model's load, median of {args.train_repeats}, the runs alternated)")
     for label, rate in figures.items():
         print(f"  {label:<36}: {rate:6.1f}   ours = {ours / rate:.2f}x", flush=True)
 
@@ -458,6 +462,7 @@ def main(argv=None) -> int:
     ap.add_argument("--single-prompts", type=int, default=16, help="chat prompts answered one at a time (single)")
     ap.add_argument("--hhh-items", type=int, default=221)
     ap.add_argument("--train-steps", type=int, default=8)
+    ap.add_argument("--train-repeats", type=int, default=1, help="runs of each training figure (alternated)")
     ap.add_argument("--repeats", type=int, default=3, help="runs of each cheap figure (generation at batch <= 16)")
     ap.add_argument("--repeats-large", type=int, default=1,
                     help="runs of each expensive figure (larger batches, stopping prompts, HHH)")
