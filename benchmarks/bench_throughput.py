@@ -240,10 +240,10 @@ def bench_generate(engine, args, results, vllm=None) -> None:
         n = sum(c.completion_tokens for cs in out for c in cs)
         table[bs] = {"hf": n / t_ours, "plain": n_plain / t_plain, "runs": runs}
         if bs == 1:
-            t_off, (out_off, prof_off) = timed[-1]
+            t_off, out_off = timed[-1]
             drafts = profiles[-1].drafted, profiles[-1].draft_kept
             table[bs].update(hf_no_lookup=n / t_off, drafted=drafts[0], drafts_kept=drafts[1],
-                             same_text=[c.text for cs in out for c in cs] == [c.text for cs in out_off for c in cs])
+                             same_text=texts(out) == texts(out_off))
         line = (f"  {bs:>5}   {runs:>4}   {n / t_ours:9.1f}   {n_plain / t_plain:14.1f}   "
                 f"{n / t_ours / (n_plain / t_plain):5.2f}x")
         if vllm:
@@ -289,12 +289,17 @@ def bench_stopping(engine, args, results, vllm=None) -> None:
 
 
 def without_lookup(engine, run):
-    """`run()` with the hf engine's prompt lookup off: (its result, the decoding profile)."""
+    """`run()` with the hf engine's prompt lookup off."""
     engine.lookup_tokens = 0
     try:
-        return run(), engine.last_profile
+        return run()
     finally:
         engine.lookup_tokens = type(engine).lookup_tokens
+
+
+def texts(out) -> list[str]:
+    """Every completion's text, in order, of an engine's `generate` result."""
+    return [c.text for cs in out for c in cs]
 
 
 def bench_single(engine, args, results, vllm=None) -> None:
@@ -309,10 +314,10 @@ def bench_single(engine, args, results, vllm=None) -> None:
         fns.append(lambda: vllm(part="stopping", prompts=args.single_prompts, new_tokens=args.new_tokens,
                                 one_by_one=True))
     timed = alternated(fns, args.repeats_large)
-    (t_ours, out), (t_off, (out_off, _)) = timed[:2]
+    (t_ours, out), (t_off, out_off) = timed[:2]
     kept = sum(c.completion_tokens for cs in out for c in cs)
     kept_off = sum(c.completion_tokens for cs in out_off for c in cs)  # the same unless bfloat16 (see decode.py)
-    same = [c.text for cs in out for c in cs] == [c.text for cs in out_off for c in cs]
+    same = texts(out) == texts(out_off)
     results["single"] = {"prompts": len(chats), "hf_kept_tok_s": kept / t_ours,
                          "hf_no_lookup_kept_tok_s": kept_off / t_off, "same_text": same}
     print(f"\n{len(chats)} chat prompts one at a time (batch 1), stopping at a new 'Human:' turn, up to "

@@ -191,20 +191,20 @@ def decode(
     out: list[list[int]] = [[] for _ in range(n)]
     alive = list(range(n))  # original row index of each batch row
     past = rows.past
-    history = None  # the single row's tokens so far (prompt lookup's source), once it is alone
+    # drafts need a cache that can forget positions; a model-made cache (past None here) cannot
+    lookup = lookup if penalty is None and can_drop_last(past) else 0
+    prompt = None  # the lone row's prompt tokens, once a single row is left
     for _ in range(max_new_tokens):
-        if lookup and penalty is None and len(alive) == 1 and can_drop_last(past):
+        if lookup and len(alive) == 1:
             r = alive[0]
-            if history is None:
-                history = rows.ids[r][rows.mask[r].bool()].tolist() + out[r]
-            drafted = _drafted_step(step, rows.watches[r], gens[r] if gens else None, history, out[r], inputs,
-                                    mask, pos, past, max_new_tokens=max_new_tokens, lookup=lookup,
-                                    temperature=temperature, top_p=top_p, eos_ids=eos_ids, profile=prof)
-            if drafted is None:  # the row is done
+            if prompt is None:
+                prompt = rows.ids[r][rows.mask[r].bool()].tolist()
+            drafted = _drafted_step(step, rows.watches[r], gens[r] if gens else None, prompt, out[r], inputs, mask,
+                                    pos, past, max_new_tokens=max_new_tokens, lookup=lookup, temperature=temperature,
+                                    top_p=top_p, eos_ids=eos_ids, profile=prof)
+            if drafted is None or (should_stop is not None and should_stop()):  # the row is done, or stopped
                 break
             mask, pos, inputs, past = drafted
-            if (should_stop is not None and should_stop()) or len(out[r]) >= max_new_tokens:
-                break
             continue
         t0 = time.perf_counter()
         body_s, logits, past = step(inputs, mask, pos, past)
@@ -272,15 +272,16 @@ def prompt_lookup(history: list[int], k: int, ngram: int = 3) -> list[int]:
     return []
 
 
-def _drafted_step(step, watch, gen, history, row_out, inputs, mask, pos, past, *, max_new_tokens, lookup,
+def _drafted_step(step, watch, gen, prompt, row_out, inputs, mask, pos, past, *, max_new_tokens, lookup,
                   temperature, top_p, eos_ids, profile):
-    """One forward of a lone row over its last token and up to `lookup` draft tokens; appends to
-    `row_out` the tokens the row picks, position by position, while they equal the drafts (each
-    pick is the one a plain step would make there: same logits, same random number, drawn in the
-    same order), then the first that differs. The cache forgets the positions of drafts not kept.
-    Returns the next (mask, pos, inputs, past), or None when the row is done."""
+    """One forward of a lone row (`prompt`'s tokens, then `row_out`) over its last token and up to
+    `lookup` draft tokens; appends to `row_out` the tokens the row picks, position by position,
+    while they equal the drafts (each pick is the one a plain step would make there: same logits,
+    same random number, drawn in the same order), then the first that differs. The cache forgets
+    the positions of drafts not kept. Returns the next (mask, pos, inputs, past), or None when the
+    row is done."""
     t0 = time.perf_counter()
-    draft = prompt_lookup(history, min(lookup, max_new_tokens - len(row_out) - 1))
+    draft = prompt_lookup(prompt + row_out, min(lookup, max_new_tokens - len(row_out) - 1))
     width = len(draft) + 1  # positions whose next token is picked: the last input's and each draft's
     feed, feed_mask, feed_pos = inputs, mask, pos
     if draft:
@@ -296,7 +297,6 @@ def _drafted_step(step, watch, gen, history, row_out, inputs, mask, pos, past, *
         uniform = torch.rand((1,), generator=gen, dtype=torch.float64) if gen is not None else None
         tok = int(pick_tokens(logits[at: at + 1], temperature, top_p, uniform)[0])
         row_out.append(tok)
-        history.append(tok)
         kept += 1
         if tok in eos_ids or watch.hit(row_out) or len(row_out) >= max_new_tokens:
             done = True
